@@ -1,0 +1,3 @@
+from specialize.cli import main
+
+main()

@@ -1,0 +1,251 @@
+"""One pydantic model per stage, and the one precedence rule: defaults < YAML < flags.
+
+YAML keys are the flag names with `_` instead of `-` (`--max-seq-tokens` is `max_seq_tokens`).
+An unknown or invalid key is a `UserError` that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from specialize.errors import UserError
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class TrainConfig(StageConfig):
+    """Knobs shared by pre-training and fine-tuning (one loop serves both)."""
+
+    out: Path = Field(Path("runs/latest"), description="run folder to write (config, model/, checkpoints/, metrics.jsonl)")
+    epochs: float = Field(3.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps to run; overrides epochs")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate after warmup")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="decay after warmup")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps; default 3% of all steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this L2 norm; null turns clipping off")
+    micro_batch_size: int = Field(8, gt=0, description="sequences per forward pass per process")
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    max_seq_tokens: int = Field(512, gt=1, description="longest sequence in tokens; longer examples are dropped and reported")
+    packing: bool = Field(True, description="pack several examples per row without cross-attention between them")
+    seed: int = Field(42, description="seed for data order, split, init and dropout")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 where supported, else fp32")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    compile: bool = Field(False, description="torch.compile the model (helps on GPUs, rarely on CPU)")
+    optimizer: Literal["adamw", "adamw_fused", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes")
+    eval_every: int | None = Field(None, gt=0, description="optimizer steps between eval-loss runs; default: at the end of each epoch")
+    save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints; default: at the end only")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
+    resume: bool = Field(False, description="continue from the newest complete checkpoint in out")
+    log_every: int = Field(1, gt=0, description="optimizer steps between metrics.jsonl rows")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo (only for repos you trust)")
+    progress: bool = Field(True, description="show a progress bar")
+
+
+class FinetuneConfig(TrainConfig):
+    """`specialize finetune`: a base model + data → a specialist."""
+
+    base: str = Field("", description="hub id, local HF folder, or a specialize run folder")
+    data: list[str] = Field(default_factory=list, description="training files/folders or HF dataset names")
+    eval_data: list[str] = Field(default_factory=list, description="held-out files; default: eval_fraction of data")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of data held out for eval loss when eval_data is empty")
+    method: Literal["full", "lora", "qlora"] = Field("full", description="full weights, LoRA adapters, or LoRA on a 4-bit base (CUDA)")
+    template: Literal["auto", "qa", "alpaca", "chatml", "tokenizer"] = Field(
+        "auto", description="prompt template; auto: the tokenizer's chat template if it has one, else qa/alpaca/chatml by data shape")
+    system_prompt: str | None = Field(None, description="system message added to every example that has none")
+    train_on_prompt: bool = Field(False, description="also train on prompt tokens (default: answer tokens + EOS only)")
+    lora_rank: int = Field(16, gt=0, description="LoRA rank r; higher learns more, costs more memory")
+    lora_alpha: int = Field(32, gt=0, description="LoRA scaling alpha (effective scale alpha/r)")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    lora_target_modules: list[str] | None = Field(None, description="module names to adapt; default: all linear layers but the output head")
+    rag_docs: str | None = Field(None, description="documents to retrieve from while training (teaches the model to use context)")
+    rag_fraction: float = Field(0.5, ge=0, le=1, description="share of training prompts that get retrieved context")
+    rag_top_k: int = Field(3, gt=0, description="passages put into each RAG prompt")
+    allow_data_errors: bool = Field(False, description="train even when lint finds errors in the data")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate after warmup (full fine-tuning usually wants ~1e-5..1e-4)")
+
+
+class PretrainConfig(TrainConfig):
+    """`specialize pretrain`: random weights → a base model, on raw text."""
+
+    data: list[str] = Field(default_factory=list, description="text files, folders of text, or JSONL with a text field")
+    size: str = Field("tiny", description="named size (tiny, small, base) or a transformers config.json")
+    tokenizer: str | None = Field(None, description="existing tokenizer (hub id/folder); default: train a byte-level BPE here")
+    vocab_size: int = Field(4096, gt=256, description="vocabulary of a locally trained tokenizer")
+    eval_fraction: float = Field(0.02, ge=0, lt=1, description="share of text blocks held out for perplexity")
+    learning_rate: float = Field(3e-3, gt=0, description="peak learning rate after warmup")
+    epochs: float = Field(1.0, gt=0, description="passes over the text")
+    max_seq_tokens: int = Field(256, gt=1, description="block length: text is packed into blocks of this many tokens")
+    micro_batch_size: int = Field(16, gt=0, description="blocks per forward pass per process")
+
+
+class GenerateConfig(StageConfig):
+    """`specialize generate`: answers with a run's own template."""
+
+    model: str = Field("", description="run folder, model folder or hub id")
+    max_new_tokens: int = Field(128, gt=0, description="most tokens generated per answer")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass when temperature > 0")
+    batch_size: int = Field(16, gt=0, description="prompts per batch")
+    system_prompt: str | None = Field(None, description="system message for every prompt")
+    seed: int = Field(0, description="sampling seed")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+
+
+class EvalConfig(StageConfig):
+    """`specialize eval`: metrics for one model (or a predictions file) on one test set."""
+
+    model: str | None = Field(None, description="run folder, model folder or hub id")
+    data: str | None = Field(None, description="test set (any supported data file)")
+    predictions: str | None = Field(None, description="JSONL of {prediction, reference} rows to score without a model")
+    task: Literal["qa", "classify", "extract", "generate"] = Field("qa", description="task type, picks the metrics")
+    max_new_tokens: int = Field(64, gt=0, description="most tokens per answer")
+    batch_size: int = Field(32, gt=0, description="prompts per generation batch")
+    docs: str | None = Field(None, description="documents for RAG (folder or JSONL of passages)")
+    top_k: int = Field(3, gt=0, description="passages per RAG prompt")
+    out: Path | None = Field(None, description="folder for metrics.json and predictions.jsonl")
+    json_output: bool = Field(False, description="print one JSON object of metrics on stdout")
+    judge_url: str | None = Field(None, description="OpenAI-compatible endpoint for LLM-as-judge (off by default)")
+    judge_model: str | None = Field(None, description="model name at the judge endpoint")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+
+
+class CompareConfig(StageConfig):
+    """`specialize compare`: base vs base+RAG vs fine-tuned vs fine-tuned+RAG on one test set."""
+
+    base: str = Field("", description="base model (hub id, folder or run)")
+    model: str = Field("", description="fine-tuned run folder")
+    data: list[str] = Field(default_factory=list, description="test files; each file is one split (name = file stem)")
+    docs: str | None = Field(None, description="documents for RAG")
+    predictions: list[str] = Field(default_factory=list, description="NAME=FILE predictions of other systems")
+    fewshot: int = Field(0, ge=0, description="also run base+fewshot with this many examples (0: off)")
+    task: Literal["qa", "classify", "extract", "generate"] = Field("qa", description="task type")
+    max_new_tokens: int = Field(64, gt=0, description="most tokens per answer")
+    batch_size: int = Field(32, gt=0, description="prompts per generation batch")
+    top_k: int = Field(3, gt=0, description="passages per RAG prompt")
+    out: Path = Field(Path("runs/compare"), description="folder for scorecard.json and report.html")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+
+
+class ConvertConfig(StageConfig):
+    """`specialize convert`: FAQ / docs / chats / Slack → Q&A JSONL with provenance."""
+
+    inputs: list[str] = Field(default_factory=list, description="files or folders to convert")
+    to: Path = Field(Path("data.jsonl"), description="output JSONL")
+    kind: Literal["auto", "faq", "docs", "chat", "slack"] = Field("auto", description="input kind; auto detects it")
+    generator: str | None = Field(None, description="OpenAI-compatible base URL to generate Q&A with an LLM")
+    generator_model: str | None = Field(None, description="model name at the generator endpoint")
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the generator's API key")
+    chunk_tokens: int = Field(400, gt=0, description="words per document chunk sent to the generator")
+    chunk_overlap: int = Field(50, ge=0, description="words shared by neighbouring chunks")
+    concurrency: int = Field(4, gt=0, description="generator requests in flight at once")
+    cache: Path | None = Field(None, description="resumable cache of generator answers; default: next to the output")
+    speaker_column: str = Field("speaker", description="CSV chats: column with the speaker")
+    text_column: str = Field("text", description="CSV chats: column with the message text")
+    conversation_column: str = Field("conversation_id", description="CSV chats: column with the conversation id")
+    agent_speakers: list[str] = Field(default_factory=lambda: ["agent", "support", "assistant"],
+                                      description="CSV chats: speaker values that are the agent")
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="similarity above which two pairs count as one")
+
+
+class LintConfig(StageConfig):
+    """`specialize lint`: what the model will learn from the data, and what is wrong with it."""
+
+    data: list[str] = Field(default_factory=list, description="training data")
+    eval_data: list[str] = Field(default_factory=list, description="eval data checked for leakage")
+    base: str | None = Field(None, description="tokenizer/model whose template and tokens are checked")
+    template: Literal["auto", "qa", "alpaca", "chatml", "tokenizer"] = Field("auto", description="prompt template")
+    max_seq_tokens: int = Field(512, gt=1, description="longest sequence allowed")
+    show: int = Field(2, ge=0, description="examples rendered with trained tokens marked")
+    near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="similarity above which two rows count as near duplicates")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+
+
+class ServeConfig(StageConfig):
+    """`specialize serve`: an OpenAI-compatible HTTP server for a run."""
+
+    model: str = Field("", description="run folder, model folder or hub id")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = Field(8000, gt=0, lt=65536, description="TCP port")
+    api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` (or set SPECIALIZE_API_KEY)")
+    max_batch_size: int = Field(16, gt=0, description="requests generated together")
+    max_queue: int = Field(256, gt=0, description="waiting requests before new ones get 503")
+    model_name: str | None = Field(None, description="name shown in /v1/models; default: the run folder's name")
+    log_contents: bool = Field(False, description="log message contents (off: only sizes and timings)")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+
+
+class ChatConfig(GenerateConfig):
+    """`specialize chat`: interactive terminal chat."""
+
+    max_new_tokens: int = Field(256, gt=0, description="most tokens generated per answer")
+
+
+class ExportConfig(StageConfig):
+    """`specialize export`: a standalone HF folder (LoRA merged)."""
+
+    model: str = Field("", description="run folder to export")
+    out: Path = Field(Path("export"), description="folder to write")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="weights dtype of the export")
+    parity_prompts: int = Field(8, ge=0, description="prompts whose greedy outputs are compared before/after export")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+
+
+class DemoConfig(StageConfig):
+    """`specialize demo`: the whole life cycle on the embedded pydocs data."""
+
+    out: Path = Field(Path("runs/demo"), description="folder for the demo's runs, scorecard.json and report.html")
+    pretrain_minutes: float = Field(3.0, gt=0, description="time budget for pre-training the base (cached afterwards)")
+    finetune_minutes: float = Field(2.0, gt=0, description="time budget for fine-tuning")
+    facts: int = Field(600, gt=0, description="facts (documented functions) in the train split")
+    eval_examples: int = Field(200, gt=0, description="questions per evaluation split")
+    seed: int = Field(0, description="seed for every stage")
+    rebuild: bool = Field(False, description="ignore the cache and rebuild data and base")
+
+
+C = TypeVar("C", bound=StageConfig)
+
+
+def _describe_error(err: dict[str, Any], cls: type[StageConfig]) -> str:
+    key = ".".join(str(p) for p in err.get("loc", ())) or "config"
+    if err.get("type") == "extra_forbidden":
+        allowed = ", ".join(sorted(cls.model_fields))
+        return f"unknown key '{key}' (allowed: {allowed})"
+    return f"invalid value for '{key}': {err.get('msg', 'invalid')} (got {err.get('input')!r})"
+
+
+def load_config(cls: type[C], config_file: str | Path | None = None, **flags: Any) -> C:
+    """Build a stage config: defaults < YAML file < flags (flags left as None are not set)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError("config file not found", path=path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"not valid YAML: {str(e).splitlines()[0]}", path=path) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError("a config file must be a mapping of key: value", path=path)
+        values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in flags.items() if v is not None and v != [] and v != ()})
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        prefix = f"{config_file}: " if config_file else ""
+        raise UserError(prefix + _describe_error(e.errors()[0], cls)) from None
+
+
+def save_config(config: StageConfig, path: Path) -> None:
+    """Write the resolved config as YAML (exactly what ran)."""
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
