@@ -1,0 +1,173 @@
+"""Readers: JSONL, JSON, CSV, Parquet, plain text (files or folders) and Hugging Face datasets.
+
+Every reader yields `Record`s that remember where they came from (file and line), so that a
+bad row can be reported as `file:line: field 'answer': ...` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from specialize.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
+DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"} | TEXT_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Record:
+    """One raw row and where it came from (`line` is 1-based; for JSON arrays, the item index + 1)."""
+
+    data: dict[str, Any]
+    path: str
+    line: int | None = None
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise UserError("file is empty", path=path)
+    if b"\x00" in raw[:8192]:
+        raise UserError("file looks binary (contains NUL bytes); expected text", path=path)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8", path=path, line=line) from None
+
+
+def _read_jsonl(path: Path) -> list[Record]:
+    records = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=number) from None
+        if not isinstance(row, dict):
+            raise UserError(f"expected a JSON object per line, got {type(row).__name__}", path=path, line=number)
+        records.append(Record(row, str(path), number))
+    return records
+
+
+def _read_json(path: Path) -> list[Record]:
+    text = _read_text(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON ({e.msg})", path=path, line=e.lineno) from None
+    if isinstance(data, dict):
+        # {"data": [...]} / {"train": [...]} style wrappers: take the only list value.
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise UserError("expected a JSON array of objects (or an object holding one array)", path=path)
+        data = lists[0]
+    if not isinstance(data, list):
+        raise UserError("expected a JSON array of objects", path=path)
+    records = []
+    for index, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise UserError(f"item {index}: expected an object, got {type(row).__name__}", path=path)
+        records.append(Record(row, str(path), index))
+    return records
+
+
+def _read_csv(path: Path) -> list[Record]:
+    lines = _read_text(path).splitlines(keepends=True)
+    reader = csv.reader(lines)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise UserError("CSV file has no header row", path=path) from None
+    header = [h.strip() for h in header]
+    if not any(header) or len(set(header)) != len(header):
+        raise UserError(f"CSV header must name every column once, got {header}", path=path, line=1)
+    records = []
+    for row in reader:
+        number = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise UserError(f"row has {len(row)} columns, header has {len(header)}", path=path, line=number)
+        records.append(Record(dict(zip(header, row)), str(path), number))
+    return records
+
+
+def _read_parquet(path: Path) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for corrupt files
+        raise UserError(f"cannot read Parquet: {str(e).splitlines()[0]}", path=path) from None
+    return [Record(row, str(path), i) for i, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _read_plain(path: Path) -> list[Record]:
+    return [Record({"text": _read_text(path)}, str(path), None)]
+
+
+READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+
+
+def read_file(path: Path) -> list[Record]:
+    """Read one data file by its suffix."""
+    suffix = path.suffix.lower()
+    if suffix in READERS:
+        return READERS[suffix](path)
+    if suffix in TEXT_SUFFIXES or suffix == "":
+        return _read_plain(path)
+    raise UserError(f"unsupported file type '{suffix}' (use {', '.join(sorted(DATA_SUFFIXES))})", path=path)
+
+
+def data_files(source: str | Path) -> list[Path]:
+    """Expand a file or folder into the data files it holds, sorted for a stable order."""
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            raise UserError(f"folder holds no data files ({', '.join(sorted(DATA_SUFFIXES))})", path=path)
+        return files
+    raise UserError("no such file or folder", path=path)
+
+
+def _looks_like_hub_dataset(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not Path(source).suffix
+
+
+def read_hub_dataset(name: str, split: str = "train") -> list[Record]:
+    """Load a Hugging Face dataset by name (`owner/name` or `owner/name:split`)."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, split=split)
+    except Exception as e:  # network, missing dataset, missing split: all user-fixable
+        raise UserError(f"cannot load Hugging Face dataset '{name}' split '{split}': {str(e).splitlines()[0]}") from None
+    return [Record(dict(row), f"hf://{name}", i) for i, row in enumerate(dataset, start=1)]
+
+
+def read_source(source: str | Path) -> dict[str, list[Record]]:
+    """Read a file, a folder, or a Hugging Face dataset name into records, grouped per file.
+
+    Shapes are detected per file, so the result keeps files apart.
+    """
+    text = str(source)
+    name, _, split = text.partition(":")
+    if not Path(text).exists() and _looks_like_hub_dataset(name):
+        return {f"hf://{name}": read_hub_dataset(name, split or "train")}
+    out: dict[str, list[Record]] = {}
+    for path in data_files(source):
+        records = read_file(path)
+        if not records:
+            raise UserError("file holds no rows", path=path)
+        out[str(path)] = records
+    return out

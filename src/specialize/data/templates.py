@@ -1,0 +1,137 @@
+"""Prompt templates, all expressed as Jinja chat templates.
+
+Every template — ours or the tokenizer's own — is a Jinja chat template rendered by
+`tokenizer.apply_chat_template`. The template used for training is saved as the run
+tokenizer's `chat_template`, so plain transformers, vLLM or TGI render exactly the training
+prompt with `apply_chat_template(messages, add_generation_prompt=True)` without our code.
+
+Ours, for models that have no chat template:
+- `qa`:     `### Question:\\n{question}\\n\\n### Answer:\\n{answer}<eos>`
+- `alpaca`: the Stanford Alpaca preamble, `### Instruction:` / `### Response:`
+- `chatml`: `<|im_start|>{role}\\n{content}<eos>\\n`, generation prompt `<|im_start|>assistant\\n`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specialize.errors import UserError
+
+# A system message, when present, is put first as plain text.
+QA_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ '### Question:\\n' + message['content'] + '\\n\\n### Answer:\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.")
+ALPACA_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\\n\\n' }}"
+    "{%- else -%}{{ '" + ALPACA_PREAMBLE + "\\n\\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ message['content'] + eos_token + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+OURS = {"qa": QA_TEMPLATE, "alpaca": ALPACA_TEMPLATE, "chatml": CHATML_TEMPLATE}
+TEMPLATE_NAMES = ("auto", "qa", "alpaca", "chatml", "tokenizer")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A named Jinja chat template; `render` is the only way prompts are built."""
+
+    name: str
+    jinja: str
+
+    def render(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+
+def _adds_bos(tokenizer) -> bool:
+    """True when the tokenizer prepends BOS by itself (Llama-style), so our templates must render it."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
+
+
+def ours(name: str, tokenizer) -> Template:
+    """One of our templates, with BOS rendered where the tokenizer would normally add it."""
+    jinja = OURS[name]
+    if _adds_bos(tokenizer):
+        jinja = "{{ bos_token }}" + jinja
+    return Template(name, jinja)
+
+
+def resolve_template(name: str, tokenizer, shapes: set[str] | None = None) -> Template:
+    """Pick the template for a run.
+
+    `auto` uses the tokenizer's own chat template when it has one (instruct models, and bases
+    that are specialize runs), else `alpaca` for Alpaca data, `chatml` for conversations with
+    several turns or a system message, and `qa` for everything else.
+    """
+    if name not in TEMPLATE_NAMES:
+        raise UserError(f"unknown template '{name}' (allowed: {', '.join(TEMPLATE_NAMES)})")
+    own = getattr(tokenizer, "chat_template", None)
+    if name == "tokenizer" or (name == "auto" and own):
+        if not own:
+            raise UserError("--template tokenizer: this tokenizer has no chat template (use qa, alpaca or chatml)")
+        return Template("tokenizer", own)
+    if name == "auto":
+        shapes = shapes or set()
+        if "alpaca" in shapes:
+            name = "alpaca"
+        elif shapes & {"messages", "conversations"}:
+            name = "chatml"
+        else:
+            name = "qa"
+    return ours(name, tokenizer)
+
+
+def install_template(tokenizer, template: Template) -> None:
+    """Make the template the tokenizer's chat template, so it is saved with the model."""
+    tokenizer.chat_template = template.jinja
+    tokenizer.init_kwargs["specialize_template"] = template.name
+
+
+def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+    """Split a rendered conversation into (text, trained) pieces: assistant turns are trained.
+
+    Each assistant turn is found as the difference between the conversation rendered up to and
+    including that turn, and rendered up to the turn before it with the generation prompt —
+    exactly the prompt a model sees at inference. A template for which the first is not an
+    extension of the second cannot be trained turn by turn, and is reported.
+    """
+    pieces: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = template.render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise UserError(f"template '{template.name}' does not render turn {i} as an extension of the "
+                            "previous turns; use --template qa/chatml")
+        answer = full[len(prompt):]
+        eos = tokenizer.eos_token
+        if eos and eos not in answer:
+            answer += eos
+        pieces.append((prompt[len(done):], False))
+        pieces.append((answer, True))
+        done = full
+    return [(text, trained) for text, trained in pieces if text]

@@ -1,0 +1,1 @@
+"""Data sets that ship with specialize: `pydocs`, built from the installed standard library."""

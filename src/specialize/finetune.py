@@ -1,0 +1,135 @@
+"""`specialize finetune`: a base model (hub id, folder or run) + data → a specialist run folder.
+
+    specialize finetune --base runs/base --data faq.jsonl --out runs/faq --method lora
+
+The run folder holds everything later verbs need: `config.yaml`, `model/` (HF folder, or a
+PEFT adapter pointing at its base, with the tokenizer and the chat template used in training),
+`metrics.jsonl`, `checkpoints/` and `train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.console import Console
+
+from specialize.config import FinetuneConfig, save_config
+from specialize.data.formats import Example, load_examples
+from specialize.data.templates import install_template, resolve_template
+from specialize.data.tokenize import encode_examples, pad_token_id
+from specialize.errors import UserError
+from specialize.model import add_lora, count_parameters, load_model, load_tokenizer, model_dir, pick_dtype, save_model
+from specialize.train import make_accelerator, train
+
+console = Console(stderr=True)
+
+MIN_EXAMPLES_FOR_SPLIT = 20
+
+
+def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Seeded train/eval split; small data sets (< 20 examples) are all trained on."""
+    if fraction <= 0 or len(examples) < MIN_EXAMPLES_FOR_SPLIT:
+        return examples, []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(len(examples) * fraction))
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def _add_retrieved_context(examples: list[Example], cfg: FinetuneConfig) -> list[Example]:
+    """Put retrieved passages into a share of the prompts, so the model learns to use context."""
+    from specialize.retrieval import Retriever, rag_prompt
+
+    retriever = Retriever.build(cfg.rag_docs)
+    rng = random.Random(cfg.seed)
+    out = []
+    for example in examples:
+        if example.messages is None or rng.random() >= cfg.rag_fraction:
+            out.append(example)
+            continue
+        messages = [dict(m) for m in example.messages]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        question = messages[last_user]["content"]
+        messages[last_user]["content"] = rag_prompt(question, retriever.search(question, cfg.rag_top_k))
+        out.append(Example(messages=messages, shape=example.shape, source=example.source, meta=example.meta))
+    return out
+
+
+def finetune(cfg: FinetuneConfig) -> Path:
+    """Fine-tune and write the run folder; returns its path."""
+    if not cfg.base:
+        raise UserError("no base model given (use --base HUB_ID_OR_FOLDER)")
+    out = Path(cfg.out)
+    accelerator = make_accelerator(cfg.precision)
+    main = accelerator.is_main_process
+    tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
+    examples = load_examples(cfg.data, cfg.system_prompt)
+    if cfg.eval_data:
+        train_examples, eval_examples = examples, load_examples(cfg.eval_data, cfg.system_prompt)
+    else:
+        train_examples, eval_examples = split_examples(examples, cfg.eval_fraction, cfg.seed)
+    template = resolve_template(cfg.template, tokenizer, {e.shape for e in examples})
+    _lint(cfg, train_examples, eval_examples, tokenizer, template)
+    if cfg.rag_docs:
+        train_examples = _add_retrieved_context(train_examples, cfg)
+    train_items, report = encode_examples(train_examples, tokenizer, template, cfg.max_seq_tokens, cfg.train_on_prompt)
+    eval_items = encode_examples(eval_examples, tokenizer, template, cfg.max_seq_tokens, cfg.train_on_prompt)[0] \
+        if eval_examples else []
+    if main:
+        for line in report.lines():
+            console.print(f"[yellow]warning:[/] {line}")
+        console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
+
+    model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code,
+                       dtype=pick_dtype(cfg.precision, accelerator.device), quantize_4bit=cfg.method == "qlora")
+    if cfg.method in ("lora", "qlora"):
+        model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
+                         quantized=cfg.method == "qlora")
+    trainable, total = count_parameters(model)
+    if main:
+        console.print(f"model: {total:,} parameters, {trainable:,} trainable ({cfg.method})")
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "model").exists() and not cfg.resume:
+            shutil.rmtree(out / "model")  # a stale model/ must not pass for this run's result
+        save_config(cfg, out / "config.yaml")
+
+    model, result = train(model, train_items, eval_items, cfg, out, pad_id=pad_token_id(tokenizer),
+                          accelerator=accelerator)
+    if main:
+        install_template(tokenizer, template)
+        _set_generation_ids(model, tokenizer)
+        save_model(model, tokenizer, out / "model")
+        summary = asdict(result) | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
+                                    "template": template.name, "trainable_parameters": trainable,
+                                    "total_parameters": total, "dropped": dict(report.dropped)}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        console.print(f"done: {result.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s, "
+                      f"final loss {result.train_loss:.4f} → {out / 'model'}")
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _set_generation_ids(model, tokenizer) -> None:
+    """Generation stops at EOS and pads with the pad token (EOS when there is none)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.generation_config
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = pad_token_id(tokenizer)
+
+
+def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, template) -> None:
+    """Refuse data that lint finds errors in, unless told otherwise."""
+    try:
+        from specialize.data.lint import check_examples
+    except ImportError:
+        return
+    findings = check_examples(train_examples, eval_examples, tokenizer, template, cfg.max_seq_tokens)
+    errors = [f for f in findings if f.severity == "error"]
+    if errors and not cfg.allow_data_errors:
+        raise UserError(f"data has {len(errors)} error(s), first: {errors[0].message} "
+                        "(run `specialize lint` for all; --allow-data-errors trains anyway)")

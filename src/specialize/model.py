@@ -1,0 +1,171 @@
+"""Models: load by hub id / folder / run, build tiny ones from a config, LoRA/QLoRA via PEFT, save.
+
+Weights are read from safetensors only, and `trust_remote_code` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
+
+from specialize.errors import UserError
+
+# Llama-shaped sizes for pre-training from scratch; parameter counts exclude embeddings.
+SIZES: dict[str, dict[str, int]] = {
+    "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
+    "small": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024),
+    "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=2048),
+}
+
+
+def model_dir(ref: str | Path) -> str:
+    """A run folder means its `model/`; anything else (folder or hub id) is used as is."""
+    path = Path(ref)
+    if (path / "model").is_dir() and (path / "config.yaml").is_file():
+        return str(path / "model")
+    return str(ref)
+
+
+def is_adapter(ref: str | Path) -> bool:
+    return (Path(model_dir(ref)) / "adapter_config.json").is_file()
+
+
+def _check_exists(ref: str) -> None:
+    path = Path(ref)
+    looks_local = path.is_absolute() or ref.startswith(".") or path.exists() or ref.count("/") > 1
+    if looks_local and not path.exists():
+        raise UserError("no such model folder or run", path=ref)
+    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise UserError("not a model folder (no config.json or adapter_config.json)", path=ref)
+
+
+def load_tokenizer(ref: str | Path, trust_remote_code: bool = False):
+    ref = model_dir(ref)
+    _check_exists(ref)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer '{ref}': {str(e).splitlines()[0]}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer '{ref}' has no EOS token; set eos_token in its tokenizer_config.json")
+    return tokenizer
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 is slower and less exact)."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_model(ref: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
+               quantize_4bit: bool = False) -> PreTrainedModel:
+    """Load a causal LM (full weights, or a PEFT adapter over its base) from safetensors."""
+    ref = model_dir(ref)
+    _check_exists(ref)
+    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
+    if quantize_4bit:
+        kwargs["quantization_config"] = _bnb_config()
+    try:
+        if is_adapter(ref):
+            from peft import AutoPeftModelForCausalLM
+
+            return AutoPeftModelForCausalLM.from_pretrained(ref, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model '{ref}': {str(e).splitlines()[0]}") from None
+
+
+def _bnb_config():
+    if not torch.cuda.is_available():
+        raise UserError("--method qlora needs a CUDA GPU (4-bit bitsandbytes kernels); use --method lora on this machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise UserError("--method qlora needs bitsandbytes: pip install 'specialize[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def build_config(size: str, tokenizer, max_positions: int = 2048):
+    """A transformers config for a named size, or from a config.json path."""
+    if size in SIZES:
+        return LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=max_positions,
+                           tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           **SIZES[size])
+    path = Path(size)
+    if not path.is_file():
+        raise UserError(f"unknown size '{size}' (use {', '.join(SIZES)}, or a path to a config.json)")
+    config = AutoConfig.for_model(**json.loads(path.read_text(encoding="utf-8")))
+    config.vocab_size = len(tokenizer)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def build_model(config, seed: int = 0) -> PreTrainedModel:
+    """Random weights from a config (seeded, so two builds are identical)."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def add_lora(model: PreTrainedModel, rank: int, alpha: int, dropout: float, target_modules: list[str] | None,
+             quantized: bool = False):
+    """Wrap the model with LoRA adapters; the base weights are frozen.
+
+    Default targets: every linear layer but the output head ("all-linear", as in the QLoRA
+    paper), which works for any architecture without a per-model table.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        model = prepare_model_for_kbit_training(model)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, task_type="CAUSAL_LM",
+                        target_modules=target_modules or "all-linear")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UserError(f"LoRA: {str(e).splitlines()[0]}") from None
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """Write model/ atomically: into a temporary sibling, then one rename.
+
+    A crash leaves no `model/` that looks complete. LoRA models write their adapter files and
+    a pointer (`base_model_name_or_path`) to the base.
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    unwrapped = model
+    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    os.replace(tmp, out)

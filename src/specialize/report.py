@@ -1,0 +1,290 @@
+"""report.html: the comparison as one self-contained page (inline CSS and SVG, no script).
+
+    write_report(scorecard, "runs/compare/report.html", loss_curve=rows_of_metrics_jsonl,
+                 examples={"fine-tuned": {"test": per_example}, ...})
+
+The page makes no network request (no CDN, no web font, no script), so it opens the same on an
+air-gapped machine and can be mailed around. Every piece of data text is HTML-escaped: model
+outputs are untrusted. Sections: recommendation, cost, per split (metric table, metric bars,
+error categories, confusion matrices), quality vs cost scatter plots, loss curve, and the worst
+examples of each error category with every system's prediction side by side.
+
+Scorecard shape (written by compare):
+
+    {"task": "qa",                                     # optional
+     "systems": [{"name": "fine-tuned+rag", "latency_s_per_example": 0.41,
+                  "prompt_tokens_per_example": 812.0,
+                  "training": {"seconds": 310.0, "tokens": 1200000} | None,
+                  "splits": {"test": {"exact_match": 0.61, "f1": 0.74, "stop_rate": 0.98,
+                                      "n": 200, ...}}}],
+     "recommendation": {"system": "fine-tuned+rag", "reasons": ["...", ...]}}
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+from pathlib import Path
+
+from specialize.evaluate.error_analysis import CATEGORIES
+from specialize.evaluate.scorecard import common_splits, main_metric
+
+COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#edc948", "#9c755f")
+# table column order; other numeric metrics follow alphabetically
+METRIC_ORDER = ("exact_match", "f1", "field_f1", "rouge_l", "accuracy", "macro_f1", "json_valid",
+                "stop_rate", "repetition_rate", "hallucination_rate", "mean_length",
+                "length_ratio", "n")
+NOT_RATES = {"mean_length", "length_ratio", "n"}  # not on the 0-1 scale: no bars for these
+MAX_EXAMPLE_CHARS = 600
+
+CSS = """body{font-family:sans-serif;margin:2em;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;
+text-align:right;vertical-align:top}th{background:#f3f3f3}td.text{text-align:left;
+white-space:pre-wrap;max-width:28em;font-family:monospace;font-size:90%}
+.rec{background:#eef6ee;border:1px solid #9c9;padding:.5em 1em}.tag{background:#eee;
+border-radius:3px;padding:0 4px;margin-right:3px;font-size:80%}svg{margin:0 1em 1em 0}
+svg text{font-size:11px;font-family:sans-serif}"""
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.3f}" if math.isfinite(value) else str(value)
+    return escape(str(value))
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    """Round tick values spanning [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / count
+    step = 10 ** math.floor(math.log10(raw))
+    step *= next(m for m in (1, 2, 5, 10) if step * m >= raw)
+    first = math.ceil(lo / step) * step
+    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
+          lines: bool, labels: bool = False, y_range: tuple[float, float] | None = None) -> str:
+    """An SVG line chart (lines=True) or scatter plot of named point series."""
+    width, height, left, right, top, bottom = 560, 300, 60, 150, 15, 45
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        return ""
+    x_lo, x_hi = min(0.0, min(x for x, _ in points)), max(x for x, _ in points) or 1.0
+    y_lo, y_hi = y_range or (min(y for _, y in points), max(y for _, y in points))
+    if y_hi <= y_lo:
+        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
+    x_hi += (x_hi - x_lo) * (0.0 if lines else 0.1)
+
+    def sx(x):
+        return left + (x - x_lo) / (x_hi - x_lo or 1) * (width - left - right)
+
+    def sy(y):
+        return height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)
+
+    out = [f'<svg width="{width}" height="{height}" role="img">',
+           f'<line x1="{left}" y1="{sy(y_lo):.1f}" x2="{width - right}" y2="{sy(y_lo):.1f}" stroke="#888"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>']
+    for t in _ticks(x_lo, x_hi):
+        out.append(f'<text x="{sx(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{t:g}</text>')
+    for t in _ticks(y_lo, y_hi):
+        out.append(f'<text x="{left - 5}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>'
+                   f'<line x1="{left}" y1="{sy(t):.1f}" x2="{width - right}" y2="{sy(t):.1f}" stroke="#eee"/>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
+               f'{escape(x_label)}</text>')
+    out.append(f'<text x="12" y="{(top + height - bottom) / 2}" text-anchor="middle" '
+               f'transform="rotate(-90 12 {(top + height - bottom) / 2})">{escape(y_label)}</text>')
+    for i, (name, pts) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        if lines and len(pts) > 1:
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
+        else:
+            for x, y in pts:
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{color}"/>')
+                if labels:
+                    out.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}">{escape(name)}</text>')
+        out.append(f'<rect x="{width - right + 10}" y="{top + 16 * i}" width="10" height="10" '
+                   f'fill="{color}"/><text x="{width - right + 24}" y="{top + 9 + 16 * i}">'
+                   f'{escape(name)}</text>')
+    return "\n".join(out) + "</svg>"
+
+
+def _bars(metrics: list[str], systems: list[dict], split: str) -> str:
+    """Grouped horizontal bars on a 0-1 scale: one group per metric, one bar per system."""
+    bar, gap, left, width = 12, 10, 140, 560
+    group = bar * len(systems) + gap
+    height = group * len(metrics) + 20
+    out = [f'<svg width="{width}" height="{height}" role="img">']
+    for m_i, metric in enumerate(metrics):
+        y0 = 10 + m_i * group
+        out.append(f'<text x="{left - 6}" y="{y0 + bar * len(systems) / 2 + 4}" '
+                   f'text-anchor="end">{escape(metric)}</text>')
+        for s_i, system in enumerate(systems):
+            value = system["splits"].get(split, {}).get(metric)
+            if not isinstance(value, (int, float)):
+                continue
+            length = max(0.0, min(1.0, value)) * (width - left - 60)
+            out.append(f'<rect x="{left}" y="{y0 + s_i * bar}" width="{length:.1f}" '
+                       f'height="{bar - 2}" fill="{COLORS[s_i % len(COLORS)]}">'
+                       f'<title>{escape(system["name"])}: {value:.3f}</title></rect>'
+                       f'<text x="{left + length + 4:.1f}" y="{y0 + s_i * bar + bar - 3}">'
+                       f'{value:.3f}</text>')
+    return "\n".join(out) + "</svg>"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """An HTML table; header cells are escaped here, row cells must already be HTML."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(cells) + "</tr>" for cells in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(value) -> str:
+    return f"<td>{_fmt(value)}</td>"
+
+
+def _text_cell(text: str, tags: list[str] = (), score: float | None = None) -> str:
+    if len(text) > MAX_EXAMPLE_CHARS:  # cut before escaping, so no entity is cut in half
+        text = text[:MAX_EXAMPLE_CHARS] + " …"
+    extra = "".join(f'<span class="tag">{escape(t)}</span>' for t in tags)
+    if score is not None:
+        extra += f'<span class="tag">score {score:.3f}</span>'
+    return f'<td class="text">{escape(text)}{"<br>" + extra if extra else ""}</td>'
+
+
+def _split_section(split: str, systems: list[dict]) -> list[str]:
+    metrics = [s["splits"].get(split, {}) for s in systems]
+    numeric = {k for m in metrics for k, v in m.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    keys = [k for k in METRIC_ORDER if k in numeric] + sorted(numeric - set(METRIC_ORDER))
+    html = [f"<h2>Split: {escape(split)}</h2>",
+            _table(["system", *keys], [[f"<th>{escape(s['name'])}</th>", *(_cell(m.get(k)) for k in keys)]
+                                       for s, m in zip(systems, metrics)])]
+    rates = [k for k in keys if k not in NOT_RATES]
+    if rates:
+        html.append(_bars(rates, systems, split))
+    if any("error_counts" in m for m in metrics):
+        html.append("<h3>Error categories (examples)</h3>")
+        html.append(_table(["system", *CATEGORIES],
+                           [[f"<th>{escape(s['name'])}</th>",
+                             *(_cell(m.get("error_counts", {}).get(c)) for c in CATEGORIES)]
+                            for s, m in zip(systems, metrics)]))
+    for s, m in zip(systems, metrics):
+        matrix = m.get("confusion_matrix")
+        if matrix:
+            labels = list(matrix)
+            html.append(f"<h3>Confusion matrix: {escape(s['name'])} (rows gold, columns predicted)</h3>")
+            html.append(_table(["gold \\ predicted", *labels],
+                               [[f"<th>{escape(g)}</th>", *(_cell(matrix[g].get(p, 0)) for p in labels)]
+                                for g in labels]))
+    return html
+
+
+def _cost_scatter(systems: list[dict]) -> list[str]:
+    try:
+        metric = main_metric(systems)
+    except ValueError:
+        return []
+    splits = common_splits(systems)
+    if not splits:
+        return []
+    html = [f"<h2>Quality vs cost</h2><p>Quality: {escape(metric)} averaged over "
+            f"{escape(', '.join(splits))}.</p>"]
+    for key, label in (("prompt_tokens_per_example", "prompt tokens per example"),
+                       ("latency_s_per_example", "latency per example (s)")):
+        series = {s["name"]: [(float(s[key]), sum(s["splits"][p][metric] for p in splits) / len(splits))]
+                  for s in systems if isinstance(s.get(key), (int, float))}
+        html.append(_plot(series, label, metric, lines=False, labels=True, y_range=(0.0, 1.0)))
+    return html
+
+
+def _loss_section(loss_curve: list[dict]) -> list[str]:
+    series: dict[str, list[tuple[float, float]]] = {}
+    for i, row in enumerate(loss_curve):
+        x = row.get("step", i)
+        for key, value in row.items():
+            if "loss" in key and isinstance(value, (int, float)) and math.isfinite(value):
+                series.setdefault(key, []).append((float(x), float(value)))
+    if not series:
+        return []
+    return ["<h2>Loss curve</h2>", _plot(series, "optimizer step", "loss", lines=True)]
+
+
+def _examples_section(examples: dict, per_category: int) -> list[str]:
+    """Worst examples per category: shared by most systems first, then lowest mean score."""
+    names = list(examples)
+    splits = list(dict.fromkeys(split for by_split in examples.values() for split in by_split))
+    html = ["<h2>Worst examples per error category</h2>"]
+    for split in splits:
+        rows_by_system = {n: {ex["index"]: ex for ex in examples[n].get(split, [])} for n in names}
+        indices = sorted({i for rows in rows_by_system.values() for i in rows})
+        for category in CATEGORIES[1:]:  # every category but "correct"
+            hits = []
+            for i in indices:
+                exs = [rows_by_system[n].get(i) for n in names]
+                count = sum(1 for ex in exs if ex and category in ex["categories"])
+                if count:
+                    scores = [ex.get("score", 0.0) for ex in exs if ex]
+                    hits.append((-count, sum(scores) / len(scores), i, exs))
+            if not hits:
+                continue
+            hits.sort(key=lambda h: h[:3])
+            html.append(f"<h3>{escape(split)}: {escape(category)} ({len(hits)} examples)</h3>")
+            rows = []
+            for _, _, i, exs in hits[:per_category]:
+                first = next(ex for ex in exs if ex)
+                refs = first["reference"]
+                ref = " | ".join(refs) if isinstance(refs, list) else str(refs)
+                rows.append([_cell(i), _text_cell(first.get("question", "")), _text_cell(ref),
+                             *(_text_cell(ex["prediction"], ex["categories"], ex.get("score"))
+                               if ex else "<td>–</td>" for ex in exs)])
+            html.append(_table(["#", "question", "reference", *names], rows))
+    return html if len(html) > 1 else []
+
+
+def write_report(scorecard: dict, out_path: str | Path, loss_curve: list[dict] | None = None,
+                 examples: dict | None = None, *, per_category: int = 5) -> Path:
+    """Write report.html and return its path.
+
+    Args:
+        scorecard: the scorecard (shape in the module docstring).
+        out_path: file to write; parent folders are created.
+        loss_curve: rows of metrics.jsonl; every numeric key containing "loss" is plotted
+            against "step".
+        examples: {system name: {split: per_example list from `evaluate.score`}}.
+        per_category: worst examples shown per error category and split.
+    """
+    systems = scorecard.get("systems", [])
+    title = "specialize report" + (f": {scorecard['task']}" if scorecard.get("task") else "")
+    html = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}'
+            f"</title><style>{CSS}</style></head><body><h1>{escape(title)}</h1>"]
+    rec = scorecard.get("recommendation")
+    if rec:
+        reasons = "".join(f"<li>{escape(r)}</li>" for r in rec.get("reasons", []))
+        html.append(f'<div class="rec"><h2>Recommendation: {escape(rec["system"])}</h2>'
+                    f"<ul>{reasons}</ul></div>")
+    html.append("<h2>Cost</h2>")
+    html.append(_table(
+        ["system", "prompt tokens / example", "latency s / example", "training s", "training tokens"],
+        [[f"<th>{escape(s['name'])}</th>", _cell(s.get("prompt_tokens_per_example")),
+          _cell(s.get("latency_s_per_example")), _cell((s.get("training") or {}).get("seconds")),
+          _cell((s.get("training") or {}).get("tokens"))] for s in systems]))
+    splits = list(dict.fromkeys(split for s in systems for split in s["splits"]))
+    for split in splits:
+        html.extend(_split_section(split, systems))
+    if systems:
+        html.extend(_cost_scatter(systems))
+    if loss_curve:
+        html.extend(_loss_section(loss_curve))
+    if examples:
+        html.extend(_examples_section(examples, per_category))
+    html.append("</body></html>\n")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text("\n".join(html), encoding="utf-8")
+    return out_path
