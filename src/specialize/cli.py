@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from specialize.config import (ChatConfig, CompareConfig, ConvertConfig, DemoConfig, EvalConfig, ExportConfig,
                                FinetuneConfig, GenerateConfig, LintConfig, PretrainConfig, ServeConfig, load_config)
@@ -254,7 +255,8 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # Text, not markup: a message quoting user data ("messages[0]") must print verbatim.
+        err.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
