@@ -116,10 +116,15 @@ def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: s
 
 def _bars(metrics: list[str], systems: list[dict], split: str) -> str:
     """Grouped horizontal bars on a 0-1 scale: one group per metric, one bar per system."""
-    bar, gap, left, width = 12, 10, 140, 560
+    bar, gap, left, bar_max = 12, 10, 140, 360
     group = bar * len(systems) + gap
-    height = group * len(metrics) + 20
-    out = [f'<svg width="{width}" height="{height}" role="img">']
+    height = max(group * len(metrics), 16 * len(systems)) + 20
+    legend_x = left + bar_max + 60
+    out = [f'<svg width="{legend_x + 150}" height="{height}" role="img">']
+    for s_i, system in enumerate(systems):
+        out.append(f'<rect x="{legend_x}" y="{10 + 16 * s_i}" width="10" height="10" '
+                   f'fill="{COLORS[s_i % len(COLORS)]}"/><text x="{legend_x + 14}" '
+                   f'y="{19 + 16 * s_i}">{escape(system["name"])}</text>')
     for m_i, metric in enumerate(metrics):
         y0 = 10 + m_i * group
         out.append(f'<text x="{left - 6}" y="{y0 + bar * len(systems) / 2 + 4}" '
@@ -128,7 +133,7 @@ def _bars(metrics: list[str], systems: list[dict], split: str) -> str:
             value = system["splits"].get(split, {}).get(metric)
             if not isinstance(value, (int, float)):
                 continue
-            length = max(0.0, min(1.0, value)) * (width - left - 60)
+            length = max(0.0, min(1.0, value)) * bar_max
             out.append(f'<rect x="{left}" y="{y0 + s_i * bar}" width="{length:.1f}" '
                        f'height="{bar - 2}" fill="{COLORS[s_i % len(COLORS)]}">'
                        f'<title>{escape(system["name"])}: {value:.3f}</title></rect>'

@@ -11,9 +11,12 @@ document is cut into chunks of `chunk_words` white-space words, neighbours shari
 `overlap_words`, so an answer that straddles a boundary is whole in one chunk. A chunk keeps its
 original text (line breaks, code indentation); a title (JSONL `title`, HTML `<title>`) heads
 every chunk of its document, because the title often names what the chunk is about.
+`Passage.source` is the file's path relative to the folder (JSONL: `source`, else `id`, else
+`file:line`), with `#n` added when the document was cut into several chunks.
 
-BM25 is `bm25s` (Lucene variant, k1=1.5, b=0.75) over its default tokenizer: lower-cased
-words of 2+ letters or digits, English stop words removed, no stemming. Ties are broken by
+BM25 is `bm25s` (Lucene variant, k1=1.5, b=0.75) over its default tokenizer (lower-cased
+words of 2+ letters or digits, English stop words removed) plus the Porter stemmer from nltk
+(already installed with rouge-score), so "refund" finds "Refunds". Ties are broken by
 passage order so results are reproducible, and passages sharing no word with the query
 (score 0) are never returned. `DenseRetriever` is the optional alternative: a local
 sentence-transformers model folder, cosine similarity.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -41,6 +45,8 @@ RAG_TEMPLATE = "Context:\n{context}\n\nQuestion: {question}"
 PASSAGE_TEMPLATE = "[{number}] {text}"
 DOC_SUFFIXES = (".txt", ".md", ".rst", ".html", ".htm")
 INDEX_FORMAT = 1
+# recorded in the index: query words must be tokenized exactly as the passages were
+TOKENIZER = "bm25s.tokenize(lower, stopwords=en) + nltk porter"
 
 
 @dataclass(frozen=True)
@@ -178,18 +184,30 @@ def load_passages(docs_path: str | Path, chunk_words: int = 200,
         raise UserError("must be at least 0 and less than chunk_words", field="overlap_words")
     passages = []
     for source, title, text in _documents(Path(docs_path)):
-        for n, chunk in enumerate(chunk_text(text, chunk_words, overlap_words), start=1):
-            passages.append(Passage(f"{title}\n{chunk}" if title else chunk, f"{source}#{n}"))
+        chunks = chunk_text(text, chunk_words, overlap_words)
+        for n, chunk in enumerate(chunks, start=1):
+            # "#n" numbers the chunks of a document cut in several
+            passages.append(Passage(f"{title}\n{chunk}" if title else chunk,
+                                    f"{source}#{n}" if len(chunks) > 1 else source))
     if not passages:
         raise UserError(f"no text to index (documents are {', '.join(DOC_SUFFIXES)} files "
                         "or a .jsonl of passages)", path=docs_path)
     return passages
 
 
+@lru_cache(maxsize=1)
+def _stemmer():
+    from nltk.stem.porter import PorterStemmer
+
+    stem = lru_cache(maxsize=200_000)(PorterStemmer().stem)  # corpora repeat words a lot
+    return lambda words: [stem(w) for w in words]
+
+
 def _tokenize(texts: list[str]) -> list[list[str]]:
     import bm25s
 
-    return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
+    return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=_stemmer(), return_ids=False,
+                          show_progress=False)
 
 
 class _Index:
@@ -255,7 +273,7 @@ class Retriever(_Index):
         bm25 = bm25s.BM25()
         bm25.index(_tokenize([p.text for p in passages]), show_progress=False)
         settings = {"docs_path": str(docs_path), "chunk_words": chunk_words,
-                    "overlap_words": overlap_words}
+                    "overlap_words": overlap_words, "tokenizer": TOKENIZER}
         return cls(passages, bm25, settings)
 
     def _scores(self, queries: list[str]) -> list[np.ndarray]:
@@ -285,7 +303,11 @@ class Retriever(_Index):
         passages = cls._load_passages(folder)
         if len(passages) != bm25.scores["num_docs"]:
             raise UserError("passages.jsonl does not match the index; rebuild it", path=folder)
-        return cls(passages, bm25, {k: meta[k] for k in ("docs_path", "chunk_words", "overlap_words")})
+        if meta.get("tokenizer") != TOKENIZER:
+            raise UserError(f"index was built with tokenizer {meta.get('tokenizer')!r}, this version "
+                            f"uses {TOKENIZER!r}; rebuild it", path=folder)
+        return cls(passages, bm25, {k: meta[k] for k in ("docs_path", "chunk_words", "overlap_words",
+                                                           "tokenizer")})
 
 
 class DenseRetriever(_Index):
@@ -303,8 +325,8 @@ class DenseRetriever(_Index):
     def build(cls, docs_path: str | Path, model_path: str | Path, chunk_words: int = 200,
               overlap_words: int = 50) -> DenseRetriever:
         """Chunk the documents and embed every chunk with the model at model_path."""
+        model = _sentence_transformer(str(model_path))  # fail before the slow part
         passages = load_passages(docs_path, chunk_words, overlap_words)
-        model = _sentence_transformer(str(model_path))
         embeddings = model.encode([p.text for p in passages], normalize_embeddings=True,
                                   convert_to_numpy=True)
         settings = {"docs_path": str(docs_path), "chunk_words": chunk_words,

@@ -1,7 +1,7 @@
 """Per-example metric functions: SQuAD exact match / F1, ROUGE-L, labels, JSON fields.
 
-Every function here scores one prediction against one or more references and returns a number
-on a 0-1 scale; `tasks.score` averages them over a test set. The definitions follow the
+Functions here score one prediction against one or more references (classification: a list
+of labels) on a 0-1 scale; `tasks.score` averages them over a test set. The definitions follow the
 reference implementations people quote numbers from, so a number printed by specialize can be
 put next to a number from a paper:
 

@@ -85,7 +85,9 @@ def recommend(systems: list[dict], *, quality_margin: float = QUALITY_MARGIN,
 
     best = max(names, key=lambda n: quality[n])  # first of equals, in the order given
     split_list = ", ".join(splits)
-    reasons = [f"{best} has the best {metric} averaged over {split_list}: {_fmt(quality[best])}."]
+    others = "; ".join(f"{n} {_fmt(quality[n])}" for n in names if n != best)
+    reasons = [f"{best} has the best {metric} averaged over {split_list}: {_fmt(quality[best])}"
+               + (f" ({others})." if others else ".")]
 
     candidates = _keep_near_best(names, quality, lower_is_better=False, absolute=quality_margin)
     candidates = _keep_near_best(candidates, halluc, lower_is_better=True,
@@ -102,14 +104,14 @@ def recommend(systems: list[dict], *, quality_margin: float = QUALITY_MARGIN,
         others = [n for n in names if n != chosen and halluc[n] is not None]
         text = f"{chosen} hallucination rate: {_fmt(halluc[chosen])}"
         if others:
-            text += " (" + ", ".join(f"{n} {_fmt(halluc[n])}" for n in others) + ")"
+            text += " (" + "; ".join(f"{n} {_fmt(halluc[n])}" for n in others) + ")"
         reasons.append(text + ".")
     if tokens[chosen] is not None and latency[chosen] is not None:
         others = [n for n in names if n != chosen and tokens[n] is not None and latency[n] is not None]
         text = (f"{chosen} costs {tokens[chosen]:.0f} prompt tokens and "
                 f"{latency[chosen]:.3f} s per example")
         if others:
-            text += " (" + ", ".join(f"{n} {tokens[n]:.0f} tokens, {latency[n]:.3f} s"
+            text += " (" + "; ".join(f"{n} {tokens[n]:.0f} tokens, {latency[n]:.3f} s"
                                      for n in others) + ")"
         reasons.append(text + ".")
     training = by_name[chosen].get("training")

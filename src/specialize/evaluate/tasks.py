@@ -140,9 +140,9 @@ def score(task: str, rows: list[dict]) -> tuple[dict, list[dict]]:
         if task == "classify":
             label = m.normalize_label(pred)
             ex["label"] = label
-            ex["correct"] = float(label in {m.normalize_label(r) for r in refs})
-            ex["score"] = ex["correct"]
-            match, partial = bool(ex["correct"]), False
+            ex["accuracy"] = float(label in {m.normalize_label(r) for r in refs})
+            ex["score"] = ex["accuracy"]
+            match, partial = bool(ex["accuracy"]), False
             flags["bad_format"] = label not in gold_labels
         elif json_targets:
             ex["json_valid"] = float(m.parse_json_object(pred) is not None)

@@ -1,0 +1,111 @@
+"""The recommendation from hand-made scorecards, and the self-contained report.html."""
+
+import re
+
+import pytest
+
+from specialize.evaluate import main_metric, recommend, score
+from specialize.report import write_report
+
+
+def system(name, splits, tokens, latency, training=None, **extra):
+    """A scorecard system; splits: {split: (f1, hallucination_rate)}."""
+    return {"name": name, "prompt_tokens_per_example": tokens, "latency_s_per_example": latency,
+            "training": training, **extra,
+            "splits": {s: {"exact_match": f1 - 0.1, "f1": f1, "hallucination_rate": h, "n": 100}
+                       for s, (f1, h) in splits.items()}}
+
+
+FT = {"seconds": 300.0, "tokens": 1_200_000}
+
+
+def test_clear_quality_winner():
+    rec = recommend([system("base", {"test": (0.40, 0.3)}, 40, 0.1),
+                     system("base+rag", {"test": (0.60, 0.1)}, 800, 0.4),
+                     system("fine-tuned", {"test": (0.80, 0.1)}, 40, 0.1, FT)])
+    assert rec["system"] == "fine-tuned" and rec["metric"] == "f1"
+    assert rec["reasons"][0] == "fine-tuned has the best f1 averaged over test: 0.800 (base 0.400; base+rag 0.600)."
+    assert "fine-tuned needed fine-tuning up front: 300 s on 1,200,000 tokens." in rec["reasons"]
+
+
+def test_quality_tie_prefers_shorter_prompt():
+    # 0.80 vs 0.82 is within the 0.02 margin (checks the float epsilon too)
+    rec = recommend([system("base+rag", {"test": (0.82, 0.05)}, 800, 0.40),
+                     system("fine-tuned", {"test": (0.80, 0.05)}, 40, 0.10, FT)])
+    assert rec["system"] == "fine-tuned"
+    assert rec["reasons"][:2] == [
+        "base+rag has the best f1 averaged over test: 0.820 (fine-tuned 0.800).",
+        "fine-tuned is within 0.02 of it (0.800), so the cheaper or more faithful system is preferred."]
+    assert "fine-tuned costs 40 prompt tokens and 0.100 s per example (base+rag 800 tokens, 0.400 s)." \
+        in rec["reasons"]
+
+
+def test_equal_cost_tie_prefers_no_training():
+    rec = recommend([system("fine-tuned", {"test": (0.71, 0.1)}, 42, 0.105, FT),
+                     system("base", {"test": (0.70, 0.1)}, 40, 0.100)])
+    assert rec["system"] == "base"
+    assert "base needs no training." in rec["reasons"]
+
+
+def test_hallucination_breaks_quality_tie():
+    rec = recommend([system("fine-tuned", {"test": (0.81, 0.30)}, 40, 0.1, FT),
+                     system("base+rag", {"test": (0.80, 0.05)}, 800, 0.4)])
+    assert rec["system"] == "base+rag"
+    assert "base+rag hallucination rate: 0.050 (fine-tuned 0.300)." in rec["reasons"]
+
+
+def test_average_over_splits_and_split_caveat():
+    # fine-tuned: (0.9 + 0.3) / 2 = 0.6; base+rag: (0.5 + 0.6) / 2 = 0.55
+    rec = recommend([system("base+rag", {"seen": (0.5, 0.1), "unseen": (0.6, 0.1)}, 800, 0.4),
+                     system("fine-tuned", {"seen": (0.9, 0.1), "unseen": (0.3, 0.1)}, 40, 0.1, FT)])
+    assert rec["system"] == "fine-tuned"
+    assert rec["reasons"][0] == "fine-tuned has the best f1 averaged over seen, unseen: 0.600 (base+rag 0.550)."
+    assert rec["reasons"][-1] == "On split unseen, base+rag is better: f1 0.600 vs 0.300."
+
+
+def test_main_metric_by_task():
+    def with_metrics(**m):
+        return [{"name": "s", "splits": {"test": m}}]
+    assert main_metric(with_metrics(accuracy=1.0, macro_f1=0.5)) == "macro_f1"
+    assert main_metric(with_metrics(exact_match=1.0, field_f1=0.5, json_valid=1.0)) == "field_f1"
+    assert main_metric(with_metrics(rouge_l=0.4)) == "rouge_l"
+    with pytest.raises(ValueError):
+        main_metric(with_metrics(n=3))
+
+
+def test_report_is_self_contained_and_escaped(tmp_path):
+    rows = [{"prediction": "<script>alert('x')</script> Paris", "reference": "Paris",
+             "question": "Capital of <France> & co?", "stopped": True},
+            {"prediction": "Lyon", "reference": "Lyon", "stopped": True}]
+    rag_metrics, rag_examples = score("qa", rows)
+    ft_metrics, ft_examples = score("qa", [{"prediction": "Paris", "reference": "Paris", "stopped": True},
+                                           {"prediction": "Nice Nice Nice Nice Nice Nice",
+                                            "reference": "Lyon", "stopped": False}])
+    cls_metrics, _ = score("classify", [{"prediction": "a", "reference": "b"}])
+    systems = [
+        {"name": "base+rag", "prompt_tokens_per_example": 812.0, "latency_s_per_example": 0.4,
+         "training": None, "splits": {"test": rag_metrics}},
+        {"name": "fine-tuned", "prompt_tokens_per_example": 41.0, "latency_s_per_example": 0.1,
+         "training": FT, "splits": {"test": ft_metrics}}]
+    scorecard = {"task": "qa", "systems": systems, "recommendation": recommend(systems)}
+    loss = [{"step": s, "loss": 3.0 / s, "eval_loss": 3.5 / s if s % 5 == 0 else None}
+            for s in range(1, 31)]
+    examples = {"base+rag": {"test": rag_examples}, "fine-tuned": {"test": ft_examples}}
+    out = write_report(scorecard, tmp_path / "sub" / "report.html", loss, examples)
+    html = out.read_text(encoding="utf-8")
+
+    assert "base+rag" in html and "fine-tuned" in html
+    assert "Recommendation: " + scorecard["recommendation"]["system"] in html
+    assert "<script" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; Paris" in html
+    assert "Capital of &lt;France&gt; &amp; co?" in html
+    assert html.count("<svg") == 4  # metric bars, 2 quality-vs-cost scatters, loss curve
+    assert "<polyline" in html and "<circle" in html
+    assert "http://" not in html and "https://" not in html
+    assert not re.search(r"""(src|href)\s*=|@import|url\(""", html)
+    assert "test: repetitive (1 examples)" in html and "test: never_stopped (1 examples)" in html
+
+    # a classification scorecard shows its confusion matrix
+    cls = {"systems": [{"name": "clf", "training": None, "splits": {"test": cls_metrics}}]}
+    html = write_report(cls, tmp_path / "cls.html").read_text(encoding="utf-8")
+    assert "Confusion matrix: clf" in html
