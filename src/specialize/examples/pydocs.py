@@ -30,18 +30,19 @@ import os
 import platform
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from specialize.errors import UserError
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 BUILD_VERSION = 1  # bump whenever a build's output changes for the same Python: it invalidates caches
 
@@ -94,6 +95,7 @@ _LITERAL = re.compile(r"``([^`]+)``")  # reST ``code`` -> code
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)\s*(-+>.*)?$")  # "chain(*iterables) --> chain object"
 _SENTENCE_END = re.compile(r"[.!?](?=\s+[A-Z0-9(\"'])")
 _LEGAL = re.compile(r"copyright|warrant|liable|licen[cs]e", re.IGNORECASE)  # not prose about the module
+_READING = "pydocs-reading:"  # progress lines from the child that reads the library
 _ABBREVIATIONS = frozenset({"e.g.", "i.e.", "etc.", "vs.", "cf.", "approx."})
 
 
@@ -220,6 +222,12 @@ def _signature(obj: Any) -> str:
         return "(...)"
 
 
+def _from_stdlib(obj: Any) -> bool:
+    """False for functions that other packages patched into the standard library."""
+    home = getattr(obj, "__module__", None)
+    return not isinstance(home, str) or home.partition(".")[0] in sys.stdlib_module_names
+
+
 def _module_members(mod: Any) -> list[tuple[str, Any]]:
     """Public functions and classes a module defines or lists in __all__, sorted by name."""
     exported = getattr(mod, "__all__", None)
@@ -227,7 +235,7 @@ def _module_members(mod: Any) -> list[tuple[str, Any]]:
     members = []
     for name in sorted(exported or dir(mod)):
         obj = getattr(mod, name, None) if isinstance(name, str) and not name.startswith("_") else None
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or not _from_stdlib(obj):
             continue
         if getattr(obj, "__module__", None) == mod.__name__ or name in exported:
             members.append((name, obj))
@@ -240,7 +248,7 @@ def _methods(cls: type) -> list[tuple[str, Any]]:
     for name, attr in sorted(vars(cls).items()):
         if isinstance(attr, (classmethod, staticmethod)):
             attr = attr.__func__
-        if not name.startswith("_") and inspect.isroutine(attr):
+        if not name.startswith("_") and inspect.isroutine(attr) and _from_stdlib(attr):
             methods.append((name, attr))
     return methods
 
@@ -276,7 +284,8 @@ def _render_module(module: str, doc: str, entries: list[_Entry]) -> str:
         parts.append(doc + "\n")
     for e in entries:  # sorted by id, so a class's methods follow the class
         head = f"class {e.id}{e.signature}" if e.kind == "class" else f"{e.id}{e.signature}"
-        parts.append(head + "\n" + "\n".join("    " + line if line else "" for line in e.doc.splitlines()) + "\n")
+        body = "\n".join("    " + line if line else "" for line in e.doc.splitlines())
+        parts.append(f"{head}\n{body}\n")
     return "\n".join(parts)
 
 
@@ -402,7 +411,8 @@ def _routing_rows(facts: list[Fact], module_docs: dict[str, str], eval_examples:
             if text_uses[text] > 1:
                 continue  # the same text under two labels has no single right answer
             side = side or ("test" if _unit(seed, "routing-split", item_id) < 0.2 else "train")
-            row = {"input": ROUTING_PROMPT.format(text=text), "output": module, "id": item_id, "module": module}
+            row = {"input": ROUTING_PROMPT.format(text=text), "output": module, "id": item_id,
+                   "module": module}
             (test if side == "test" else train).append(row)
     test = sorted(test, key=lambda r: _unit(seed, "routing-test", r["id"]))[:eval_examples]
     return sorted(train, key=lambda r: r["id"]), sorted(test, key=lambda r: r["id"])
@@ -436,9 +446,68 @@ def _python_tag() -> str:
 
 
 def _progress(enabled: bool) -> Progress:
+    # Imported here: the child interpreter that reads the library has no bar and starts faster.
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), console=Console(stderr=True), transient=True,
                     disable=not enabled)
+
+
+def _read_library(names: list[str], strict: bool, bar: Progress,
+                  task: Any) -> tuple[dict[str, str], list[_Entry]]:
+    """Import each module and read its docs: (module -> cleaned docstring, documented entries).
+
+    This runs in a fresh interpreter: the calling process may have imported libraries that patch
+    the standard library (pytest replaces pdb.set_trace, transformers adds logging.Logger methods),
+    and those must not leak into the data. A fresh interpreter also keeps docstrings under -OO.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONOPTIMIZE", "PYTHONINSPECT")}
+    package_root = str(Path(__file__).resolve().parents[2])  # src/ or site-packages/
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="specialize-pydocs-") as tmp:
+        result, errors = Path(tmp) / "library.json", Path(tmp) / "stderr.txt"
+        command = [sys.executable, "-m", "specialize.examples.pydocs", "--read", str(result), *names]
+        with open(errors, "w") as stderr, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                                           stderr=stderr, text=True) as child:
+            for line in child.stdout:  # one line per module, for the progress bar
+                if line.startswith(_READING):
+                    bar.update(task, advance=1, description=f"pydocs: reading {line[len(_READING):].strip()}")
+        if child.returncode != 0:
+            raise RuntimeError(f"reading the standard library failed:\n{errors.read_text()[-2000:]}")
+        library = json.loads(result.read_text(encoding="utf-8"))
+    if strict and library["failed"]:
+        raise UserError(f"cannot import module '{library['failed'][0]}' for pydocs")
+    return library["docs"], [_Entry(**e) for e in library["entries"]]
+
+
+def _read_in_child(result: Path, names: list[str]) -> None:
+    """The child side of `_read_library`: writes {docs, entries, failed} as JSON to `result`."""
+    imported, failed = {}, []
+    for name in names:
+        print(_READING + name, flush=True)
+        mod = _import(name)
+        if mod is None:
+            failed.append(name)
+        else:
+            imported[name] = mod
+    library = {"docs": {name: _clean_doc(mod.__doc__) for name, mod in imported.items()},
+               "entries": [asdict(e) for e in _collect(imported)], "failed": failed}
+    result.write_text(json.dumps(library), encoding="utf-8")
+
+
+def _write_corpus(corpus_dir: Path, module_docs: dict[str, str], entries: list[_Entry]) -> dict[str, str]:
+    """corpus/<module>.txt for every module with any documentation; returns module -> text."""
+    by_module: dict[str, list[_Entry]] = defaultdict(list)
+    for e in entries:
+        by_module[e.module].append(e)
+    texts = {}
+    for module in sorted(module_docs):
+        if module_docs[module] or by_module[module]:
+            texts[module] = _render_module(module, module_docs[module], by_module[module])
+            (corpus_dir / f"{module}.txt").write_text(texts[module], encoding="utf-8", newline="\n")
+    return texts
 
 
 def build_pydocs(out_dir: Path, facts: int = 600, eval_examples: int = 200, seed: int = 0,
@@ -447,12 +516,10 @@ def build_pydocs(out_dir: Path, facts: int = 600, eval_examples: int = 200, seed
 
     Args:
         facts: facts in the train split (the shortest purposes; see `_assign_splits`).
-        eval_examples: most questions in each of seen, unseen, routing_test and keywords_test.
+        eval_examples: most rows in each of seen, unseen, routing_test and keywords_test.
         seed: decides held-out facts, eval samples and held-out phrasings.
         modules: document only these modules (default: `stdlib_modules()`); for quick tests.
     """
-    if sys.flags.optimize >= 2:
-        raise UserError("this Python runs with -OO, which strips docstrings; run without -OO to build pydocs")
     if facts < 1 or eval_examples < 1:
         raise UserError(f"facts and eval_examples must be at least 1 (got {facts} and {eval_examples})")
     out_dir = Path(out_dir)
@@ -463,58 +530,38 @@ def build_pydocs(out_dir: Path, facts: int = 600, eval_examples: int = 200, seed
     names = sorted(set(modules)) if modules is not None else stdlib_modules()
 
     with _progress(progress) as bar:
-        task = bar.add_task("pydocs: importing", total=len(names) + 1)
-        imported = {}
-        for name in names:
-            bar.update(task, description=f"pydocs: {name}")
-            mod = _import(name)
-            if mod is None and modules is not None:
-                raise UserError(f"cannot import module '{name}' for pydocs")
-            if mod is not None:
-                imported[name] = mod
-            bar.advance(task)
-        bar.update(task, description="pydocs: reading docstrings")
-        entries = _collect(imported)
-        module_docs = {name: _clean_doc(mod.__doc__) for name, mod in imported.items()}
-        by_module: dict[str, list[_Entry]] = defaultdict(list)
-        for e in entries:
-            by_module[e.module].append(e)
-        corpus_chars = 0
-        documented = [m for m in sorted(imported) if module_docs[m] or by_module[m]]
-        corpus_norm = {}
-        for module in documented:
-            text = _render_module(module, module_docs[module], by_module[module])
-            (paths.corpus_dir / f"{module}.txt").write_text(text, encoding="utf-8", newline="\n")
-            corpus_chars += len(text)
-            corpus_norm[module] = " ".join(text.split())
-
+        task = bar.add_task("pydocs", total=len(names) + 1)
+        module_docs, entries = _read_library(names, modules is not None, bar, task)
+        bar.update(task, description="pydocs: writing")
+        corpus = _write_corpus(paths.corpus_dir, module_docs, entries)
         all_facts = _assign_splits(_facts(entries), facts, eval_examples, seed)
-        got = sum(f.split == "train" for f in all_facts)
-        if got < facts:
-            raise UserError(f"only {got} of the {len(all_facts)} usable pydocs facts can be train facts "
-                            f"next to {eval_examples} held-out ones; ask for fewer facts (got {facts})")
+        train_facts = sum(f.split == "train" for f in all_facts)
+        if train_facts < facts:
+            raise UserError(f"only {train_facts} of the {len(all_facts)} usable pydocs facts can be train "
+                            f"facts next to {eval_examples} held-out ones; ask for fewer (got facts={facts})")
+        normalised = {module: " ".join(text.split()) for module, text in corpus.items()}
         for f in all_facts:  # the RAG store must hold every answer, word for word
-            if " ".join(f.purpose.split()) not in corpus_norm[f.module]:
+            if " ".join(f.purpose.split()) not in normalised[f.module]:
                 raise AssertionError(f"purpose of {f.id} is missing from corpus/{f.module}.txt")
+        _write_jsonl(paths.facts, (asdict(f) for f in all_facts))
         qa = _qa_rows(all_facts, eval_examples, seed)
         routing_train, routing_test = _routing_rows(all_facts, module_docs, eval_examples, seed)
         counts = {
-            "modules": len(documented), "corpus_chars": corpus_chars, "facts": len(all_facts),
-            "train_facts": sum(f.split == "train" for f in all_facts),
+            "modules": len(corpus), "corpus_chars": sum(map(len, corpus.values())),
+            "facts": len(all_facts), "train_facts": train_facts,
             "unseen_facts": sum(f.split == "unseen" for f in all_facts),
-            "facts_rows": _write_jsonl(paths.facts, (asdict(f) for f in all_facts)),
             "train": _write_jsonl(paths.train, qa["train"]),
             "seen": _write_jsonl(paths.seen, qa["seen"]),
             "unseen": _write_jsonl(paths.unseen, qa["unseen"]),
             "routing_train": _write_jsonl(paths.routing_train, routing_train),
             "routing_test": _write_jsonl(paths.routing_test, routing_test),
             "keywords_train": _write_jsonl(paths.keywords_train, _keyword_rows(all_facts, "train")),
-            "keywords_test": _write_jsonl(paths.keywords_test, _keyword_rows(all_facts, "unseen", eval_examples)),
+            "keywords_test": _write_jsonl(paths.keywords_test,
+                                          _keyword_rows(all_facts, "unseen", eval_examples)),
         }
-        del counts["facts_rows"]
         manifest = {"build_version": BUILD_VERSION, "python": _python_tag(),
                     "parameters": _parameters(facts, eval_examples, seed, modules),
-                    "counts": counts, "modules": documented, "content_sha256": _content_hash(out_dir)}
+                    "counts": counts, "modules": sorted(corpus), "content_sha256": _content_hash(out_dir)}
         paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8", newline="\n")
         bar.advance(task)
     return paths
@@ -571,7 +618,9 @@ def load_or_build(cache_dir: Path | None = None, facts: int = 600, eval_examples
 
 
 if __name__ == "__main__":
-    target = PydocsPaths.at(Path(sys.argv[1])) if len(sys.argv) > 1 else None
-    built = build_pydocs(target.root) if target else load_or_build()
-    print(json.dumps(json.loads(built.manifest.read_text())["counts"], indent=2))
-    print(f"written to {built.root}")
+    if sys.argv[1:2] == ["--read"]:  # internal: the fresh interpreter of `_read_library`
+        _read_in_child(Path(sys.argv[2]), sys.argv[3:])
+    else:  # python -m specialize.examples.pydocs [OUT_DIR]: build there, or into the cache
+        built = build_pydocs(Path(sys.argv[1])) if len(sys.argv) > 1 else load_or_build()
+        print(json.dumps(json.loads(built.manifest.read_text())["counts"], indent=2))
+        print(f"written to {built.root}")
