@@ -144,7 +144,7 @@ class ConvertConfig(StageConfig):
     generator: str | None = Field(None, description="OpenAI-compatible base URL to generate Q&A with an LLM")
     generator_model: str | None = Field(None, description="model name at the generator endpoint")
     api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the generator's API key")
-    chunk_tokens: int = Field(400, gt=0, description="words per document chunk sent to the generator")
+    chunk_tokens: int = Field(400, gt=0, description="words (not tokens) per document chunk sent to the generator")
     chunk_overlap: int = Field(50, ge=0, description="words shared by neighbouring chunks")
     concurrency: int = Field(4, gt=0, description="generator requests in flight at once")
     cache: Path | None = Field(None, description="resumable cache of generator answers; default: next to the output")
