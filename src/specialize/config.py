@@ -77,7 +77,7 @@ class PretrainConfig(TrainConfig):
     """`specialize pretrain`: random weights → a base model, on raw text."""
 
     data: list[str] = Field(default_factory=list, description="text files, folders of text, or JSONL with a text field")
-    size: str = Field("tiny", description="named size (tiny, small, base) or a transformers config.json")
+    size: str = Field("tiny", description="named size (micro, tiny, small, base) or a transformers config.json")
     tokenizer: str | None = Field(None, description="existing tokenizer (hub id/folder); default: train a byte-level BPE here")
     vocab_size: int = Field(4096, gt=256, description="vocabulary of a locally trained tokenizer")
     eval_fraction: float = Field(0.02, ge=0, lt=1, description="share of text blocks held out for perplexity")

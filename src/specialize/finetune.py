@@ -22,7 +22,8 @@ from specialize.data.formats import Example, load_examples
 from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
-from specialize.model import add_lora, count_parameters, load_model, load_tokenizer, model_dir, pick_dtype, save_model
+from specialize.model import (add_lora, count_parameters, load_model, load_tokenizer, model_dir, pick_dtype, save_model,
+                              set_generation_ids)
 from specialize.train import make_accelerator, train
 
 console = Console(stderr=True)
@@ -102,7 +103,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
                           accelerator=accelerator)
     if main:
         install_template(tokenizer, template)
-        _set_generation_ids(model, tokenizer)
+        set_generation_ids(model, tokenizer)
         save_model(model, tokenizer, out / "model")
         summary = asdict(result) | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
                                     "template": template.name, "trainable_parameters": trainable,
@@ -112,14 +113,6 @@ def finetune(cfg: FinetuneConfig) -> Path:
                       f"final loss {result.train_loss:.4f} → {out / 'model'}")
     accelerator.wait_for_everyone()
     return out
-
-
-def _set_generation_ids(model, tokenizer) -> None:
-    """Generation stops at EOS and pads with the pad token (EOS when there is none)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = base.generation_config
-    config.eos_token_id = tokenizer.eos_token_id
-    config.pad_token_id = pad_token_id(tokenizer)
 
 
 def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, template) -> None:

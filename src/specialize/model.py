@@ -40,8 +40,9 @@ def _check_exists(ref: str) -> None:
     looks_local = path.is_absolute() or ref.startswith(".") or path.exists() or ref.count("/") > 1
     if looks_local and not path.exists():
         raise UserError("no such model folder or run", path=ref)
-    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise UserError("not a model folder (no config.json or adapter_config.json)", path=ref)
+    markers = ("config.json", "adapter_config.json", "tokenizer_config.json")
+    if path.is_dir() and not any((path / name).is_file() for name in markers):
+        raise UserError("not a model folder (no config.json, adapter_config.json or tokenizer_config.json)", path=ref)
 
 
 def load_tokenizer(ref: str | Path, trust_remote_code: bool = False):
@@ -110,7 +111,12 @@ def build_config(size: str, tokenizer, max_positions: int = 2048):
     path = Path(size)
     if not path.is_file():
         raise UserError(f"unknown size '{size}' (use {', '.join(SIZES)}, or a path to a config.json)")
-    config = AutoConfig.for_model(**json.loads(path.read_text(encoding="utf-8")))
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+        config = AutoConfig.for_model(**values)
+    except (json.JSONDecodeError, TypeError, ValueError, KeyError) as e:
+        raise UserError(f"not a transformers config.json with a model_type: {str(e).splitlines()[0]}",
+                        path=path) from None
     config.vocab_size = len(tokenizer)
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
@@ -147,6 +153,14 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def set_generation_ids(model, tokenizer) -> None:
+    """Generation stops at EOS and pads with the pad token (EOS when there is none)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.generation_config.eos_token_id = tokenizer.eos_token_id
+    base.generation_config.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                           else tokenizer.eos_token_id)
 
 
 def save_model(model, tokenizer, out: Path) -> None:

@@ -1,0 +1,270 @@
+"""`specialize pretrain`: random weights → a base model, on raw text.
+
+    specialize pretrain --data corpus/ --size tiny --out runs/base
+    specialize finetune --base runs/base --data faq.jsonl --out runs/faq
+
+The pipeline, one function per step:
+1. `read_documents`: text files, folders of text, or rows with a `text` field → documents;
+2. `prepare_tokenizer`: an existing tokenizer, or a byte-level BPE trained here on the text;
+3. `tokenize_documents` + `pack_blocks`: one stream doc + EOS + doc + EOS …, cut into
+   consecutive blocks of `max_seq_tokens`; the last partial block is dropped and reported;
+4. `split_blocks`: a seeded share of blocks held out for perplexity;
+5. the shared training loop (`specialize.train.train`), from a seeded random init.
+
+The run folder matches finetune's: `config.yaml`, `metrics.jsonl`, `checkpoints/`,
+`train_summary.json`, and `model/`, a plain HF folder with no chat template (it is a base
+model), which `specialize finetune --base RUN` and `AutoModelForCausalLM.from_pretrained` load.
+A locally trained tokenizer is also kept in `tokenizer/`, so `--resume` uses the same one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from transformers import AutoTokenizer
+
+from specialize.config import PretrainConfig, save_config
+from specialize.data.io import read_source
+from specialize.data.tokenize import IGNORE, Encoded, pad_token_id
+from specialize.errors import UserError
+from specialize.model import (SIZES, build_config, build_model, count_parameters, load_tokenizer, model_dir, save_model,
+                              set_generation_ids)
+from specialize.tokenizer import train_bpe
+from specialize.train import evaluate_loss, make_accelerator, train
+
+console = Console(stderr=True)
+
+MIN_BLOCKS_FOR_EVAL = 10  # fewer blocks are all trained on: one held-out block says little
+
+
+def read_documents(sources: list[str]) -> list[str]:
+    """Every document's text, in source order: one per text file, one per row with a `text` field.
+
+    Whitespace-only documents are skipped (they would only add an EOS). Any other row shape is a
+    `UserError` naming the file, line and field, since pre-training has no use for Q&A pairs.
+    """
+    if not sources:
+        raise UserError("no data given (use --data FILE_OR_FOLDER: text files, folders of text, or JSONL with 'text')")
+    documents: list[str] = []
+    for source in sources:
+        for path, records in read_source(source).items():
+            for record in records:
+                if "text" not in record.data:
+                    keys = ", ".join(sorted(record.data)) or "none"
+                    raise UserError(f"missing (found keys: {keys}); pre-training reads plain text files or rows "
+                                    "with a 'text' field", path=path, line=record.line, field="text")
+                text = record.data["text"]
+                if not isinstance(text, str):
+                    raise UserError(f"expected a string, got {type(text).__name__}", path=path, line=record.line,
+                                    field="text")
+                if text.strip():
+                    documents.append(text)
+    if not documents:
+        raise UserError(f"no text to pre-train on in {', '.join(map(str, sources))} (every document is empty)")
+    return documents
+
+
+def _load_existing_tokenizer(ref: str, trust_remote_code: bool):
+    """A hub id, model folder or run via `load_tokenizer`; also a folder holding only tokenizer files."""
+    folder = Path(model_dir(ref))
+    if folder.is_dir() and not (folder / "config.json").exists() and (folder / "tokenizer_config.json").exists():
+        # load_tokenizer wants a model folder; a bare tokenizer folder (e.g. our own tokenizer/) is fine here.
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load tokenizer: {str(e).splitlines()[0]}", path=folder) from None
+        if tokenizer.eos_token_id is None:
+            raise UserError("tokenizer has no EOS token; set eos_token in its tokenizer_config.json", path=folder)
+        return tokenizer
+    return load_tokenizer(ref, trust_remote_code)
+
+
+def prepare_tokenizer(cfg: PretrainConfig, documents: list[str], out: Path, accelerator):
+    """`cfg.tokenizer` when given, else a byte-level BPE trained on `documents` and kept in `out/tokenizer/`.
+
+    The main process trains and saves; every process then loads the saved files, so all ranks
+    (and a resumed run, which reuses the folder) tokenise with exactly the same vocabulary.
+    """
+    if cfg.tokenizer:
+        tokenizer = _load_existing_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
+    else:
+        saved = out / "tokenizer"
+        reuse = cfg.resume and (saved / "tokenizer.json").is_file()
+        if accelerator.is_main_process and not reuse:
+            chars = sum(map(len, documents))
+            started = time.perf_counter()
+            status = (console.status(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size:,}) "
+                                     f"on {chars / 1e6:.1f}M characters…") if cfg.progress else nullcontext())
+            with status:
+                trained = train_bpe(documents, vocab_size=cfg.vocab_size)
+            if saved.exists():
+                shutil.rmtree(saved)
+            trained.save_pretrained(saved)
+            console.print(f"tokenizer: byte-level BPE, {len(trained):,} tokens, trained in "
+                          f"{time.perf_counter() - started:.1f}s → {saved}")
+        accelerator.wait_for_everyone()
+        tokenizer = _load_existing_tokenizer(str(saved), trust_remote_code=False)
+    # A base model has no chat template: finetune then picks a template by data shape (qa for Q&A).
+    tokenizer.chat_template = None
+    tokenizer.init_kwargs.pop("specialize_template", None)
+    return tokenizer
+
+
+@contextmanager
+def _no_length_warning(tokenizer):
+    """Documents are longer than the model's context on purpose (they are cut into blocks
+    afterwards); lift `model_max_length` meanwhile so transformers does not warn about it."""
+    saved = tokenizer.model_max_length
+    tokenizer.model_max_length = int(1e30)
+    try:
+        yield
+    finally:
+        tokenizer.model_max_length = saved
+
+
+def tokenize_documents(tokenizer, documents: list[str]) -> list[list[int]]:
+    """Token ids of every document, in one batched call of the fast tokenizer (parallel in Rust)."""
+    with _no_length_warning(tokenizer):
+        return tokenizer(documents, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+
+
+@dataclass
+class Blocks:
+    """The packed text: `blocks` of exactly `block_tokens` ids, and what did not fit."""
+
+    blocks: list[list[int]]
+    block_tokens: int
+    documents: int
+    stream_tokens: int  # every document's tokens plus one EOS per document
+    dropped_tokens: int  # the last partial block, reported, never trained on
+
+
+def pack_blocks(token_docs: list[list[int]], eos_id: int, block_tokens: int) -> Blocks:
+    """doc + EOS + doc + EOS … as one stream, cut into consecutive blocks of `block_tokens`.
+
+    Blocks cross document boundaries on purpose (the EOS tells the model where one ends), so no
+    token is padding; only the remainder after the last full block is dropped.
+    """
+    stream: list[int] = []
+    documents = 0
+    for ids in token_docs:
+        if ids:
+            stream.extend(ids)
+            stream.append(eos_id)
+            documents += 1
+    n_blocks = len(stream) // block_tokens
+    blocks = [stream[i * block_tokens: (i + 1) * block_tokens] for i in range(n_blocks)]
+    return Blocks(blocks, block_tokens, documents, len(stream), len(stream) - n_blocks * block_tokens)
+
+
+def split_blocks(blocks: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Seeded (train, held-out) blocks: `fraction` of them, at least one once there are 10 or more."""
+    if fraction <= 0 or len(blocks) < MIN_BLOCKS_FOR_EVAL:
+        return blocks, []
+    order = list(range(len(blocks)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(blocks) - 1, max(1, round(len(blocks) * fraction)))  # keep a block to train on
+    held = set(order[:n_eval])
+    return [b for i, b in enumerate(blocks) if i not in held], [b for i, b in enumerate(blocks) if i in held]
+
+
+def to_items(blocks: list[list[int]], source: str = "pretrain") -> list[Encoded]:
+    """Every token but the first of a block is a target (nothing in the block predicts the first)."""
+    return [Encoded(block, [IGNORE] + block[1:], source) for block in blocks]
+
+
+def perplexity(loss: float | None) -> float | None:
+    return None if loss is None else math.exp(min(loss, 50.0))  # capped like metrics.jsonl's eval_ppl
+
+
+def _build_model(cfg: PretrainConfig, tokenizer):
+    """A seeded random model of a named size or a config.json, checked to fit one block."""
+    try:
+        config = build_config(cfg.size, tokenizer, max_positions=max(2048, cfg.max_seq_tokens))
+    except (TypeError, KeyError, ValueError) as e:  # no or unknown model_type, malformed JSON
+        raise UserError(f"not a usable transformers config.json: {str(e).splitlines()[0]}", path=cfg.size) from None
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is not None and positions < cfg.max_seq_tokens:
+        raise UserError(f"the model holds {positions} positions, fewer than --max-seq-tokens {cfg.max_seq_tokens}",
+                        path=None if cfg.size in SIZES else cfg.size)
+    try:
+        return build_model(config, seed=cfg.seed)
+    except ValueError as e:  # a config without a causal-LM class (e.g. an encoder-decoder)
+        raise UserError(f"cannot build a causal LM from it: {str(e).splitlines()[0]}", path=cfg.size) from None
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Pre-train a model from random weights and write the run folder; returns its path."""
+    out = Path(cfg.out)
+    if cfg.size not in SIZES and not Path(cfg.size).is_file():  # fail before minutes of tokenising
+        raise UserError(f"unknown size '{cfg.size}' (use {', '.join(SIZES)}, or a path to a config.json)")
+    # Every block has the same length, so padded batches hold no padding and are plain (B, T)
+    # tensors; packing would only concatenate them into one long row with restarting positions.
+    run_cfg = cfg.model_copy(update={"packing": False})
+    accelerator = make_accelerator(cfg.precision)
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    show = main and cfg.progress
+    with console.status("reading text…") if show else nullcontext():
+        documents = read_documents(cfg.data)
+    tokenizer = prepare_tokenizer(cfg, documents, out, accelerator)
+    started = time.perf_counter()
+    with console.status(f"tokenising {len(documents):,} documents…") if show else nullcontext():
+        packed = pack_blocks(tokenize_documents(tokenizer, documents), tokenizer.eos_token_id, cfg.max_seq_tokens)
+    if not packed.blocks:
+        raise UserError(f"the text is {packed.stream_tokens:,} tokens, less than one block of --max-seq-tokens "
+                        f"{cfg.max_seq_tokens}; add text or lower --max-seq-tokens")
+    train_blocks, eval_blocks = split_blocks(packed.blocks, cfg.eval_fraction, cfg.seed)
+    train_items, eval_items = to_items(train_blocks), to_items(eval_blocks)
+    if main:
+        console.print(f"data: {packed.documents:,} documents, {packed.stream_tokens:,} tokens (tokenised in "
+                      f"{time.perf_counter() - started:.1f}s) → {len(train_blocks):,} training blocks of "
+                      f"{cfg.max_seq_tokens} tokens, {len(eval_blocks):,} held out; the last partial block "
+                      f"({packed.dropped_tokens:,} tokens) is dropped")
+        if not eval_blocks:
+            console.print(f"[yellow]warning:[/] no held-out perplexity: fewer than {MIN_BLOCKS_FOR_EVAL} blocks "
+                          "or eval_fraction 0")
+
+    model = _build_model(cfg, tokenizer).to(accelerator.device)
+    _, parameters = count_parameters(model)
+    pad_id = pad_token_id(tokenizer)
+    # The random init's held-out loss is the yardstick: pre-training must move well below it (~ln vocab).
+    initial_eval_loss = evaluate_loss(model, eval_items, run_cfg, accelerator, pad_id) if eval_items else None
+    if main:
+        console.print(f"model: {cfg.size}, {parameters:,} parameters, vocab {len(tokenizer):,}"
+                      + (f"; random-init eval loss {initial_eval_loss:.3f}" if initial_eval_loss is not None else ""))
+        if (out / "model").exists() and not cfg.resume:
+            shutil.rmtree(out / "model")  # a stale model/ must not pass for this run's result
+        save_config(run_cfg, out / "config.yaml")
+
+    model, result = train(model, train_items, eval_items, run_cfg, out, pad_id=pad_id, accelerator=accelerator)
+    if eval_items and result.eval_loss is None:  # resumed after the last step: nothing ran, still report
+        result.eval_loss = evaluate_loss(model, eval_items, run_cfg, accelerator, pad_id)
+    if main:
+        set_generation_ids(model, tokenizer)
+        save_model(model, tokenizer, out / "model")
+        summary = asdict(result) | {
+            "eval_perplexity": perplexity(result.eval_loss), "initial_eval_loss": initial_eval_loss,
+            "initial_eval_perplexity": perplexity(initial_eval_loss), "parameters": parameters,
+            "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "size": cfg.size,
+            "tokenizer": cfg.tokenizer or str(out / "tokenizer"), "vocab_size": len(tokenizer),
+            "block_tokens": cfg.max_seq_tokens, "documents": packed.documents,
+            "corpus_tokens": packed.stream_tokens, "train_blocks": len(train_blocks),
+            "eval_blocks": len(eval_blocks), "dropped_tokens": packed.dropped_tokens}
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        held_out = (f", held-out perplexity {summary['eval_perplexity']:.2f} (eval loss {result.eval_loss:.3f}, "
+                    f"random init {initial_eval_loss:.3f})" if result.eval_loss is not None else "")
+        console.print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
+                      f"({summary['tokens_per_s']:,.0f} tok/s){held_out} → {out / 'model'}")
+    accelerator.wait_for_everyone()
+    return out
