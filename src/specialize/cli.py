@@ -59,6 +59,13 @@ def pretrain(
     seed: Optional[int] = typer.Option(None),
     save_every: Optional[int] = typer.Option(None),
     resume: Optional[bool] = typer.Option(None, "--resume", help="continue from the newest checkpoint in --out"),
+    eval_fraction: Optional[float] = typer.Option(None, help="share of blocks held out for perplexity"),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16"),
+    lr_schedule: Optional[str] = typer.Option(None, help="cosine | linear | constant"),
+    warmup_steps: Optional[int] = typer.Option(None),
+    eval_every: Optional[int] = typer.Option(None),
+    compile: Optional[bool] = typer.Option(None, "--compile"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Random weights → a base model, on raw text."""
@@ -67,7 +74,9 @@ def pretrain(
     run(load_config(PretrainConfig, config, data=data, out=out, size=size, tokenizer=tokenizer,
                     vocab_size=vocab_size, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
                     micro_batch_size=micro_batch_size, grad_accum_steps=grad_accum_steps,
-                    max_seq_tokens=max_seq_tokens, seed=seed, save_every=save_every, resume=resume))
+                    max_seq_tokens=max_seq_tokens, seed=seed, save_every=save_every, resume=resume,
+                    eval_fraction=eval_fraction, precision=precision, lr_schedule=lr_schedule,
+                    warmup_steps=warmup_steps, eval_every=eval_every, compile=compile, progress=progress))
 
 
 @app.command()
@@ -97,6 +106,7 @@ def finetune(
     rag_docs: Optional[str] = typer.Option(None, help="documents to retrieve context from while training"),
     allow_data_errors: Optional[bool] = typer.Option(None, "--allow-data-errors"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
     config: Optional[Path] = ConfigOpt,
 ):
     """A base model + data → a specialist (full fine-tuning, LoRA or QLoRA)."""
@@ -108,7 +118,7 @@ def finetune(
                     save_every=save_every, resume=resume, packing=packing, eval_data=eval_data, template=template,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, precision=precision,
                     gradient_checkpointing=gradient_checkpointing, compile=compile, rag_docs=rag_docs,
-                    allow_data_errors=allow_data_errors, trust_remote_code=trust_remote_code))
+                    allow_data_errors=allow_data_errors, trust_remote_code=trust_remote_code, progress=progress))
 
 
 @app.command()
@@ -197,13 +207,22 @@ def convert(
     kind: Optional[str] = typer.Option(None, help="auto | faq | docs | chat | slack"),
     generator: Optional[str] = typer.Option(None, help="OpenAI-compatible base URL to generate Q&A"),
     generator_model: Optional[str] = typer.Option(None),
+    api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the generator's key"),
+    concurrency: Optional[int] = typer.Option(None, help="generator requests in flight"),
+    cache: Optional[Path] = typer.Option(None, help="resumable cache of generator answers"),
+    conversation_column: Optional[str] = typer.Option(None, help="CSV chats: conversation id column"),
+    speaker_column: Optional[str] = typer.Option(None, help="CSV chats: speaker column"),
+    text_column: Optional[str] = typer.Option(None, help="CSV chats: message text column"),
+    agent_speakers: Optional[list[str]] = typer.Option(None, help="CSV chats: speaker values that are the agent"),
     config: Optional[Path] = ConfigOpt,
 ):
     """FAQ pages, docs, support chats or a Slack export → Q&A JSONL with provenance."""
     from specialize.data.convert import convert as run
 
     summary = run(load_config(ConvertConfig, config, inputs=inputs, to=to, kind=kind, generator=generator,
-                              generator_model=generator_model))
+                              generator_model=generator_model, api_key_env=api_key_env, concurrency=concurrency,
+                              cache=cache, conversation_column=conversation_column, speaker_column=speaker_column,
+                              text_column=text_column, agent_speakers=agent_speakers))
     err.print(str(summary))
 
 
@@ -214,13 +233,16 @@ def lint(
     base: Optional[str] = typer.Option(None, help="model whose tokenizer and template are checked"),
     max_seq_tokens: Optional[int] = typer.Option(None),
     template: Optional[str] = typer.Option(None),
+    show: Optional[int] = typer.Option(None, help="examples rendered with trained tokens marked"),
+    near_duplicate_threshold: Optional[float] = typer.Option(None, help="similarity that counts as a near duplicate"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Pre-flight: show what the model will learn, and what is wrong with the data (exit 1 on errors)."""
     from specialize.data.lint import lint as run
 
     code = run(load_config(LintConfig, config, data=data, eval_data=eval_data, base=base,
-                           max_seq_tokens=max_seq_tokens, template=template))
+                           max_seq_tokens=max_seq_tokens, template=template, show=show,
+                           near_duplicate_threshold=near_duplicate_threshold))
     raise typer.Exit(code)
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from specialize.config import FinetuneConfig, save_config
 from specialize.data.formats import Example, load_examples
@@ -31,15 +32,24 @@ console = Console(stderr=True)
 MIN_EXAMPLES_FOR_SPLIT = 20
 
 
+def _prompt_key(example: Example) -> str:
+    text = example.text if example.messages is None else example.prompt_messages[-1]["content"]
+    return " ".join(text.lower().split())
+
+
 def split_examples(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Seeded train/eval split; small data sets (< 20 examples) are all trained on."""
+    """Seeded train/eval split; small data sets (< 20 examples) are all trained on.
+
+    Examples with the same prompt stay on the same side, so a duplicated question never leaks
+    from training into the held-out loss.
+    """
     if fraction <= 0 or len(examples) < MIN_EXAMPLES_FOR_SPLIT:
         return examples, []
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(examples) * fraction))
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+    keys = sorted({_prompt_key(e) for e in examples})
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(len(keys) * fraction))
+    held = set(keys[:n_eval])
+    return ([e for e in examples if _prompt_key(e) not in held], [e for e in examples if _prompt_key(e) in held])
 
 
 def _add_retrieved_context(examples: list[Example], cfg: FinetuneConfig) -> list[Example]:
@@ -83,7 +93,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
         if eval_examples else []
     if main:
         for line in report.lines():
-            console.print(f"[yellow]warning:[/] {line}")
+            console.print("[yellow]warning:[/] " + escape(line), highlight=False)
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
     model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code,
@@ -117,11 +127,13 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
 def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, template) -> None:
     """Refuse data that lint finds errors in, unless told otherwise."""
-    try:
-        from specialize.data.lint import check_examples
-    except ImportError:
-        return
-    findings = check_examples(train_examples, eval_examples, tokenizer, template, cfg.max_seq_tokens)
+    from specialize.data.lint import check_examples
+
+    findings = check_examples(train_examples, eval_examples, tokenizer, template, cfg.max_seq_tokens,
+                              for_training=True)
+    for finding in findings:
+        if finding.severity == "warning" and finding.code != "too_long":  # too_long: reported when dropped
+            console.print("[yellow]warning:[/] " + escape(finding.message), highlight=False)
     errors = [f for f in findings if f.severity == "error"]
     if errors and not cfg.allow_data_errors:
         raise UserError(f"data has {len(errors)} error(s), first: {errors[0].message} "

@@ -129,7 +129,10 @@ def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> l
                             "previous turns; use --template qa/chatml")
         answer = full[len(prompt):]
         eos = tokenizer.eos_token
-        if eos and eos not in answer:
+        last_turn = i == max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        if eos and eos not in answer and last_turn:
+            # A template whose turns don't end in EOS: append it after the final answer only, so the
+            # model learns to stop, and earlier turns stay exactly as inference renders them.
             answer += eos
         pieces.append((prompt[len(done):], False))
         pieces.append((answer, True))
