@@ -75,6 +75,9 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False, dtype: torch
     """Load a causal LM (full weights, or a PEFT adapter over its base) from safetensors."""
     ref = model_dir(ref)
     _check_exists(ref)
+    if Path(ref).exists():
+        # An absolute path, so a LoRA adapter's pointer to its base works from any working directory.
+        ref = str(Path(ref).resolve())
     kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
     if quantize_4bit:
         kwargs["quantization_config"] = _bnb_config()
