@@ -22,7 +22,8 @@ QA8 = ASSETS / "qa8.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(2)
+# Tiny models gain nothing from a second thread, and lose a lot when other jobs share the cores.
+torch.set_num_threads(1)
 
 
 def _corpus() -> list[str]:
@@ -82,6 +83,17 @@ def tiny_gpt2(tmp_path_factory, tokenizer_dir) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def qa8_run(tmp_path_factory, tiny_llama) -> Path:
+    """One tiny full fine-tune on QA8 per session; it answers every QA8 question exactly."""
+    from specialize.config import FinetuneConfig
+    from specialize.finetune import finetune
+
+    return finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=tmp_path_factory.mktemp("qa8") / "run",
+                                   epochs=150, learning_rate=5e-3, micro_batch_size=8, warmup_steps=0,
+                                   progress=False))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -30,8 +30,8 @@ def _cfg(base, out, **kw) -> FinetuneConfig:
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_llama):
-    return finetune(_cfg(tiny_llama, tmp_path_factory.mktemp("full") / "run"))
+def full_run(qa8_run):
+    return qa8_run
 
 
 @pytest.fixture(scope="module")

@@ -152,13 +152,16 @@ def chat(
     max_new_tokens: Optional[int] = typer.Option(None),
     temperature: Optional[float] = typer.Option(None),
     system_prompt: Optional[str] = typer.Option(None),
+    top_p: Optional[float] = typer.Option(None),
+    seed: Optional[int] = typer.Option(None),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Interactive terminal chat with streaming output (/reset, /exit)."""
     from specialize.chat import chat as run
 
     run(load_config(ChatConfig, config, model=model, max_new_tokens=max_new_tokens, temperature=temperature,
-                    system_prompt=system_prompt))
+                    system_prompt=system_prompt, top_p=top_p, seed=seed, trust_remote_code=trust_remote_code))
 
 
 @app.command("eval")
@@ -171,13 +174,20 @@ def evaluate(
     docs: Optional[str] = typer.Option(None, help="documents for RAG"),
     json_output: Optional[bool] = typer.Option(None, "--json", help="print one JSON object of metrics"),
     out: Optional[Path] = typer.Option(None, help="folder for metrics.json and predictions.jsonl"),
+    batch_size: Optional[int] = typer.Option(None, help="prompts per generation batch"),
+    top_k: Optional[int] = typer.Option(None, help="passages per RAG prompt"),
+    judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint for LLM-as-judge"),
+    judge_model: Optional[str] = typer.Option(None, help="model name at the judge endpoint"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Metrics for one model (or a predictions file) on one test set."""
     from specialize.evaluate.run import run_eval
 
     run_eval(load_config(EvalConfig, config, model=model, data=data, predictions=predictions, task=task,
-                         max_new_tokens=max_new_tokens, docs=docs, json_output=json_output, out=out))
+                         max_new_tokens=max_new_tokens, docs=docs, json_output=json_output, out=out,
+                         batch_size=batch_size, top_k=top_k, judge_url=judge_url, judge_model=judge_model,
+                         trust_remote_code=trust_remote_code))
 
 
 @app.command()
@@ -191,13 +201,19 @@ def compare(
     task: Optional[str] = typer.Option(None),
     max_new_tokens: Optional[int] = typer.Option(None),
     out: Optional[Path] = typer.Option(None, help="folder for scorecard.json and report.html"),
+    batch_size: Optional[int] = typer.Option(None, help="prompts per generation batch"),
+    top_k: Optional[int] = typer.Option(None, help="passages per RAG prompt"),
+    judge_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint for LLM-as-judge"),
+    judge_model: Optional[str] = typer.Option(None, help="model name at the judge endpoint"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Base vs base+RAG vs fine-tuned vs fine-tuned+RAG on one test set → scorecard + report."""
     from specialize.evaluate.compare import compare as run
 
     run(load_config(CompareConfig, config, base=base, model=model, data=data, docs=docs, predictions=predictions,
-                    fewshot=fewshot, task=task, max_new_tokens=max_new_tokens, out=out))
+                    fewshot=fewshot, task=task, max_new_tokens=max_new_tokens, out=out, batch_size=batch_size,
+                    top_k=top_k, judge_url=judge_url, judge_model=judge_model, trust_remote_code=trust_remote_code))
 
 
 @app.command()
@@ -252,12 +268,19 @@ def serve(
     host: Optional[str] = typer.Option(None, help="bind address (default 127.0.0.1)"),
     port: Optional[int] = typer.Option(None),
     api_key: Optional[str] = typer.Option(None, help="require this bearer key (or set SPECIALIZE_API_KEY)"),
+    max_batch_size: Optional[int] = typer.Option(None, help="requests generated together"),
+    max_queue: Optional[int] = typer.Option(None, help="waiting requests before new ones get 503"),
+    model_name: Optional[str] = typer.Option(None, help="name shown in /v1/models"),
+    log_contents: Optional[bool] = typer.Option(None, "--log-contents", help="log message contents"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     config: Optional[Path] = ConfigOpt,
 ):
     """OpenAI-compatible HTTP server for a run."""
     from specialize.serve import serve as run
 
-    run(load_config(ServeConfig, config, model=model, host=host, port=port, api_key=api_key))
+    run(load_config(ServeConfig, config, model=model, host=host, port=port, api_key=api_key,
+                    max_batch_size=max_batch_size, max_queue=max_queue, model_name=model_name,
+                    log_contents=log_contents, trust_remote_code=trust_remote_code))
 
 
 @app.command()
@@ -265,12 +288,15 @@ def export(
     model: Optional[str] = typer.Option(None, help="run folder"),
     out: Optional[Path] = typer.Option(None, help="folder to write"),
     dtype: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16"),
+    parity_prompts: Optional[int] = typer.Option(None, help="prompts compared before/after export"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     config: Optional[Path] = ConfigOpt,
 ):
     """A standalone HF folder (LoRA merged) for transformers, vLLM or llama.cpp converters."""
     from specialize.export import export as run
 
-    run(load_config(ExportConfig, config, model=model, out=out, dtype=dtype))
+    run(load_config(ExportConfig, config, model=model, out=out, dtype=dtype, parity_prompts=parity_prompts,
+                    trust_remote_code=trust_remote_code))
 
 
 def main() -> None:

@@ -83,9 +83,13 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False, dtype: torch
         kwargs["quantization_config"] = _bnb_config()
     try:
         if is_adapter(ref):
+            import warnings
+
             from peft import AutoPeftModelForCausalLM
 
-            return AutoPeftModelForCausalLM.from_pretrained(ref, **kwargs)
+            with warnings.catch_warnings():  # peft calls a transformers API that warns about its own rename
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                return AutoPeftModelForCausalLM.from_pretrained(ref, **kwargs)
         return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{ref}': {str(e).splitlines()[0]}") from None

@@ -7,9 +7,26 @@
 - `error_analysis`  behaviour checks and per-example error categories
 - `tasks`           `score(task, rows)`: which metrics each task type gets
 - `scorecard`       `recommend(systems)`: which system to ship, and why
+- `run`             `run_eval(cfg)` (`specialize eval`), `evaluate_system(generator, examples, task, ...)`
+- `compare`         `compare(cfg)` (`specialize compare`): every system on every split → scorecard
+- `judge`           `Judge(url, model)`: LLM-as-judge over an OpenAI-compatible endpoint
+- `harness`         lm-evaluation-harness command lines and results for a run
 """
 
 from specialize.evaluate.scorecard import main_metric, recommend
 from specialize.evaluate.tasks import TASKS, load_predictions, score
 
-__all__ = ["TASKS", "load_predictions", "main_metric", "recommend", "score"]
+# Imported on first use: they pull in config, data and HTTP modules that scoring alone never needs.
+_LAZY = {"run_eval": "run", "evaluate_system": "run", "SystemResult": "run", "Judge": "judge"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"specialize.evaluate.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'specialize.evaluate' has no attribute '{name}'")
+
+
+__all__ = ["TASKS", "Judge", "SystemResult", "evaluate_system", "load_predictions", "main_metric", "recommend",
+           "run_eval", "score"]

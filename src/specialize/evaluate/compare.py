@@ -1,0 +1,261 @@
+"""`specialize compare`: was fine-tuning worth it? Prompting + RAG vs fine-tuning, same test sets.
+
+    specialize compare --model runs/faq --data test.jsonl --data unseen.jsonl --docs docs/ \
+        --predictions gpt4o=gpt4o.jsonl --out runs/faq/compare
+
+Systems (each answers every split; a split is one `--data` file, named by its file stem):
+
+| system          | model        | prompt                                                     |
+| --------------- | ------------ | ---------------------------------------------------------- |
+| `base`          | --base       | the run's template (same prompt the fine-tuned model gets) |
+| `base+fewshot`  | --base       | + `fewshot` solved examples as earlier turns (fewshot > 0) |
+| `base+rag`      | --base       | last user message = rag_prompt(question, top_k passages)   |
+| `finetuned`     | --model      | the run's template                                         |
+| `finetuned+rag` | --model      | as base+rag                                                |
+| NAME            | none         | `--predictions NAME=FILE` (or `NAME@SPLIT=FILE`), scored as is |
+
+The base is prompted with the fine-tuned run's template (and its system prompt, if it trained
+with one), so the comparison measures what training changed, not a prompt-format mismatch.
+`--base` defaults to the base recorded in the run's `train_summary.json`. Few-shot turns are
+the first `fewshot` rows of the first `--data` file, skipping the question being asked.
+
+Writes to `--out`: `scorecard.json` (shape in report.py), `predictions/<system>/<split>.jsonl`,
+`report.html`. The summary table is printed on stdout; progress goes to stderr.
+`compare(cfg, progress=True)` returns the scorecard, for the demo and for tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from specialize.config import CompareConfig
+from specialize.data.formats import Example
+from specialize.errors import UserError
+from specialize.evaluate.run import (SystemResult, console, evaluate_system, judge_config, load_test_examples,
+                                     make_progress, run_settings, stdout_console, warm_up, write_jsonl)
+from specialize.evaluate.scorecard import main_metric, recommend
+from specialize.evaluate.tasks import load_predictions, score
+
+GENERATED = ("base", "base+fewshot", "base+rag", "finetuned", "finetuned+rag")
+TABLE_METRICS = ("exact_match", "f1", "field_f1", "accuracy", "macro_f1", "rouge_l", "judge_score",
+                 "hallucination_rate", "stop_rate")
+
+
+def find_base(run: str) -> str:
+    """The base a run was fine-tuned from (train_summary.json, else config.yaml)."""
+    summary_path = Path(run) / "train_summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    base = summary.get("base") or run_settings(run).get("base")
+    if not base:
+        raise UserError("cannot tell which base the run was trained from; give --base", path=run)
+    return str(base)
+
+
+def training_cost(run: str) -> dict | None:
+    """{seconds, tokens} of a run's training (train_summary.json), None if unknown."""
+    path = Path(run) / "train_summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    return {"seconds": summary.get("seconds"), "tokens": summary.get("tokens")}
+
+
+def load_base_generator(base: str, run: str | None, trust_remote_code: bool = False):
+    """The base model, prompted with the run's template (its own template when there is no run)."""
+    from specialize.generate import Generator, default_device, template_of
+    from specialize.model import load_model, load_tokenizer, pick_dtype
+
+    if not run:
+        return Generator.load(base, trust_remote_code=trust_remote_code)
+    template = template_of(load_tokenizer(run, trust_remote_code))
+    device = default_device()
+    tokenizer = load_tokenizer(base, trust_remote_code)
+    model = load_model(base, trust_remote_code=trust_remote_code, dtype=pick_dtype("auto", device))
+    return Generator(model.to(device), tokenizer, template=template, device=device)
+
+
+def load_splits(paths: list[str], system_prompt: str | None) -> dict[str, list[Example]]:
+    splits: dict[str, list[Example]] = {}
+    for path in paths:
+        name = Path(path).stem
+        if name in splits:
+            raise UserError(f"two test files are both named '{name}'; splits are named by file stem, "
+                            "rename one", path=path)
+        splits[name] = load_test_examples(path, system_prompt)
+    return splits
+
+
+def parse_predictions(specs: list[str], splits: list[str]) -> dict[str, dict[str, str]]:
+    """{system: {split: file}} from NAME=FILE (first split) or NAME@SPLIT=FILE."""
+    systems: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--predictions '{spec}': expected NAME=FILE or NAME@SPLIT=FILE", field="predictions")
+        name, _, split = name.partition("@")
+        split = split or splits[0]
+        if name in GENERATED:
+            raise UserError(f"--predictions '{spec}': '{name}' is the name of a generated system; pick another",
+                            field="predictions")
+        if split not in splits:
+            raise UserError(f"--predictions '{spec}': no split '{split}' (splits: {', '.join(splits)})",
+                            field="predictions")
+        systems.setdefault(name, {})[split] = path
+    return systems
+
+
+def _release_memory() -> None:
+    """Return a dropped model's memory before the next is loaded (base and run may not fit together)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _system(name: str, results: dict[str, SystemResult], training: dict | None) -> dict:
+    """A scorecard system; cost is averaged over the examples of all splits."""
+    n = sum(len(r.rows) for r in results.values())
+    return {"name": name,
+            "latency_s_per_example": sum(r.seconds for r in results.values()) / n,
+            "prompt_tokens_per_example": sum(r.prompt_tokens_per_example * len(r.rows) for r in results.values()) / n,
+            "training": training,
+            "splits": {split: r.metrics for split, r in results.items()}}
+
+
+def compare(cfg: CompareConfig, progress: bool = True) -> dict:
+    """Run every system on every split, write scorecard.json, predictions and report.html.
+
+    Returns:
+        the scorecard: {"task", "base", "model", "splits", "systems": [...], "recommendation"}.
+    """
+    if not cfg.data:
+        raise UserError("no test data (use --data FILE; repeat it for more splits)")
+    if not (cfg.model or cfg.base or cfg.predictions):
+        raise UserError("nothing to compare: give --model RUN (and/or --base MODEL, --predictions NAME=FILE)")
+    if cfg.fewshot and not (cfg.base or cfg.model):
+        raise UserError("--fewshot needs a base model (--base or --model RUN)")
+    base = cfg.base or (find_base(cfg.model) if cfg.model else "")
+    splits = load_splits(cfg.data, run_settings(cfg.model).get("system_prompt") if cfg.model else None)
+    extra = parse_predictions(cfg.predictions, list(splits))
+    retriever = None
+    if cfg.docs:
+        from specialize.retrieval import Retriever
+
+        retriever = Retriever.build(cfg.docs)
+    shots = next(iter(splits.values()))[: cfg.fewshot + 1]
+    judged = judge_config(cfg)
+    out = Path(cfg.out)
+    console.print(f"compare: splits {', '.join(f'{k} ({len(v)})' for k, v in splits.items())}; "
+                  f"base {base or '-'}; run {cfg.model or '-'}" + (f"; docs {cfg.docs}" if cfg.docs else ""),
+                  markup=False, highlight=False)
+
+    if not retriever:
+        console.print("no --docs: base+rag and finetuned+rag are left out")
+    results: dict[str, dict[str, SystemResult]] = {}
+    training: dict[str, dict | None] = {}
+    plan = []  # (model kind, system name, retriever, fewshot)
+    if base:
+        plan += [("base", "base", None, 0)]
+        plan += [("base", "base+fewshot", None, cfg.fewshot)] if cfg.fewshot else []
+        plan += [("base", "base+rag", retriever, 0)] if retriever else []
+    if cfg.model:
+        plan += [("run", "finetuned", None, 0)] + ([("run", "finetuned+rag", retriever, 0)] if retriever else [])
+    with make_progress(progress) as bar:
+        for kind in ("base", "run"):
+            steps = [p for p in plan if p[0] == kind]
+            if not steps:
+                continue
+            if kind == "base":
+                generator = load_base_generator(base, cfg.model or None, cfg.trust_remote_code)
+            else:
+                from specialize.generate import Generator
+
+                generator = Generator.load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+            warm_up(generator)
+            for _, name, system_retriever, k in steps:
+                training[name] = training_cost(cfg.model) if kind == "run" else None
+                for split, examples in splits.items():
+                    results.setdefault(name, {})[split] = evaluate_system(
+                        generator, examples, cfg.task, system_retriever, top_k=cfg.top_k, shots=shots, fewshot=k,
+                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar,
+                        description=f"{name} / {split}")
+            del generator
+            _release_memory()
+
+    for name, files in extra.items():
+        for split, path in files.items():
+            rows = load_predictions(path)
+            metrics, per_example = score(cfg.task, rows)
+            results.setdefault(name, {})[split] = SystemResult(metrics, per_example, rows, 0.0, 0.0, 0.0, 0.0)
+        training[name] = None
+
+    if judged:
+        from specialize.evaluate.judge import Judge
+
+        with Judge(*judged) as judge:
+            for name, by_split in results.items():
+                for split, r in by_split.items():
+                    verdicts = out / "predictions" / name / f"{split}.judge.jsonl"
+                    r.metrics.update(judge.judge_rows(cfg.task, r.rows, verdicts))
+
+    systems = [_system(name, by_split, training[name]) for name, by_split in results.items()]
+    for system in systems:
+        if system["name"] in extra:  # cost of an outside system is unknown, not zero
+            system["latency_s_per_example"] = system["prompt_tokens_per_example"] = None
+    scorecard = {"task": cfg.task, "base": base or None, "model": cfg.model or None,
+                 "splits": {name: path for name, path in zip(splits, cfg.data)},
+                 "systems": systems, "recommendation": recommend(systems)}
+    _write(out, scorecard, results, cfg.model)
+    terminal = stdout_console()
+    terminal.print(scorecard_table(scorecard))
+    rec = scorecard["recommendation"]
+    terminal.print(f"recommendation: {rec['system']}\n" + "\n".join(f"  - {r}" for r in rec["reasons"]),
+                   markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {out / 'scorecard.json'}, {out / 'report.html'}, {out / 'predictions'}/",
+                  markup=False, highlight=False)
+    return scorecard
+
+
+def _write(out: Path, scorecard: dict, results: dict[str, dict[str, SystemResult]], run: str | None) -> None:
+    from specialize.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scorecard.json").write_text(json.dumps(scorecard, indent=2) + "\n", encoding="utf-8")
+    for name, by_split in results.items():
+        for split, r in by_split.items():
+            write_jsonl(out / "predictions" / name / f"{split}.jsonl", r.rows)
+    loss_curve = []
+    metrics_path = Path(run) / "metrics.jsonl" if run else None
+    if metrics_path and metrics_path.is_file():
+        lines = metrics_path.read_text(encoding="utf-8").splitlines()
+        loss_curve = [json.loads(line) for line in lines if line.strip()]
+    examples = {name: {split: r.per_example for split, r in by_split.items()} for name, by_split in results.items()}
+    write_report(scorecard, out / "report.html", loss_curve=loss_curve, examples=examples)
+
+
+def scorecard_table(scorecard: dict) -> Table:
+    """One row per system and split: quality, hallucination, stop rate, cost."""
+    systems = scorecard["systems"]
+    try:
+        first = main_metric(systems)
+    except ValueError:
+        first = None
+    present = {k for s in systems for m in s["splits"].values() for k in m}
+    metrics = [first] * bool(first) + [k for k in TABLE_METRICS if k in present and k != first]
+    table = Table(title=f"compare ({scorecard.get('task')})")
+    for column in ("system", "split", *metrics, "prompt tok/ex", "latency s/ex", "train s"):
+        table.add_column(column, justify="left" if column in ("system", "split") else "right")
+    for s in systems:
+        for split, m in s["splits"].items():
+            cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in metrics]
+            tokens, latency = s.get("prompt_tokens_per_example"), s.get("latency_s_per_example")
+            train_s = (s.get("training") or {}).get("seconds")
+            table.add_row(s["name"], split, *cells, "-" if tokens is None else f"{tokens:.0f}",
+                          "-" if latency is None else f"{latency:.3f}",
+                          "-" if train_s is None else f"{train_s:.0f}")
+    return table

@@ -1,0 +1,112 @@
+"""`specialize compare`: every system on every split, scorecard.json, predictions, report.html."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import yaml
+
+from specialize.config import CompareConfig
+from specialize.data.templates import CHATML_TEMPLATE, install_template, ours
+from specialize.errors import UserError
+from specialize.evaluate.compare import compare, find_base, load_base_generator, parse_predictions
+from specialize.generate import Generator
+from specialize.model import load_tokenizer
+from conftest import QA8, write_jsonl
+from test_eval import QA, write_docs
+
+GENERATED = ["base", "base+fewshot", "base+rag", "finetuned", "finetuned+rag"]
+UNSEEN = [{"question": "Which gas do plants take in?", "answer": "Plants take in carbon dioxide."},
+          {"question": "What is frozen water called?", "answer": "Frozen water is called ice."}]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory, tiny_llama, qa8_run):
+    run = qa8_run
+    tmp = tmp_path_factory.mktemp("compare")
+    unseen = write_jsonl(tmp / "unseen.jsonl", UNSEEN)
+    # another system's answers to the qa8 split: right on the first half only
+    other = write_jsonl(tmp / "other.jsonl", [{"prediction": q["answer"] if i < 4 else "I do not know.",
+                                               "reference": q["answer"], "question": q["question"]}
+                                              for i, q in enumerate(QA)])
+    cfg = CompareConfig(model=str(run), data=[str(QA8), str(unseen)], docs=str(write_docs(tmp / "docs.jsonl")),
+                        predictions=[f"other={other}"], fewshot=2, max_new_tokens=40, out=tmp / "out")
+    return run, cfg.out, compare(cfg, progress=False)
+
+
+def test_every_system_has_every_column(compared):
+    run, out, scorecard = compared
+    systems = {s["name"]: s for s in scorecard["systems"]}
+    assert list(systems) == GENERATED + ["other"]
+    summary = json.loads((run / "train_summary.json").read_text())
+    for name in GENERATED:
+        s = systems[name]
+        assert s["latency_s_per_example"] > 0 and s["prompt_tokens_per_example"] > 0
+        assert s["training"] == ({"seconds": summary["seconds"], "tokens": summary["tokens"]}
+                                 if name.startswith("finetuned") else None)
+        assert list(s["splits"]) == ["qa8", "unseen"]
+        for split, n in (("qa8", 8), ("unseen", 2)):
+            m = s["splits"][split]
+            assert {"exact_match", "f1", "stop_rate", "hallucination_rate", "rouge_l"} <= set(m)
+            assert m["n"] == n
+    other = systems["other"]
+    assert other["latency_s_per_example"] is None and other["prompt_tokens_per_example"] is None
+    assert other["training"] is None and list(other["splits"]) == ["qa8"]
+    assert other["splits"]["qa8"]["exact_match"] == 0.5
+    assert systems["finetuned"]["splits"]["qa8"]["exact_match"] == 1.0
+    # context and solved examples make prompts longer
+    assert systems["base+rag"]["prompt_tokens_per_example"] > systems["base"]["prompt_tokens_per_example"]
+    assert systems["base+fewshot"]["prompt_tokens_per_example"] > systems["base"]["prompt_tokens_per_example"]
+    assert scorecard["base"] == summary["base"]  # found in train_summary.json
+
+
+def test_recommendation_and_files(compared):
+    run, out, scorecard = compared
+    rec = scorecard["recommendation"]
+    assert rec["system"] in [s["name"] for s in scorecard["systems"]] and rec["reasons"]
+    assert json.loads((out / "scorecard.json").read_text()) == json.loads(json.dumps(scorecard))
+    for name in GENERATED:
+        for split, n in (("qa8", 8), ("unseen", 2)):
+            rows = (out / "predictions" / name / f"{split}.jsonl").read_text().splitlines()
+            assert len(rows) == n
+    assert len((out / "predictions" / "other" / "qa8.jsonl").read_text().splitlines()) == 8
+    fewshot = json.loads((out / "predictions" / "base+fewshot" / "qa8.jsonl").read_text().splitlines()[0])
+    assert [m["content"] for m in fewshot["messages"]] == [QA[1]["question"], QA[1]["answer"],
+                                                           QA[2]["question"], QA[2]["answer"], QA[0]["question"]]
+    html = (out / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//|url\(|@import""", html, re.I)
+    assert all(name in html for name in GENERATED + ["other"])
+    assert "Loss curve" in html  # from the run's metrics.jsonl
+
+
+def test_base_is_prompted_with_the_runs_template(tmp_path, tiny_llama):
+    # a run whose template (chatml) differs from the base's default (qa)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llama, run / "model")
+    tokenizer = load_tokenizer(run / "model")
+    install_template(tokenizer, ours("chatml", tokenizer))
+    tokenizer.save_pretrained(run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"base": str(tiny_llama)}))
+    assert Generator.load(tiny_llama).template.name == "qa"
+    generator = load_base_generator(find_base(str(run)), str(run))
+    assert generator.template.name == "chatml" and CHATML_TEMPLATE in generator.template.jinja
+    assert generator.prompt_ids([{"role": "user", "content": "Hi"}]) == \
+        Generator.load(run).prompt_ids([{"role": "user", "content": "Hi"}])
+
+
+def test_predictions_specs():
+    assert parse_predictions(["a=x.jsonl", "a@unseen=y.jsonl", "b=z=1.jsonl"], ["test", "unseen"]) == \
+        {"a": {"test": "x.jsonl", "unseen": "y.jsonl"}, "b": {"test": "z=1.jsonl"}}
+    for spec, message in (("x.jsonl", "expected NAME=FILE"), ("base=x.jsonl", "generated system"),
+                          ("a@dev=x.jsonl", "no split 'dev'")):
+        with pytest.raises(UserError, match=message):
+            parse_predictions([spec], ["test", "unseen"])
+
+
+def test_compare_needs_a_base_it_can_find(tmp_path):
+    (tmp_path / "config.yaml").write_text("epochs: 1\n")
+    with pytest.raises(UserError, match="give --base"):
+        find_base(str(tmp_path))
