@@ -1,19 +1,26 @@
-"""Batched generation with a run's own template: KV cache, left padding, per-sequence EOS stop.
+"""Generation with a run's own template: KV cache, left padding, per-sequence stop, streaming.
 
     specialize generate --model runs/faq "How do I reset my password?"
 
 The prompt is rendered by the tokenizer's saved chat template with `add_generation_prompt=True`,
 the same call plain transformers or vLLM make, so outputs match outside specialize.
+
+`Generator` is what every later stage uses: `generate` answers conversations (render, tokenise,
+batch by length), `generate_ids` answers one batch of already-tokenised prompts (what the
+server's batching worker calls), and `stream_ids` answers one prompt piece by piece in the
+calling thread (chat and streamed server responses). All three finish answers the same way, so
+a streamed or served answer is the `generate` answer for the same prompt and settings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Thread
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from specialize.data.templates import Template, ours
 from specialize.data.tokenize import pad_token_id
@@ -23,7 +30,7 @@ from specialize.model import load_model, load_tokenizer, pick_dtype
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (stream_ids only)
     prompt_tokens: int
     completion_tokens: int
 
@@ -41,6 +48,53 @@ def template_of(tokenizer) -> Template:
     if getattr(tokenizer, "chat_template", None):
         return Template(tokenizer.init_kwargs.get("specialize_template", "tokenizer"), tokenizer.chat_template)
     return ours("qa", tokenizer)
+
+
+def _stops(stop: list[str] | None) -> list[str]:
+    return [s for s in stop or [] if s]  # an empty stop string would end every answer at once
+
+
+class _TokenSink(BaseStreamer):
+    """Receives new token ids from `model.generate`; the first `put` is the prompt and is skipped."""
+
+    def __init__(self, on_tokens: Callable[[list[int]], None]):
+        self.on_tokens = on_tokens
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.on_tokens(value.reshape(-1).tolist())  # (1,) or (1, 1): one new token per step
+
+    def end(self) -> None:
+        pass
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation once `flag()` is true (a server client went away)."""
+
+    def __init__(self, flag: Callable[[], bool]):
+        self.flag = flag
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.flag()), dtype=torch.bool, device=input_ids.device)
+
+
+def _safe_end(text: str, stop: list[str]) -> int:
+    """How much of `text` can be shown now: never a stop string, nor a piece that may become one."""
+    end = len(text)
+    for s in stop:
+        if s in text:
+            end = min(end, text.index(s))
+        else:  # the text may end with the start of a stop string that the next token completes
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    end = min(end, len(text) - k)
+                    break
+    while end > 0 and text[end - 1] == "\ufffd":  # half of a multi-byte character: wait for the rest
+        end -= 1
+    return end
 
 
 class Generator:
@@ -61,11 +115,129 @@ class Generator:
         model = load_model(ref, trust_remote_code=trust_remote_code, dtype=pick_dtype(precision, device))
         return cls(model.to(device), tokenizer, device=device)
 
+    @property
+    def context_length(self) -> int | None:
+        """The model's context window in tokens, when its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The conversation rendered by the run's template, ready for the answer, as token ids."""
         text = self.template.render(self.tokenizer, messages, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _sampling(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str] | None) -> dict:
+    def generate(self, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
+                 batch_size: int = 16, seed: int | None = None,
+                 on_batch: Callable[[int, int], None] | None = None) -> list[Completion]:
+        """Answer each conversation, in its order. Prompts of similar length are batched together.
+
+        Args:
+            seed: seeds sampling once, before the first batch (greedy ignores it).
+            on_batch: called as `on_batch(done, total)` after each batch, for progress bars.
+        """
+        if seed is not None:
+            torch.manual_seed(seed)
+        encoded = [self.prompt_ids(c) for c in conversations]
+        # Sorting by length keeps padding (wasted compute) small; answers go back in input order.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        results: list[Completion | None] = [None] * len(encoded)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start: start + batch_size]
+            done = self.generate_ids([encoded[i] for i in chunk], max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, stop=stop)
+            for i, completion in zip(chunk, done):
+                results[i] = completion
+            if on_batch is not None:
+                on_batch(start + len(chunk), len(order))
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], temperature: float = 0.0,
+                     top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> list[Completion]:
+        """Answer one batch of already-tokenised prompts together.
+
+        Args:
+            prompts: token ids of each prompt (e.g. from `prompt_ids`), any lengths; left-padded here.
+            max_new_tokens: one budget for all, or one per prompt. The batch runs to the largest
+                budget and each answer is cut to its own, so an answer never depends on its neighbours'.
+            stop: strings that end an answer (not included in it); finish_reason is then "stop".
+            seed: seeds sampling before this batch (greedy ignores it).
+        """
+        budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(budgets) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens")
+        if any(not ids for ids in prompts):
+            raise ValueError("empty prompt: nothing to answer")
+        if not prompts:
+            return []
+        stop = _stops(stop)
+        if seed is not None:
+            torch.manual_seed(seed)
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, T)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids):] = 1
+        output = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
+                                     **self._sampling(max(budgets), temperature, top_p, stop))
+        new_tokens = output[:, width:].tolist()  # (B, new)
+        return [self._finish(new_tokens[row][:budget], len(ids), budget, stop)
+                for row, (ids, budget) in enumerate(zip(prompts, budgets))]
+
+    @torch.inference_mode()
+    def stream_ids(self, prompt_ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                   top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                   on_text: Callable[[str], None] | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> Completion:
+        """Answer one prompt in this thread, calling `on_text(piece)` as soon as each piece is final.
+
+        Generation runs in the calling thread, so an exception from `on_text` (Ctrl-C in chat) stops
+        it at once. A piece is handed out only once no stop string can begin in it, so the pieces
+        joined are exactly `Completion.text`, which equals `generate_ids` for the same prompt and
+        settings.
+
+        Args:
+            cancelled: checked after every token; once it returns True generation stops and
+                finish_reason is "cancelled" (unless the answer had ended anyway).
+        """
+        if not prompt_ids:
+            raise ValueError("empty prompt: nothing to answer")
+        stop = _stops(stop)
+        eos = self.tokenizer.eos_token_id
+        tokens: list[int] = []
+        shown = ""
+
+        def on_tokens(new: list[int]) -> None:
+            nonlocal shown
+            tokens.extend(new)
+            if on_text is None:
+                return
+            visible = tokens[: tokens.index(eos)] if eos in tokens else tokens
+            # Decoding the whole answer each step (not token by token) keeps multi-token characters
+            # and tokenizers that merge spaces right; answers are short, so the cost is small.
+            text = self.tokenizer.decode(visible, skip_special_tokens=True)
+            end = _safe_end(text, stop)
+            if end > len(shown) and text.startswith(shown):
+                on_text(text[len(shown):end])
+                shown = text[:end]
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs = self._sampling(max_new_tokens, temperature, top_p, stop)
+        if cancelled is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
+        self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_TokenSink(on_tokens),
+                            **kwargs)
+        completion = self._finish(tokens, len(prompt_ids), max_new_tokens, stop,
+                                  cancelled=cancelled is not None and bool(cancelled()))
+        if on_text is not None and completion.text.startswith(shown) and len(completion.text) > len(shown):
+            on_text(completion.text[len(shown):])  # whatever was held back at the end
+        return completion
+
+    def _sampling(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> dict:
+        """`model.generate` arguments: greedy at temperature 0, else sampling with nucleus `top_p`."""
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.pad_id, use_cache=True)
         if temperature > 0:
@@ -76,35 +248,9 @@ class Generator:
             kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         return kwargs
 
-    @torch.inference_mode()
-    def generate(self, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                 batch_size: int = 16, seed: int | None = None) -> list[Completion]:
-        """Answer each conversation. Prompts of similar length are batched together."""
-        if seed is not None:
-            torch.manual_seed(seed)
-        encoded = [self.prompt_ids(c) for c in conversations]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-        results: list[Completion | None] = [None] * len(encoded)
-        kwargs = self._sampling(max_new_tokens, temperature, top_p, stop)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start: start + batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            attention = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-                ids = encoded[i]
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids):] = 1
-            output = self.model.generate(input_ids=input_ids.to(self.device),
-                                         attention_mask=attention.to(self.device), **kwargs)
-            new_tokens = output[:, width:].tolist()
-            for row, i in enumerate(chunk):
-                results[i] = self._finish(new_tokens[row], len(encoded[i]), max_new_tokens, stop)
-        return results  # type: ignore[return-value]
-
-    def _finish(self, tokens: list[int], prompt_tokens: int, max_new_tokens: int,
-                stop: list[str] | None) -> Completion:
+    def _finish(self, tokens: list[int], prompt_tokens: int, max_new_tokens: int, stop: list[str],
+                cancelled: bool = False) -> Completion:
+        """The answer in `tokens` (new tokens only): cut at EOS or the first stop string, with why it ended."""
         eos = self.tokenizer.eos_token_id
         finish = "length"
         while tokens and tokens[-1] == self.pad_id != eos:  # finished early in a batch: padded after
@@ -113,30 +259,12 @@ class Generator:
             tokens = tokens[: tokens.index(eos)]
             finish = "stop"
         elif len(tokens) < max_new_tokens:
-            finish = "stop"  # ended early without EOS: a stop string matched
+            finish = "cancelled" if cancelled else "stop"  # ended early without EOS: else a stop string matched
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in stop or []:
+        for s in stop:
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
         return Completion(text, finish, prompt_tokens, len(tokens))
-
-    def stream(self, messages: list[dict[str, str]], *, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, stop: list[str] | None = None) -> Iterator[str]:
-        """Yield the answer's text piece by piece as it is generated (one conversation)."""
-        from transformers import TextIteratorStreamer
-
-        ids = torch.tensor([self.prompt_ids(messages)], dtype=torch.long, device=self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = self._sampling(max_new_tokens, temperature, top_p, stop)
-
-        def run():
-            with torch.inference_mode():
-                self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs)
-
-        thread = Thread(target=run, daemon=True)
-        thread.start()
-        yield from streamer
-        thread.join()
 
 
 def generate_answers(ref: str, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.0,

@@ -99,24 +99,6 @@ def build_conversations(examples: list[Example], retriever=None, top_k: int = 3,
     return conversations, contexts
 
 
-def generate_batched(generator, conversations: list[list[dict[str, str]]], *, max_new_tokens: int,
-                     batch_size: int, progress: Progress | None = None, description: str = "generate"):
-    """Greedy completions, batches of similar prompt length, advancing a progress bar per batch."""
-    lengths = [len(generator.prompt_ids(c)) for c in conversations]
-    order = sorted(range(len(conversations)), key=lambda i: lengths[i])
-    task = progress.add_task(description, total=len(order)) if progress is not None else None
-    results = [None] * len(conversations)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        done = generator.generate([conversations[i] for i in chunk], max_new_tokens=max_new_tokens,
-                                  temperature=0.0, batch_size=len(chunk))
-        for i, completion in zip(chunk, done):
-            results[i] = completion
-        if progress is not None:
-            progress.advance(task, len(chunk))
-    return results
-
-
 def warm_up(generator) -> None:
     """One tiny generation, so one-time start-up costs (allocator, kernels) are not timed as latency."""
     generator.generate([[{"role": "user", "content": "Hello"}]], max_new_tokens=2, batch_size=1)
@@ -146,8 +128,16 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
     """
     start = time.perf_counter()
     conversations, contexts = build_conversations(examples, retriever, top_k, shots, fewshot)
-    completions = generate_batched(generator, conversations, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, progress=progress, description=description)
+    on_batch = None
+    if progress is not None:
+        bar = progress.add_task(description, total=len(conversations))
+
+        def on_batch(done: int, total: int) -> None:
+            progress.update(bar, completed=done)
+
+    # Greedy, in batches of similar prompt length; each prompt is rendered and tokenised once.
+    completions = generator.generate(conversations, max_new_tokens=max_new_tokens, temperature=0.0,
+                                     batch_size=batch_size, on_batch=on_batch)
     seconds = time.perf_counter() - start
     rows = []
     for i, (example, messages, context, c) in enumerate(zip(examples, conversations, contexts, completions)):

@@ -1,0 +1,23 @@
+"""`specialize serve`: an OpenAI-compatible HTTP server for a run.
+
+    specialize serve --model runs/faq --port 8000
+    curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "faq", "messages": [{"role": "user", "content": "How do I reset my password?"}]}'
+
+Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (streaming or not), `POST
+/v1/completions` (raw prompt, no template), `GET /health`. Chat prompts are rendered by the
+run's own template, so answers equal `specialize generate`; greedy unless `temperature` > 0.
+
+One worker thread owns the model: requests wait in a bounded queue, and waiting requests with
+equal sampling settings are generated together in one batch. A full queue answers 503 at once
+rather than letting latency grow without bound. Errors use OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`; tracebacks stay in the server log.
+
+    schema.py   request bodies, response and stream-chunk shapes, `APIError` (OpenAI's error shape)
+    worker.py   `Worker`: the one thread that owns the model, a bounded queue drained in batches
+    app.py      FastAPI routes, API key and request-log middleware, `serve()`
+"""
+
+from specialize.serve.app import create_app, serve
+
+__all__ = ["create_app", "serve"]

@@ -1,0 +1,251 @@
+"""The HTTP side of `specialize serve`: FastAPI routes, API key check, request log, `serve()`.
+
+Routes render chat prompts with the run's own template, check the token budget against the
+context window, and hand a `Job` to the one model `Worker`; a streamed answer's pieces travel
+from the worker thread to the event loop through an asyncio queue. Tracebacks stay in the
+server log; clients only ever see OpenAI-shaped errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from specialize.config import ServeConfig
+from specialize.errors import UserError
+from specialize.generate import Completion, Generator
+from specialize.serve.schema import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
+                                     completion_body, error_chunk, stream_chunk, usage_chunk, usage_of)
+from specialize.serve.worker import Job, QueueFull, Sampling, Worker
+
+logger = logging.getLogger("specialize.serve")
+DEFAULT_MAX_TOKENS = 256  # answer budget when a request sets none (clipped to the context window)
+
+
+class _Gate:
+    """ASGI middleware: API key check, one log line per request, and no traceback to clients.
+
+    The log line has method, path, status, token counts and latency; message contents only
+    with `log_contents`, and never the key.
+    """
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key.encode() if key else None
+
+    def _authorised(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, state = time.perf_counter(), scope.setdefault("state", {})
+        status = 0
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.key is not None and not self._authorised(scope):
+                await APIError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)",
+                               code="invalid_api_key").response()(scope, receive, send_and_note)
+            else:
+                await self.app(scope, receive, send_and_note)
+        except Exception:
+            logger.exception("internal error in %s %s", scope["method"], scope["path"])
+            if status == 0:  # nothing sent yet: the client gets a generic 500, never the traceback
+                await APIError(500, "internal server error", "server_error").response()(scope, receive, send_and_note)
+            status = status or 500
+        finally:
+            usage = state.get("usage")
+            tokens = f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']}" if usage else ""
+            logger.info("%s %s %d%s %.3fs", scope["method"], scope["path"], status, tokens,
+                        time.perf_counter() - start)
+
+
+def served_name(ref: str) -> str:
+    """The name in /v1/models: a local run's folder name, or the hub id as given."""
+    return Path(ref).resolve().name if Path(ref).exists() else ref
+
+
+def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
+    """The FastAPI app serving `generator`; starts its worker thread (stopped at app shutdown)."""
+    name = cfg.model_name or served_name(cfg.model or "model")
+    key = cfg.api_key or os.environ.get("SPECIALIZE_API_KEY") or None
+    context = generator.context_length
+    worker = Worker(generator, cfg.max_batch_size, cfg.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await asyncio.to_thread(worker.close)
+
+    app = FastAPI(title="specialize", lifespan=lifespan)
+    app.state.worker = worker
+    app.add_middleware(_Gate, key=key)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
+        if err.get("type") == "json_invalid":
+            return APIError(400, f"request body is not valid JSON: {err.get('msg', '')}").response()
+        message = f"{param}: {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid request")
+        return APIError(400, message, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return APIError(exc.status_code, str(exc.detail), kind).response()
+
+    def check_model(requested: str | None) -> None:
+        if requested and requested != name:
+            raise APIError(404, f"model '{requested}' is not served here (this server has '{name}')",
+                           param="model", code="model_not_found")
+
+    def budget(requested: int | None, prompt_tokens: int) -> int:
+        """Tokens the answer may have: as requested, else the default, within the context window."""
+        if context is None:
+            return requested or DEFAULT_MAX_TOKENS
+        room = context - prompt_tokens
+        if room <= 0 or (requested or 0) > room:
+            raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested or 1}) exceeds "
+                                f"the model's context of {context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        return requested or min(DEFAULT_MAX_TOKENS, room)
+
+    async def answer(request: Request, body: SamplingRequest, kind: str, ids: list[int], max_tokens: int | None,
+                     contents):
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        sampling = Sampling.of(body.temperature, body.top_p, body.stop_list(), body.seed)
+        job = Job(ids, budget(max_tokens, len(ids)), sampling)
+        rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
+        loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
+        if body.stream:
+            job.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        try:
+            future = worker.submit(job)
+        except QueueFull:
+            raise APIError(503, "the server is busy (request queue full); retry shortly", "server_error",
+                           code="queue_full") from None
+
+        def note(completion: Completion) -> None:
+            request.state.usage = usage_of(completion)
+            if cfg.log_contents:
+                logger.info("contents %s: %s -> %r", rid, json.dumps(contents), completion.text)
+
+        if not body.stream:
+            completion = await asyncio.wrap_future(future)
+            note(completion)
+            return completion_body(kind, rid, created, name, completion)
+
+        future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+
+        async def events():
+            try:
+                if kind == "chat":
+                    yield stream_chunk(kind, rid, created, name, role=True)
+                while (piece := await pieces.get()) is not None:
+                    yield stream_chunk(kind, rid, created, name, piece)
+                completion = future.result()
+                note(completion)
+                yield stream_chunk(kind, rid, created, name, finish=completion.finish_reason)
+                if body.stream_options and body.stream_options.include_usage:
+                    yield usage_chunk(kind, rid, created, name, completion)
+                yield "data: [DONE]\n\n"
+            except Exception:  # headers are sent: report in-stream, as OpenAI does
+                logger.exception("internal error while streaming %s", rid)
+                yield error_chunk()
+            finally:  # also when the client disconnects: stop generating for nobody
+                job.cancelled.set()
+                future.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "waiting": worker.waiting}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "specialize"}]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        check_model(model_id)
+        return {"id": name, "object": "model", "created": 0, "owned_by": "specialize"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        messages = [m.as_dict() for m in body.messages]
+        try:
+            ids = generator.prompt_ids(messages)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"the run's chat template rejects these messages: {e}", param="messages") from None
+        return await answer(request, body, "chat", ids, body.max_tokens or body.max_completion_tokens, messages)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        ids = generator.tokenizer(prompt)["input_ids"]  # raw text, with the special tokens the tokenizer adds
+        return await answer(request, body, "text", ids, body.max_tokens, prompt)
+
+    return app
+
+
+def _log_config() -> dict:
+    """uvicorn's logging, plus our logger on the same handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = json.loads(json.dumps(LOGGING_CONFIG))
+    config["loggers"]["specialize"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Load the run and serve it until Ctrl-C."""
+    import uvicorn
+
+    if not cfg.model:
+        raise UserError("no model given (use --model RUN)")
+    try:  # bind first, so a busy port is one clear line rather than a uvicorn traceback
+        family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+        sock = socket.create_server((cfg.host, cfg.port), family=family)
+    except OSError as e:
+        raise UserError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+    generator = Generator.load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    app = create_app(generator, cfg)
+    keyed = bool(cfg.api_key or os.environ.get("SPECIALIZE_API_KEY"))
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not keyed:
+        logger.warning("listening on %s without an API key: anyone who can reach it can use the model "
+                       "(set --api-key or SPECIALIZE_API_KEY)", cfg.host)
+    print(f"serving '{cfg.model_name or served_name(cfg.model)}' at http://{cfg.host}:{cfg.port}/v1 "
+          f"(API key {'required' if keyed else 'not required'}); Ctrl-C stops", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=_log_config(), access_log=False))
+    server.run(sockets=[sock])

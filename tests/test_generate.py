@@ -1,0 +1,110 @@
+"""generate: `Generator.generate`, `generate_ids` and `stream_ids` give the same answers.
+
+The session's QA8 run answers every QA8 question exactly, so batching, budgets, stop strings,
+streaming and cancellation can all be checked against the trained answers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import QA8
+
+from specialize.generate import Generator
+
+ROWS = [json.loads(line) for line in QA8.read_text(encoding="utf-8").splitlines()]
+QUESTIONS = [r["question"] for r in ROWS]
+ANSWERS = [r["answer"] for r in ROWS]
+BEES = QUESTIONS.index("What do bees make?")  # "Bees make honey."
+TOKENS = 40  # enough for every trained answer
+
+
+def ask(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+@pytest.fixture(scope="module")
+def generator(qa8_run) -> Generator:
+    return Generator.load(qa8_run)
+
+
+@pytest.fixture(scope="module")
+def prompts(generator) -> list[list[int]]:
+    return [generator.prompt_ids(ask(q)) for q in QUESTIONS]
+
+
+def test_batched_greedy_equals_one_at_a_time(generator, prompts):
+    assert len({len(p) for p in prompts}) > 1  # prompts of different lengths: left padding is exercised
+    progress = []
+    batched = generator.generate([ask(q) for q in QUESTIONS], max_new_tokens=TOKENS, batch_size=3,
+                                 on_batch=lambda done, total: progress.append((done, total)))
+    alone = [generator.generate([ask(q)], max_new_tokens=TOKENS, batch_size=1)[0] for q in QUESTIONS]
+    assert [c.text for c in batched] == ANSWERS
+    assert batched == alone  # text, finish reason and token counts
+    assert all(c.finish_reason == "stop" and c.prompt_tokens == len(p) for c, p in zip(batched, prompts))
+    assert progress == [(3, 8), (6, 8), (8, 8)]
+    assert generator.generate_ids(prompts, max_new_tokens=TOKENS) == alone  # all 8 in one batch
+
+
+def test_each_prompt_is_cut_to_its_own_max_new_tokens(generator, prompts):
+    full = generator.generate_ids(prompts[:3], max_new_tokens=TOKENS)
+    cut = generator.generate_ids(prompts[:3], max_new_tokens=[2, 5, TOKENS])
+    assert [c.completion_tokens for c in cut] == [2, 5, full[2].completion_tokens]
+    assert [c.finish_reason for c in cut] == ["length", "length", "stop"]
+    assert cut[2] == full[2]  # a small neighbour budget changes nothing for the others
+    assert all(c.text and answer.startswith(c.text) for c, answer in zip(cut[:2], ANSWERS))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generator.generate_ids(prompts[:3], max_new_tokens=[2, 5])
+
+
+def test_finish_reason_is_length_when_max_new_tokens_is_hit(generator, prompts):
+    batched = generator.generate([ask(QUESTIONS[0])], max_new_tokens=3)[0]
+    assert batched.finish_reason == "length" and not batched.stopped and batched.completion_tokens == 3
+    assert ANSWERS[0].startswith(batched.text)
+    assert generator.stream_ids(prompts[0], max_new_tokens=3) == batched
+
+
+def test_stop_strings_cut_the_text_and_set_finish_reason_stop(generator):
+    done = generator.generate([ask(QUESTIONS[BEES]), ask(QUESTIONS[0]), ask(QUESTIONS[1])], max_new_tokens=TOKENS,
+                              stop=["honey", "xyz"])
+    assert done[0].text == "Bees make " and done[0].finish_reason == "stop"
+    assert [c.text for c in done[1:]] == ANSWERS[:2]  # the stop string ended only the answer that had it
+    never = generator.generate([ask(QUESTIONS[BEES])], max_new_tokens=TOKENS, stop=["honeycomb", ""])[0]
+    assert never.text == ANSWERS[BEES] and never.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("question, stop, expected", [
+    (QUESTIONS[4], None, ANSWERS[4]),
+    (QUESTIONS[BEES], ["ho", "xyz"], "Bees make "),
+    (QUESTIONS[BEES], ["honey"], "Bees make "),
+    (QUESTIONS[BEES], ["honeycomb"], ANSWERS[BEES]),  # "honey" is held back until "." rules the stop out
+])
+def test_stream_pieces_join_to_the_generate_text_and_never_show_part_of_a_stop_string(generator, question,
+                                                                                        stop, expected):
+    ids = generator.prompt_ids(ask(question))
+    pieces: list[str] = []
+    streamed = generator.stream_ids(ids, max_new_tokens=TOKENS, stop=stop, on_text=pieces.append)
+    # Pieces are only ever appended, so joining to the final text means nothing was shown that a
+    # stop string later took back.
+    assert "".join(pieces) == streamed.text == expected
+    assert all(pieces) and len(pieces) > 1  # really streamed, piece by piece
+    assert streamed == generator.generate([ask(question)], max_new_tokens=TOKENS, stop=stop)[0]
+
+
+def test_seeded_sampling_streamed_equals_not_streamed(generator, prompts):
+    settings = dict(max_new_tokens=12, temperature=1.5, top_p=0.95, seed=7)
+    sampled = generator.generate_ids(prompts[:1], **settings)[0]
+    assert generator.generate_ids(prompts[:1], **settings)[0] == sampled
+    assert generator.stream_ids(prompts[0], **settings) == sampled
+
+
+def test_cancel_stops_generation_early(generator, prompts):
+    longest = max(range(len(ANSWERS)), key=lambda i: len(ANSWERS[i]))
+    pieces: list[str] = []
+    cancelled = generator.stream_ids(prompts[longest], max_new_tokens=TOKENS, on_text=pieces.append,
+                                     cancelled=lambda: bool(pieces))  # the client leaves after one piece
+    full = generator.generate_ids([prompts[longest]], max_new_tokens=TOKENS)[0]
+    assert cancelled.finish_reason == "cancelled" and not cancelled.stopped
+    assert cancelled.completion_tokens < full.completion_tokens - 2
+    assert "".join(pieces) == cancelled.text and full.text.startswith(cancelled.text)
