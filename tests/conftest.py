@@ -91,7 +91,8 @@ def qa8_run(tmp_path_factory, tiny_llama) -> Path:
     from specialize.config import FinetuneConfig
     from specialize.finetune import finetune
 
-    return finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=tmp_path_factory.mktemp("qa8") / "run",
+    out = tmp_path_factory.mktemp("qa8-run") / "qa8"  # served as model "qa8"
+    return finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=out,
                                    epochs=150, learning_rate=5e-3, micro_batch_size=8, warmup_steps=0,
                                    progress=False))
 

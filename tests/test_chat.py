@@ -5,37 +5,22 @@ Streamed answers must equal `Generator.generate` on the same history (multi-turn
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import QA8
+
 
 from specialize.chat import chat, chat_loop
-from specialize.config import ChatConfig, FinetuneConfig
+from specialize.config import ChatConfig
 from specialize.errors import UserError
-from specialize.finetune import finetune
 from specialize.generate import Generator
 
 TOKENS = 24  # enough for the trained answers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they spin: ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_llama) -> Path:
-    out = tmp_path_factory.mktemp("chat") / "qa8"
-    finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=out, epochs=100, learning_rate=5e-3,
-                            micro_batch_size=8, warmup_steps=0, progress=False))
-    return out
+def run(qa8_run) -> Path:
+    return qa8_run
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from specialize.cli import app
-from specialize.config import EvalConfig, FinetuneConfig
+from specialize.config import EvalConfig
 from specialize.data.formats import load_examples
 from specialize.errors import UserError
 from specialize.evaluate import load_predictions, score
 from specialize.evaluate.run import build_conversations, run_eval
-from specialize.finetune import finetune
 from specialize.retrieval import Retriever, rag_prompt
 from conftest import ASSETS, QA8, write_jsonl
 

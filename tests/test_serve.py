@@ -19,13 +19,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 from conftest import QA8
 
-from specialize.config import FinetuneConfig, ServeConfig
+from specialize.config import ServeConfig
 from specialize.errors import UserError
-from specialize.finetune import finetune
 from specialize.generate import Generator
 from specialize.serve import create_app, serve
 
@@ -38,21 +36,9 @@ def ask(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU they spin: ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_llama) -> Path:
-    out = tmp_path_factory.mktemp("serve") / "qa8"
-    finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=out, epochs=100, learning_rate=5e-3,
-                            micro_batch_size=8, warmup_steps=0, progress=False))
-    return out
+def run(qa8_run) -> Path:
+    return qa8_run
 
 
 @pytest.fixture(scope="module")
