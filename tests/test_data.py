@@ -111,3 +111,9 @@ def test_cli_bad_input_is_one_line_exit_2_no_model(tmp_path, tiny_llama):
     assert lines == [f"error: {bad}:2: field 'answer': is null"]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (out / "model").exists()
+
+
+def test_hub_dataset_name_fails_cleanly_offline():
+    # Tests never download (HF_HUB_OFFLINE=1): the hub path must still end in one clear line.
+    with pytest.raises(UserError, match=r"cannot load Hugging Face dataset 'no-such-owner/no-such-data' split 'train'"):
+        load_examples(["no-such-owner/no-such-data"])
