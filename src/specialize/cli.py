@@ -28,19 +28,21 @@ ConfigOpt = typer.Option(None, "--config", help="YAML file with the same keys as
 
 @app.command()
 def demo(
-    out: Optional[Path] = typer.Option(None, help="folder for runs, scorecard.json and report.html"),
-    pretrain_minutes: Optional[float] = typer.Option(None, help="pre-training budget (cached afterwards)"),
-    finetune_minutes: Optional[float] = typer.Option(None, help="fine-tuning budget"),
+    out: Optional[Path] = typer.Option(None, help="folder for the run, scorecard.json and report.html"),
     facts: Optional[int] = typer.Option(None, help="facts in the training split"),
+    size: Optional[str] = typer.Option(None, help="size of the pre-trained base (micro, tiny, small, base)"),
+    pretrain_steps: Optional[int] = typer.Option(None, help="pre-training steps (the base is cached)"),
+    finetune_steps: Optional[int] = typer.Option(None, help="fine-tuning steps"),
     seed: Optional[int] = typer.Option(None),
-    rebuild: Optional[bool] = typer.Option(None, "--rebuild", help="ignore the cache"),
+    rebuild: Optional[bool] = typer.Option(None, "--rebuild", help="ignore the caches"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
     config: Optional[Path] = ConfigOpt,
 ):
     """The whole life cycle on the Python standard library docs: pretrain → finetune → compare."""
     from specialize.demo import run_demo
 
-    run_demo(load_config(DemoConfig, config, out=out, pretrain_minutes=pretrain_minutes,
-                         finetune_minutes=finetune_minutes, facts=facts, seed=seed, rebuild=rebuild))
+    run_demo(load_config(DemoConfig, config, out=out, facts=facts, size=size, pretrain_steps=pretrain_steps,
+                         finetune_steps=finetune_steps, seed=seed, rebuild=rebuild, progress=progress))
 
 
 @app.command()
@@ -107,6 +109,9 @@ def finetune(
     allow_data_errors: Optional[bool] = typer.Option(None, "--allow-data-errors"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    optimizer: Optional[str] = typer.Option(None, help="adamw | adamw_fused | adamw_8bit"),
+    keep_checkpoints: Optional[int] = typer.Option(None, help="newest checkpoints kept"),
+    eval_every: Optional[int] = typer.Option(None, help="optimizer steps between eval-loss runs"),
     config: Optional[Path] = ConfigOpt,
 ):
     """A base model + data → a specialist (full fine-tuning, LoRA or QLoRA)."""
@@ -118,7 +123,8 @@ def finetune(
                     save_every=save_every, resume=resume, packing=packing, eval_data=eval_data, template=template,
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, precision=precision,
                     gradient_checkpointing=gradient_checkpointing, compile=compile, rag_docs=rag_docs,
-                    allow_data_errors=allow_data_errors, trust_remote_code=trust_remote_code, progress=progress))
+                    allow_data_errors=allow_data_errors, trust_remote_code=trust_remote_code, progress=progress,
+                    optimizer=optimizer, keep_checkpoints=keep_checkpoints, eval_every=eval_every))
 
 
 @app.command()

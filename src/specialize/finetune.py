@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -23,6 +23,7 @@ from specialize.data.formats import Example, load_examples
 from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
+from specialize.memory import estimate_memory
 from specialize.model import (add_lora, count_parameters, load_model, load_tokenizer, model_dir, pick_dtype, save_model,
                               set_generation_ids)
 from specialize.train import make_accelerator, train
@@ -71,6 +72,15 @@ def _add_retrieved_context(examples: list[Example], cfg: FinetuneConfig) -> list
     return out
 
 
+def _weights_dtype(cfg: FinetuneConfig, device):
+    """Full fine-tuning keeps fp32 master weights (bf16 comes from autocast): in bf16 weights, most
+    updates at fine-tuning learning rates (~1e-5) are below the format's resolution and vanish.
+    Frozen LoRA bases can be stored in the compute dtype."""
+    if cfg.method == "full" and cfg.precision == "auto":
+        return torch.float32
+    return pick_dtype(cfg.precision, device)
+
+
 def finetune(cfg: FinetuneConfig) -> Path:
     """Fine-tune and write the run folder; returns its path."""
     if not cfg.base:
@@ -97,13 +107,14 @@ def finetune(cfg: FinetuneConfig) -> Path:
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
     model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code,
-                       dtype=pick_dtype(cfg.precision, accelerator.device), quantize_4bit=cfg.method == "qlora")
+                       dtype=_weights_dtype(cfg, accelerator.device), quantize_4bit=cfg.method == "qlora")
     if cfg.method in ("lora", "qlora"):
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                          quantized=cfg.method == "qlora")
     trainable, total = count_parameters(model)
     if main:
         console.print(f"model: {total:,} parameters, {trainable:,} trainable ({cfg.method})")
+        console.print(str(estimate_memory(model, cfg, cfg.method)))
         out.mkdir(parents=True, exist_ok=True)
         if (out / "model").exists() and not cfg.resume:
             shutil.rmtree(out / "model")  # a stale model/ must not pass for this run's result
@@ -114,8 +125,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if main:
         install_template(tokenizer, template)
         set_generation_ids(model, tokenizer)
-        save_model(model, tokenizer, out / "model")
-        summary = asdict(result) | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
+        save_model(model, tokenizer, out / "model", state_dict=result.full_state_dict)
+        summary = result.summary() | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
                                     "template": template.name, "trainable_parameters": trainable,
                                     "total_parameters": total, "dropped": dict(report.dropped)}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

@@ -170,7 +170,7 @@ def set_generation_ids(model, tokenizer) -> None:
                                            else tokenizer.eos_token_id)
 
 
-def save_model(model, tokenizer, out: Path) -> None:
+def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
     """Write model/ atomically: into a temporary sibling, then one rename.
 
     A crash leaves no `model/` that looks complete. LoRA models write their adapter files and
@@ -182,8 +182,8 @@ def save_model(model, tokenizer, out: Path) -> None:
         import shutil
 
         shutil.rmtree(tmp)
-    unwrapped = model
-    unwrapped.save_pretrained(tmp, safe_serialization=True)
+    # state_dict: the gathered full weights under FSDP/DeepSpeed, where the local module holds shards.
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if out.exists():
         import shutil

@@ -25,7 +25,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -252,8 +252,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
         result.eval_loss = evaluate_loss(model, eval_items, run_cfg, accelerator, pad_id)
     if main:
         set_generation_ids(model, tokenizer)
-        save_model(model, tokenizer, out / "model")
-        summary = asdict(result) | {
+        save_model(model, tokenizer, out / "model", state_dict=result.full_state_dict)
+        summary = result.summary() | {
             "eval_perplexity": perplexity(result.eval_loss), "initial_eval_loss": initial_eval_loss,
             "initial_eval_perplexity": perplexity(initial_eval_loss), "parameters": parameters,
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "size": cfg.size,

@@ -1,0 +1,134 @@
+"""How much accelerator memory a training run will need, printed before it starts.
+
+    estimate = estimate_memory(model, cfg, "lora")
+    print(estimate)   # memory estimate (lora, ...): weights 2.9 GB + gradients ... = 9.1 GB
+
+Four parts, in bytes:
+- weights: every parameter at its stored size (4-bit QLoRA weights count their packed bytes);
+- gradients: one per trainable parameter, in the parameter's dtype;
+- optimizer: AdamW keeps two moments per trainable parameter in its dtype; 8-bit AdamW one
+  byte each (tensors under 4096 elements stay 32-bit in bitsandbytes);
+- activations: what backward needs from one micro-step of `micro_batch_size x max_seq_tokens`
+  tokens (the worst case; packing fills rows up to that). Per token and layer, a decoder keeps
+  its attention inputs/outputs (4h + 2 kv), its MLP inputs/intermediates (h + 4i when gated
+  like Llama's SwiGLU, h + 2i otherwise) and two norm inputs (2h), in the compute dtype;
+  memory-efficient attention keeps no T x T matrix (unless attention dropout is on, which is
+  counted). With gradient checkpointing only each
+  layer's input is kept, plus one layer recomputed. The output layer adds logits and their
+  fp32 log-probabilities (T x V; an upper bound, since the loop projects only target tokens).
+
+It is an estimate (typically within ~30%): allocator fragmentation, the CUDA context
+(~0.5 GB) and temporary buffers are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from specialize.config import TrainConfig
+
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit optimizer state for smaller tensors
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per part; `tokens` is the micro-step size the activation figure assumes."""
+
+    method: str
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    tokens: int
+    compute_dtype: str
+    optimizer_name: str
+    gradient_checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def __str__(self) -> str:
+        checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        return (f"memory estimate ({self.method}, {self.compute_dtype} compute, {self.tokens:,} tokens per "
+                f"micro-step{checkpointing}): weights {_human(self.weights)} + gradients {_human(self.gradients)} "
+                f"+ optimizer {_human(self.optimizer)} ({self.optimizer_name}) + activations "
+                f"{_human(self.activations)} = {_human(self.total)} (±30%, plus framework overhead)")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _config_value(config, *names: str, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def compute_bytes(model, precision: str) -> int:
+    """Bytes per activation element: 2 under bf16/fp16 (autocast or half weights), else 4."""
+    if precision in ("bf16", "fp16"):
+        return 2
+    if precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return 2
+    floating = [p for p in model.parameters() if p.dtype.is_floating_point]
+    return floating[0].element_size() if floating else 4
+
+
+def activation_elements_per_token(model) -> tuple[int, int]:
+    """(elements kept per token per layer, number of layers) for a decoder-only transformer."""
+    config = model.config
+    hidden = _config_value(config, "hidden_size", "n_embd")
+    layers = _config_value(config, "num_hidden_layers", "n_layer")
+    heads = _config_value(config, "num_attention_heads", "n_head")
+    kv_heads = _config_value(config, "num_key_value_heads", default=heads)
+    head_dim = _config_value(config, "head_dim", default=hidden // heads)
+    intermediate = _config_value(config, "intermediate_size", "n_inner", default=4 * hidden)
+    kv = kv_heads * head_dim
+    gated = any(name.endswith("gate_proj") for name, _ in model.named_modules())
+    attention = 4 * hidden + 2 * kv
+    mlp = hidden + (4 if gated else 2) * intermediate
+    norms = 2 * hidden
+    return attention + mlp + norms, layers
+
+
+def estimate_memory(model, cfg: TrainConfig, method: str) -> MemoryEstimate:
+    """Estimate training memory for `model` (after LoRA/QLoRA preparation) under `cfg`."""
+    params = list(model.parameters())  # tied weights appear once
+    trainable = [p for p in params if p.requires_grad]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    if cfg.optimizer == "adamw_8bit":
+        optimizer = sum(2 * p.numel() * (1 if p.numel() >= BNB_MIN_8BIT_SIZE else 4) for p in trainable)
+    else:
+        optimizer = sum(2 * p.numel() * p.element_size() for p in trainable)
+
+    element = compute_bytes(model, cfg.precision)
+    tokens = cfg.micro_batch_size * cfg.max_seq_tokens
+    per_layer, layers = activation_elements_per_token(model)
+    hidden = _config_value(model.config, "hidden_size", "n_embd")
+    vocab = model.get_input_embeddings().num_embeddings
+    if cfg.gradient_checkpointing:
+        kept = layers * hidden + per_layer  # each layer's input, and one layer recomputed in backward
+    else:
+        kept = layers * per_layer
+    body = tokens * (kept + hidden) * element  # + the final norm's input
+    # Attention dropout > 0 forces the unfused kernel, which keeps the T x T probabilities
+    # (before and after dropout, plus the mask) for rows of up to max_seq_tokens.
+    if _config_value(model.config, "attention_dropout", "attn_pdrop", default=0.0) and not cfg.gradient_checkpointing:
+        heads = _config_value(model.config, "num_attention_heads", "n_head")
+        body += layers * heads * cfg.micro_batch_size * cfg.max_seq_tokens ** 2 * (2 * element + 1)
+    logits = tokens * vocab * (element + 4)  # logits, and their fp32 log-probabilities
+    return MemoryEstimate(method=method, weights=weights, gradients=gradients, optimizer=optimizer,
+                          activations=body + logits, tokens=tokens,
+                          compute_dtype="bf16/fp16" if element == 2 else "fp32", optimizer_name=cfg.optimizer,
+                          gradient_checkpointing=cfg.gradient_checkpointing)

@@ -1,0 +1,162 @@
+"""The training engine's speed options change speed, not results; the memory estimate and MFU math are exact."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from specialize.config import FinetuneConfig
+from specialize.data.formats import load_examples
+from specialize.data.templates import resolve_template
+from specialize.data.tokenize import encode_examples, pad_token_id
+from specialize.memory import estimate_memory
+from specialize.model import add_lora
+from specialize.train import TrainResult, make_optimizer, train
+from conftest import QA8
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _items(model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_examples([str(QA8)])
+    template = resolve_template("auto", tokenizer, {e.shape for e in examples})
+    return encode_examples(examples, tokenizer, template, 512)[0], pad_token_id(tokenizer)
+
+
+# tiny_llama (conftest): vocab 512, hidden 64, MLP 128, 2 layers, 4 heads of 16, 2 KV heads, tied embeddings
+TINY_PARAMS = 512 * 64 + 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64) + 64
+# kept per token per layer: attention 4h + 2kv, SwiGLU MLP h + 4i, two norms 2h
+TINY_PER_LAYER = (4 * 64 + 2 * 32) + (64 + 4 * 128) + 2 * 64
+
+
+def test_memory_estimate_full_fp32_exact(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert sum(p.numel() for p in model.parameters()) == TINY_PARAMS
+    cfg = FinetuneConfig(micro_batch_size=4, max_seq_tokens=100, precision="fp32")
+    estimate = estimate_memory(model, cfg, "full")
+    tokens = 4 * 100
+    assert estimate.weights == TINY_PARAMS * 4
+    assert estimate.gradients == TINY_PARAMS * 4
+    assert estimate.optimizer == 2 * TINY_PARAMS * 4  # AdamW: two fp32 moments
+    assert estimate.activations == tokens * (2 * TINY_PER_LAYER + 64) * 4 + tokens * 512 * (4 + 4)
+    assert estimate.total == estimate.weights + estimate.gradients + estimate.optimizer + estimate.activations
+    text = str(estimate)
+    assert text.startswith("memory estimate (full, fp32 compute, 400 tokens per micro-step)")
+    assert "weights 427.3 KB" in text and "optimizer 854.5 KB (adamw)" in text
+
+    checkpointed = estimate_memory(model, cfg.model_copy(update={"gradient_checkpointing": True}), "full")
+    assert checkpointed.activations == tokens * (2 * 64 + TINY_PER_LAYER + 64) * 4 + tokens * 512 * 8
+    bf16 = estimate_memory(model, cfg.model_copy(update={"precision": "bf16"}), "full")
+    assert bf16.weights == estimate.weights  # fp32 weights under bf16 autocast
+    assert bf16.activations == tokens * (2 * TINY_PER_LAYER + 64) * 2 + tokens * 512 * (2 + 4)
+
+
+def test_memory_estimate_lora_and_8bit_count_only_trainable(tiny_llama):
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_llama), rank=4, alpha=8, dropout=0.0,
+                     target_modules=["q_proj", "v_proj"])
+    # q_proj 64->64 and v_proj 64->32, per layer: A (4 x 64) and B (out x 4)
+    lora = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
+    estimate = estimate_memory(model, FinetuneConfig(micro_batch_size=1, max_seq_tokens=10), "lora")
+    assert estimate.weights == (TINY_PARAMS + lora) * 4
+    assert estimate.gradients == lora * 4
+    assert estimate.optimizer == 2 * lora * 4
+    eight_bit = estimate_memory(model, FinetuneConfig(optimizer="adamw_8bit"), "lora")
+    assert eight_bit.optimizer == 2 * lora * 4  # every LoRA tensor is under 4096 elements: bnb keeps them 32-bit
+    full_8bit = estimate_memory(AutoModelForCausalLM.from_pretrained(tiny_llama), FinetuneConfig(optimizer="adamw_8bit"),
+                                "full")
+    small = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters() if p.numel() < 4096)
+    assert full_8bit.optimizer == 2 * (TINY_PARAMS - small) + 8 * small
+
+
+def test_mfu_flop_formula():
+    mfu = _bench("gpu_mfu")
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = AutoModelForCausalLM.from_config(config)
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name.startswith("model.layers"))
+    body, head = mfu.matmul_parameters(config)
+    assert (body, head) == (linear, 64 * 1000)
+    assert mfu.flops_per_token(config, span=100) == 6 * (linear + 64_000) + 12 * 3 * 4 * 16 * 100
+    # two sequences of 100 and 300 tokens, 250 of them targets: span = (100^2 + 300^2) / 400 = 250
+    assert mfu.step_flops(config, [100, 300], 250) == pytest.approx(
+        400 * (6 * (linear + 64_000) + 12 * 3 * 4 * 16 * 250) - 6 * 64_000 * 150)
+    assert mfu.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert mfu.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert mfu.peak_flops("NVIDIA H200") == 989e12
+    assert mfu.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert mfu.peak_flops("NVIDIA L4") == 121e12
+    assert mfu.peak_flops("NVIDIA L40S") == 362e12
+    assert mfu.peak_flops("Some New GPU") is None
+    assert mfu.mfu(989e12 * 0.4 * 2, 2.0, 989e12) == pytest.approx(0.4)
+    if not torch.cuda.is_available():
+        assert mfu.main([]) == 2  # a clear message, exit code 2
+
+
+def test_fused_adamw_on_cpu_matches_the_reference_loop(tiny_llama):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cfg = FinetuneConfig(learning_rate=1e-2, weight_decay=0.1)
+    fused = make_optimizer(model, cfg)
+    assert fused.defaults["fused"] is True
+    plain = torch.optim.AdamW([{"params": [p for p in reference.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                               {"params": [p for p in reference.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                              lr=1e-2, foreach=False)
+    ids = torch.randint(0, 512, (2, 12))
+    for _ in range(3):
+        for m, opt in ((model, fused), (reference, plain)):
+            m(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    assert max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters())) <= 1e-6
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_llama):
+    items, pad = _items(tiny_llama)
+    weights = []
+    for checkpointing in (False, True):
+        cfg = FinetuneConfig(max_steps=3, micro_batch_size=4, learning_rate=3e-3, warmup_steps=0, progress=False,
+                             gradient_checkpointing=checkpointing)
+        model, result = train(AutoModelForCausalLM.from_pretrained(tiny_llama), items, [], cfg,
+                              tmp_path / str(checkpointing), pad_id=pad)
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        assert result.packed
+        json.dumps(result.summary())  # what train_summary.json gets
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) <= 1e-6
+
+
+def test_train_result_summary_leaves_out_the_state_dict():
+    result = TrainResult(3, 100, 1.5, 2.0, None, True, full_state_dict={"w": torch.zeros(2)})
+    assert result.summary() == {"steps": 3, "tokens": 100, "seconds": 1.5, "train_loss": 2.0, "eval_loss": None,
+                                "packed": True}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_lr_schedules_equal_transformers(schedule):
+    """Written out in train.py (importing transformers' versions costs start-up time); same values."""
+    from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                              get_linear_schedule_with_warmup)
+
+    from specialize.train import _schedule
+
+    reference = {"cosine": lambda o: get_cosine_schedule_with_warmup(o, 3, 20),
+                 "linear": lambda o: get_linear_schedule_with_warmup(o, 3, 20),
+                 "constant": lambda o: get_constant_schedule_with_warmup(o, 3)}[schedule]
+    ours_opt, ref_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
+    ours, ref = _schedule(ours_opt, FinetuneConfig(lr_schedule=schedule, warmup_steps=3), 20), reference(ref_opt)
+    for _ in range(20):
+        assert ours.get_last_lr() == ref.get_last_lr()
+        ours_opt.step(), ref_opt.step(), ours.step(), ref.step()
