@@ -8,7 +8,7 @@ generation, and for specialize also scoring and writing metrics):
   once per question (greedy, KV cache, stop at EOS) — the loop people write first;
 - specialize: `specialize eval --model BASE --data questions.jsonl --json`.
 
-The model is the tiny random-weight Llama of bench/workspace.py (hidden 128, 4 layers, its own
+The model is the tiny random-weight Llama of bench/train_vs_trl.py (hidden 128, 4 layers, its own
 BPE tokenizer), so nothing is downloaded. Random weights rarely emit EOS, so every answer runs
 to the `--max-new-tokens` cap on both sides: the same number of generated tokens (printed),
 which makes the comparison about how they are generated. Prints both times and the ratio;
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workspace import build  # noqa: E402
+from train_vs_trl import build_workspace as build  # noqa: E402  (same tiny model and data)
 
 TARGET_RATIO = 5.0
 
