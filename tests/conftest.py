@@ -22,6 +22,7 @@ QA8 = ASSETS / "qa8.jsonl"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Tiny models gain nothing from a second thread, and lose a lot when other jobs share the cores.
 torch.set_num_threads(1)
 
