@@ -91,6 +91,8 @@ def test_base_is_cached_and_reused(two_runs):
     assert json.loads(marker.read_text())["inputs"]["steps"] == 2
     assert [p.name for p in base.parent.iterdir()] == [base.name]  # no temporary folders left behind
     assert not (base / "checkpoints").exists()
+    config_text = (base / "config.yaml").read_text()  # names where the base lives, not its temporary folder
+    assert str(base) in config_text and f"/.{base.name}." not in config_text
 
 
 def test_base_key_covers_pretraining_corpus_and_python(tmp_path, monkeypatch):

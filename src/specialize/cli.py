@@ -30,6 +30,7 @@ ConfigOpt = typer.Option(None, "--config", help="YAML file with the same keys as
 def demo(
     out: Optional[Path] = typer.Option(None, help="folder for the run, scorecard.json and report.html"),
     facts: Optional[int] = typer.Option(None, help="facts in the training split"),
+    eval_examples: Optional[int] = typer.Option(None, help="questions per test split"),
     size: Optional[str] = typer.Option(None, help="size of the pre-trained base (micro, tiny, small, base)"),
     pretrain_steps: Optional[int] = typer.Option(None, help="pre-training steps (the base is cached)"),
     finetune_steps: Optional[int] = typer.Option(None, help="fine-tuning steps"),
@@ -41,7 +42,7 @@ def demo(
     """The whole life cycle on the Python standard library docs: pretrain → finetune → compare."""
     from specialize.demo import run_demo
 
-    run_demo(load_config(DemoConfig, config, out=out, facts=facts, size=size, pretrain_steps=pretrain_steps,
+    run_demo(load_config(DemoConfig, config, out=out, facts=facts, eval_examples=eval_examples, size=size, pretrain_steps=pretrain_steps,
                          finetune_steps=finetune_steps, seed=seed, rebuild=rebuild, progress=progress))
 
 

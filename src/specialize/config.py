@@ -226,7 +226,7 @@ class DemoConfig(StageConfig):
     reading_facts: int = Field(3000, ge=0, description="other functions asked once each with their passage: practice in reading context")
     top_k: int = Field(1, gt=0, description="passages per RAG prompt, in training and evaluation")
     passage_words: int = Field(64, ge=8, description="longest retrieval passage in words (docstrings are cut into windows)")
-    max_new_tokens: int = Field(48, gt=0, description="most tokens per generated answer")
+    max_new_tokens: int = Field(40, gt=0, description="most tokens per generated answer (the longest test answer is 30)")
     eval_batch_size: int = Field(64, gt=0, description="prompts per generation batch")
     modules: list[str] | None = Field(None, description="document only these stdlib modules (default: all; for quick runs)")
     seed: int = Field(0, description="seed for every stage")
