@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 import specialize
+from specialize.cache import default_cache_dir
 from specialize.errors import UserError
-from specialize.examples import pydocs
-from specialize.examples.pydocs import PydocsPaths, build_pydocs, default_cache_dir, load_or_build
+from specialize.examples import pydocs, stdlib_docs
+from specialize.examples.pydocs import PydocsPaths, build_pydocs, load_or_build
 
 SMALL = ["json", "math", "os", "os.path", "shutil", "string", "textwrap"]  # a quick, real subset
 
@@ -147,13 +148,13 @@ def test_routing_and_keywords_are_well_formed(built):
     ("", None),
 ])
 def test_purpose_is_the_first_clean_sentence(doc, purpose):
-    assert pydocs._purpose(pydocs._clean_doc(doc)) == purpose
+    assert pydocs._purpose(stdlib_docs.clean_doc(doc)) == purpose
 
 
 def test_signature_hides_defaults_whose_repr_varies():
     def f(a, b=None, c="x", d=(1, 2), e=object(), g=sys.stdout):
         pass
-    assert pydocs._signature(f) == "(a, b=None, c='x', d=(1, 2), e=..., g=...)"
+    assert stdlib_docs.signature(f) == "(a, b=None, c='x', d=(1, 2), e=..., g=...)"
 
 
 def test_subset_build_and_user_errors(tmp_path):

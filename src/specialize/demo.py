@@ -25,21 +25,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import random
 import re
 import shutil
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from specialize.cache import build_into_place, default_cache_dir
 from specialize.config import CompareConfig, DemoConfig, FinetuneConfig, PretrainConfig
-from specialize.examples.pydocs import PydocsPaths, default_cache_dir, load_or_build
+from specialize.examples.pydocs import PydocsPaths, load_or_build
 
 console = Console(stderr=True)
 
@@ -140,9 +139,8 @@ def load_or_pretrain_base(cfg: DemoConfig, data: PydocsPaths, cache_dir: Path) -
     final = cache_dir / "demo-base" / name
     if not cfg.rebuild and _is_complete(final, inputs):
         return final, True
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         pretrain(PretrainConfig(
             data=[str(data.corpus_dir)], out=tmp, size=cfg.size, vocab_size=cfg.vocab_size,
             max_steps=cfg.pretrain_steps, learning_rate=cfg.pretrain_learning_rate,
@@ -155,17 +153,8 @@ def load_or_pretrain_base(cfg: DemoConfig, data: PydocsPaths, cache_dir: Path) -
             record.write_text(record.read_text(encoding="utf-8").replace(str(tmp), str(final)), encoding="utf-8")
         marker = {"inputs": inputs, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        if final.exists():  # stale or --rebuild: move it aside, then swap the new one in
-            stale = Path(tempfile.mkdtemp(prefix=f".{name}.stale.", dir=final.parent))
-            os.replace(final, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another demo finished the same base first
-            if not _is_complete(final, inputs):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    build_into_place(final, build, lambda folder: _is_complete(folder, inputs))
     return final, False
 
 

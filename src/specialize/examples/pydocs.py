@@ -12,59 +12,32 @@ into the demo's data the way a company would use its own docs, once, then from t
     keywords_{train,test}.jsonl  purpose sentence -> qualified name of the function it describes
     manifest.json                Python version, parameters, counts and a content hash
 
-A fact is a documented public function, class or method; its answer ("purpose") is the first
-sentence of its docstring. Look at the data with `python -m specialize.examples.pydocs OUT_DIR`.
+A fact is a documented public function, class or method (read by `stdlib_docs`); its answer
+("purpose") is the first sentence of its docstring. Look at the data with
+`python -m specialize.examples.pydocs OUT_DIR`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import hashlib
-import importlib
-import inspect
-import io
 import json
 import math
-import os
 import platform
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
+from specialize.cache import build_into_place, default_cache_dir
 from specialize.errors import UserError
+from specialize.examples.stdlib_docs import Entry, read_library, render_module, stdlib_modules
 
 if TYPE_CHECKING:
     from rich.progress import Progress
 
 BUILD_VERSION = 1  # bump whenever a build's output changes for the same Python: it invalidates caches
-
-# Left out of `sys.stdlib_module_names`: side effects on import (antigravity opens a browser, this
-# prints, readline/rlcompleter take over the terminal), GUI and IDE packages, test helpers, modules
-# deprecated or removed by 3.13 (PEP 594 and friends), and platform twins documented via os/os.path.
-SKIP_MODULES = frozenset("""
-    antigravity this readline rlcompleter idlelib tkinter turtle turtledemo pydoc_data ensurepip
-    lib2to3 distutils imp asynchat asyncore smtpd aifc audioop cgi cgitb chunk crypt imghdr mailcap
-    msilib nis nntplib ossaudiodev pipes sndhdr spwd sunau telnetlib uu xdrlib sre_compile sre_parse
-    sre_constants posix nt msvcrt winreg winsound posixpath ntpath genericpath nturl2path encodings
-""".split())
-# Submodules that people look up by their dotted name (packages themselves come from the list above).
-SUBMODULES = (
-    "collections.abc", "concurrent.futures", "email.message", "email.parser", "email.utils",
-    "html.parser", "http.client", "http.cookiejar", "http.cookies", "http.server", "importlib.abc",
-    "importlib.machinery", "importlib.metadata", "importlib.resources", "importlib.util",
-    "logging.config", "logging.handlers", "multiprocessing.pool", "multiprocessing.shared_memory",
-    "os.path", "unittest.mock", "urllib.error", "urllib.parse", "urllib.request",
-    "urllib.robotparser", "wsgiref.simple_server", "wsgiref.util", "xml.dom.minidom",
-    "xml.etree.ElementTree", "xml.sax", "xml.sax.saxutils", "xmlrpc.client", "xmlrpc.server",
-)
 
 # Question phrasings. Training uses TRAIN_TEMPLATES only; `seen` and `unseen` ask in HELDOUT_TEMPLATES,
 # so a right answer there means the model learnt the fact, not the sentence it was asked in.
@@ -89,13 +62,9 @@ ROUTING_PER_MODULE = 60  # texts per label at most, so that no label dominates
 MAX_MODULE_SHARE = 0.04  # of the train + unseen facts from one module, while others have facts left
 MIN_PURPOSE_WORDS, MAX_PURPOSE_WORDS = 4, 30
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # `<object at 0x7f...>` differs between runs
-_ROLE = re.compile(r":[\w:.-]+:`~?([^`]+)`")  # reST `:func:`name`` -> name
-_LITERAL = re.compile(r"``([^`]+)``")  # reST ``code`` -> code
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)\s*(-+>.*)?$")  # "chain(*iterables) --> chain object"
 _SENTENCE_END = re.compile(r"[.!?](?=\s+[A-Z0-9(\"'])")
 _LEGAL = re.compile(r"copyright|warrant|liable|licen[cs]e", re.IGNORECASE)  # not prose about the module
-_READING = "pydocs-reading:"  # progress lines from the child that reads the library
 _ABBREVIATIONS = frozenset({"e.g.", "i.e.", "etc.", "vs.", "cf.", "approx."})
 
 
@@ -136,159 +105,6 @@ class PydocsPaths:
         return cls(root=root, corpus_dir=root / "corpus", manifest=root / "manifest.json", **names)
 
 
-@dataclass(frozen=True)
-class _Entry:
-    """A documented object as it appears in the corpus."""
-
-    id: str
-    module: str
-    name: str
-    kind: str
-    signature: str
-    doc: str
-
-
-def stdlib_modules() -> list[str]:
-    """The modules pydocs documents (before import failures are dropped), sorted."""
-    names = {n for n in sys.stdlib_module_names if not n.startswith("_") and n not in SKIP_MODULES}
-    return sorted(names | set(SUBMODULES))
-
-
-def default_cache_dir() -> Path:
-    """$SPECIALIZE_CACHE, else $XDG_CACHE_HOME/specialize, else ~/.cache/specialize."""
-    if os.environ.get("SPECIALIZE_CACHE"):
-        return Path(os.environ["SPECIALIZE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "specialize"
-    return Path.home() / ".cache" / "specialize"
-
-
-# --- reading the installed documentation ---------------------------------------------------------
-
-
-def _import(name: str) -> Any | None:
-    # Deprecation warnings and stray prints must not reach the user's terminal or the progress bar.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            return importlib.import_module(name)
-        except Exception:  # missing C extension, wrong platform, ...: the module is simply left out
-            return None
-
-
-def _clean_doc(doc: str | None) -> str:
-    """A docstring as plain text: dedented, reST roles and literals unwrapped, addresses removed."""
-    if not isinstance(doc, str):
-        return ""
-    text = re.sub(".\b", "", inspect.cleandoc(doc))  # pydoc-style backspace bold, just in case
-    text = _ADDRESS.sub("", _LITERAL.sub(r"\1", _ROLE.sub(r"\1", text)))
-    return "\n".join(line.rstrip() for line in text.splitlines()).strip()
-
-
-class _Shown:
-    """A parameter default shown as fixed text instead of its (possibly run-dependent) repr."""
-
-    def __init__(self, text: str):
-        self.text = text
-
-    def __repr__(self) -> str:
-        return self.text
-
-
-def _default_text(value: Any) -> str:
-    if isinstance(value, enum.Enum):
-        return f"{type(value).__name__}.{value.name}"
-    if value is None or isinstance(value, (bool, int, float, complex)):
-        return repr(value)
-    if isinstance(value, (str, bytes)):
-        return repr(value) if len(repr(value)) <= 40 else "..."
-    if isinstance(value, (tuple, list, dict, set, frozenset)) and not value:
-        return repr(value)
-    if isinstance(value, tuple) and len(value) <= 4:
-        items = [_default_text(v) for v in value]
-        return "..." if "..." in items else f"({', '.join(items)}{',' if len(items) == 1 else ''})"
-    if inspect.isclass(value) or inspect.isroutine(value):
-        return getattr(value, "__qualname__", "...")
-    return "..."  # sys.stdout, os.environ, sentinels: their reprs vary between runs
-
-
-def _signature(obj: Any) -> str:
-    try:
-        sig = inspect.signature(obj)
-        params = [p if p.default is p.empty else p.replace(default=_Shown(_default_text(p.default)))
-                  for p in sig.parameters.values()]
-        return _ADDRESS.sub("", str(sig.replace(parameters=params)))
-    except Exception:  # many C callables have no introspectable signature
-        return "(...)"
-
-
-def _from_stdlib(obj: Any) -> bool:
-    """False for functions that other packages patched into the standard library."""
-    home = getattr(obj, "__module__", None)
-    return not isinstance(home, str) or home.partition(".")[0] in sys.stdlib_module_names
-
-
-def _module_members(mod: Any) -> list[tuple[str, Any]]:
-    """Public functions and classes a module defines or lists in __all__, sorted by name."""
-    exported = getattr(mod, "__all__", None)
-    exported = set(exported) if isinstance(exported, (list, tuple)) else set()
-    members = []
-    for name in sorted(exported or dir(mod)):
-        obj = getattr(mod, name, None) if isinstance(name, str) and not name.startswith("_") else None
-        if not (inspect.isclass(obj) or inspect.isroutine(obj)) or not _from_stdlib(obj):
-            continue
-        if getattr(obj, "__module__", None) == mod.__name__ or name in exported:
-            members.append((name, obj))
-    return members
-
-
-def _methods(cls: type) -> list[tuple[str, Any]]:
-    """Public methods a class defines itself (inherited ones are documented with their class)."""
-    methods = []
-    for name, attr in sorted(vars(cls).items()):
-        if isinstance(attr, (classmethod, staticmethod)):
-            attr = attr.__func__
-        if not name.startswith("_") and inspect.isroutine(attr) and _from_stdlib(attr):
-            methods.append((name, attr))
-    return methods
-
-
-def _collect(modules: dict[str, Any]) -> list[_Entry]:
-    """Every documented public function, class and method, each under one module only."""
-    # An object exported by several modules (io.open is builtins.open) is documented once: by the
-    # module that defines it, else by its own name, else by the shortest module name.
-    owner: dict[int, tuple] = {}
-    for display, mod in modules.items():
-        for name, obj in _module_members(mod):
-            rank = (getattr(obj, "__module__", None) != mod.__name__,
-                    name != getattr(obj, "__name__", name), len(display), display, name)
-            if id(obj) not in owner or rank < owner[id(obj)][0]:
-                owner[id(obj)] = (rank, display, name, obj)
-    entries = []
-    for _, module, name, obj in owner.values():
-        kind = "class" if inspect.isclass(obj) else "function"
-        entries.append(_Entry(f"{module}.{name}", module, name, kind, _signature(obj),
-                              _clean_doc(obj.__doc__)))
-        if kind == "class":
-            for method_name, method in _methods(obj):
-                entries.append(_Entry(f"{module}.{name}.{method_name}", module,
-                                      f"{name}.{method_name}", "method", _signature(method),
-                                      _clean_doc(method.__doc__)))
-    return sorted((e for e in entries if e.doc), key=lambda e: e.id)
-
-
-def _render_module(module: str, doc: str, entries: list[_Entry]) -> str:
-    """One corpus file: the module docstring, then each entry's signature with its docstring."""
-    parts = [f"{module}\n{'=' * len(module)}\n"]
-    if doc:
-        parts.append(doc + "\n")
-    for e in entries:  # sorted by id, so a class's methods follow the class
-        head = f"class {e.id}{e.signature}" if e.kind == "class" else f"{e.id}{e.signature}"
-        body = "\n".join("    " + line if line else "" for line in e.doc.splitlines())
-        parts.append(f"{head}\n{body}\n")
-    return "\n".join(parts)
-
-
 # --- facts and their splits ----------------------------------------------------------------------
 
 
@@ -322,7 +138,7 @@ def _purpose_key(purpose: str) -> str:
     return " ".join(purpose.casefold().rstrip(".!?").split())
 
 
-def _facts(entries: list[_Entry]) -> list[Fact]:
+def _facts(entries: list[Entry]) -> list[Fact]:
     """Entries with a usable purpose; a purpose shared by several entries is ambiguous: all go."""
     facts = [Fact(e.id, e.module, e.name, e.kind, e.signature, p)
              for e in entries if (p := _purpose(e.doc)) is not None]
@@ -446,7 +262,6 @@ def _python_tag() -> str:
 
 
 def _progress(enabled: bool) -> Progress:
-    # Imported here: the child interpreter that reads the library has no bar and starts faster.
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -455,57 +270,15 @@ def _progress(enabled: bool) -> Progress:
                     disable=not enabled)
 
 
-def _read_library(names: list[str], strict: bool, bar: Progress,
-                  task: Any) -> tuple[dict[str, str], list[_Entry]]:
-    """Import each module and read its docs: (module -> cleaned docstring, documented entries).
-
-    This runs in a fresh interpreter: the calling process may have imported libraries that patch
-    the standard library (pytest replaces pdb.set_trace, transformers adds logging.Logger methods),
-    and those must not leak into the data. A fresh interpreter also keeps docstrings under -OO.
-    """
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONOPTIMIZE", "PYTHONINSPECT")}
-    package_root = str(Path(__file__).resolve().parents[2])  # src/ or site-packages/
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    with tempfile.TemporaryDirectory(prefix="specialize-pydocs-") as tmp:
-        result, errors = Path(tmp) / "library.json", Path(tmp) / "stderr.txt"
-        command = [sys.executable, "-m", "specialize.examples.pydocs", "--read", str(result), *names]
-        with open(errors, "w") as stderr, subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                                           stderr=stderr, text=True) as child:
-            for line in child.stdout:  # one line per module, for the progress bar
-                if line.startswith(_READING):
-                    bar.update(task, advance=1, description=f"pydocs: reading {line[len(_READING):].strip()}")
-        if child.returncode != 0:
-            raise RuntimeError(f"reading the standard library failed:\n{errors.read_text()[-2000:]}")
-        library = json.loads(result.read_text(encoding="utf-8"))
-    if strict and library["failed"]:
-        raise UserError(f"cannot import module '{library['failed'][0]}' for pydocs")
-    return library["docs"], [_Entry(**e) for e in library["entries"]]
-
-
-def _read_in_child(result: Path, names: list[str]) -> None:
-    """The child side of `_read_library`: writes {docs, entries, failed} as JSON to `result`."""
-    imported, failed = {}, []
-    for name in names:
-        print(_READING + name, flush=True)
-        mod = _import(name)
-        if mod is None:
-            failed.append(name)
-        else:
-            imported[name] = mod
-    library = {"docs": {name: _clean_doc(mod.__doc__) for name, mod in imported.items()},
-               "entries": [asdict(e) for e in _collect(imported)], "failed": failed}
-    result.write_text(json.dumps(library), encoding="utf-8")
-
-
-def _write_corpus(corpus_dir: Path, module_docs: dict[str, str], entries: list[_Entry]) -> dict[str, str]:
+def _write_corpus(corpus_dir: Path, module_docs: dict[str, str], entries: list[Entry]) -> dict[str, str]:
     """corpus/<module>.txt for every module with any documentation; returns module -> text."""
-    by_module: dict[str, list[_Entry]] = defaultdict(list)
+    by_module: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         by_module[e.module].append(e)
     texts = {}
     for module in sorted(module_docs):
         if module_docs[module] or by_module[module]:
-            texts[module] = _render_module(module, module_docs[module], by_module[module])
+            texts[module] = render_module(module, module_docs[module], by_module[module])
             (corpus_dir / f"{module}.txt").write_text(texts[module], encoding="utf-8", newline="\n")
     return texts
 
@@ -531,7 +304,7 @@ def build_pydocs(out_dir: Path, facts: int = 600, eval_examples: int = 200, seed
 
     with _progress(progress) as bar:
         task = bar.add_task("pydocs", total=len(names) + 1)
-        module_docs, entries = _read_library(names, modules is not None, bar, task)
+        module_docs, entries = read_library(names, modules is not None, bar, task)
         bar.update(task, description="pydocs: writing")
         corpus = _write_corpus(paths.corpus_dir, module_docs, entries)
         all_facts = _assign_splits(_facts(entries), facts, eval_examples, seed)
@@ -599,28 +372,12 @@ def load_or_build(cache_dir: Path | None = None, facts: int = 600, eval_examples
     final = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "pydocs" / name
     if not rebuild and _is_current(final, parameters):
         return PydocsPaths.at(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=final.parent))
-    try:
-        build_pydocs(tmp, facts, eval_examples, seed, progress, modules)
-        if final.exists():  # stale or asked to rebuild: move it aside, then swap the new one in
-            stale = Path(tempfile.mkdtemp(prefix=f".{name}.stale.", dir=final.parent))
-            os.replace(final, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished the same build first
-            if not _is_current(final, parameters):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_into_place(final, lambda tmp: build_pydocs(tmp, facts, eval_examples, seed, progress, modules),
+                     lambda folder: _is_current(folder, parameters))
     return PydocsPaths.at(final)
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--read"]:  # internal: the fresh interpreter of `_read_library`
-        _read_in_child(Path(sys.argv[2]), sys.argv[3:])
-    else:  # python -m specialize.examples.pydocs [OUT_DIR]: build there, or into the cache
-        built = build_pydocs(Path(sys.argv[1])) if len(sys.argv) > 1 else load_or_build()
-        print(json.dumps(json.loads(built.manifest.read_text())["counts"], indent=2))
-        print(f"written to {built.root}")
+if __name__ == "__main__":  # python -m specialize.examples.pydocs [OUT_DIR]: build there, or into the cache
+    built = build_pydocs(Path(sys.argv[1])) if len(sys.argv) > 1 else load_or_build()
+    print(json.dumps(json.loads(built.manifest.read_text())["counts"], indent=2))
+    print(f"written to {built.root}")
