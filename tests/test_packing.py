@@ -15,7 +15,8 @@ from specialize.config import FinetuneConfig
 from specialize.data.formats import load_examples
 from specialize.data.templates import resolve_template
 from specialize.data.tokenize import IGNORE, collate_packed, collate_padded, encode_examples, pad_token_id
-from specialize.train import collate_rows, packing_is_exact, plan_rows, token_loss_sum, train
+from specialize.packing import collate_rows, packing_is_exact, plan_rows
+from specialize.train import token_loss_sum, train
 from conftest import QA8
 
 

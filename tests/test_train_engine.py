@@ -16,7 +16,8 @@ from specialize.data.templates import resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.memory import estimate_memory
 from specialize.model import add_lora
-from specialize.train import TrainResult, make_optimizer, train
+from specialize.optim import make_optimizer
+from specialize.train import TrainResult, train
 from conftest import QA8
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,13 +151,13 @@ def test_lr_schedules_equal_transformers(schedule):
     from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
                               get_linear_schedule_with_warmup)
 
-    from specialize.train import _schedule
+    from specialize.optim import make_schedule
 
     reference = {"cosine": lambda o: get_cosine_schedule_with_warmup(o, 3, 20),
                  "linear": lambda o: get_linear_schedule_with_warmup(o, 3, 20),
                  "constant": lambda o: get_constant_schedule_with_warmup(o, 3)}[schedule]
     ours_opt, ref_opt = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1) for _ in range(2))
-    ours, ref = _schedule(ours_opt, FinetuneConfig(lr_schedule=schedule, warmup_steps=3), 20), reference(ref_opt)
+    ours, ref = make_schedule(ours_opt, FinetuneConfig(lr_schedule=schedule, warmup_steps=3), 20), reference(ref_opt)
     for _ in range(20):
         assert ours.get_last_lr() == ref.get_last_lr()
         ours_opt.step(), ref_opt.step(), ours.step(), ref.step()

@@ -13,8 +13,8 @@ data plan depends only on (seed, epoch), so 2 processes x accum a equal 1 proces
 Speed, without changing the result:
 - packing: a micro-batch's examples share rows with restarting position_ids and no padding
   between them; transformers turns that into a block-diagonal causal mask (checked once per
-  run by `packing_is_exact`, else padded batches are used);
-- rows are laid out by `plan_rows` to trade tail padding against attention over long rows;
+  run by `packing.packing_is_exact`, else padded batches are used);
+- rows are laid out by `packing.plan_rows` to trade tail padding against attention over long rows;
 - logits and the loss are computed only at target positions (`logits_to_keep`), which skips
   the output projection for prompt tokens: on 150k-vocabulary models that is most of the
   logits memory.
@@ -32,7 +32,6 @@ import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,8 +42,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from specialize import checkpoint
 from specialize.config import TrainConfig
-from specialize.data.tokenize import IGNORE, Batch, Encoded, collate_packed, collate_padded
+from specialize.data.tokenize import IGNORE, Batch, Encoded
 from specialize.errors import UserError
+from specialize.optim import make_optimizer, make_schedule
+from specialize.packing import Collator, attention_cost, packing_is_exact
 
 
 @dataclass
@@ -104,134 +105,8 @@ def plan_epoch(n_items: int, epoch: int, cfg: TrainConfig, world: int) -> list[l
     return steps
 
 
-def _shape(p: torch.Tensor) -> tuple[int, ...]:
-    # DeepSpeed ZeRO-3 (zero.Init) leaves empty placeholders; the real shape is `ds_shape`.
-    return tuple(getattr(p, "ds_shape", p.shape))
-
-
-def _numel(p: torch.Tensor) -> int:
-    return math.prod(_shape(p))
-
-
 # ---------------------------------------------------------------------------------------------
-# Packing: layout of a micro-batch into rows, and the one-time check that it is exact.
-
-
-def attention_cost(model) -> float:
-    """Attention FLOPs per token per unit of row width, relative to the layer's matmul FLOPs.
-
-    A dense (masked) attention over a row of width W costs ~4*h*W FLOPs per token per layer;
-    the layer's matmuls cost ~2*P_layer. FlashAttention-style kernels skip the masked blocks,
-    so for them a long row costs nothing extra (0.0).
-    """
-    config = getattr(model, "config", None)
-    impl = str(getattr(config, "_attn_implementation", "") or "")
-    if "flash" in impl or impl == "flex_attention":
-        return 0.0
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    if not hidden or not layers:
-        return 0.0
-    embedding_ids = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
-                     for p in m.parameters()}
-    body = sum(_numel(p) for p in model.parameters() if id(p) not in embedding_ids)
-    return 2.0 * hidden * layers / max(body, 1)
-
-
-def plan_rows(lengths: list[int], attention_cost: float) -> list[list[int]]:
-    """Group item indices into rows (first-fit decreasing) at the cheapest row width.
-
-    Cost model: rows x width x (1 + attention_cost x width) — linear layers pay for tail
-    padding, masked attention pays for width. Widths tried: the longest item, then 25% wider
-    each time, until all items fit in one row. With attention_cost 0, one row (no padding at
-    all) always wins.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    total, capacity = sum(lengths), max(lengths)
-    best: list[list[int]] = [order]
-    best_cost = total * (1 + attention_cost * total)
-    while capacity < total:
-        rows: list[list[int]] = []
-        room: list[int] = []
-        for i in order:
-            slot = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-            if slot is None:
-                rows.append([i])
-                room.append(capacity - lengths[i])
-            else:
-                rows[slot].append(i)
-                room[slot] -= lengths[i]
-        width = max(capacity - free for free in room)
-        cost = len(rows) * width * (1 + attention_cost * width)
-        if cost < best_cost:
-            best, best_cost = rows, cost
-        capacity = max(capacity + 1, math.ceil(capacity * 1.25))
-    return best
-
-
-def collate_rows(items: list[Encoded], pad_id: int, attention_cost: float) -> Batch:
-    """Pack `items` into rows (see `plan_rows`), each row as `collate_packed` builds it.
-
-    Shorter rows end in a padding segment whose positions restart at 0, so it is a sequence of
-    its own: no real token attends to it, and its targets are -100. No attention mask is
-    passed, which is what makes transformers read the restarting positions as packing.
-    """
-    rows = [collate_packed([items[i] for i in row]) for row in plan_rows([len(x.input_ids) for x in items],
-                                                                         attention_cost)]
-    if len(rows) == 1:
-        return rows[0]
-    width = max(row.input_ids.shape[1] for row in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, W)
-    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    positions = torch.arange(width).repeat(len(rows), 1)
-    for r, row in enumerate(rows):
-        n = row.input_ids.shape[1]
-        input_ids[r, :n], targets[r, :n], positions[r, :n] = row.input_ids[0], row.targets[0], row.position_ids[0]
-        positions[r, n:] -= n
-    return Batch(input_ids, targets, None, positions)
-
-
-def packing_is_exact(model, items: list[Encoded], unwrapped=None) -> bool:
-    """Does this model keep packed examples apart? One forward of two short examples, three ways.
-
-    Packed [a, b] and packed [a', b] (a' = a with every token changed) must give the same logits
-    for b (no attention across examples), and those must equal b's logits alone (positions
-    restart). Architectures that build their mask or positions from the attention mask only
-    (OPT, Bloom, MPT in transformers 5) fail and are trained with padding instead. `model` may
-    be wrapped (DDP, FSDP: every process runs the same check); `unwrapped` is the plain model.
-    """
-    unwrapped = unwrapped or model
-    a = items[0].input_ids[:24]
-    b = items[1 % len(items)].input_ids[:24]
-    vocab = unwrapped.get_input_embeddings().num_embeddings
-    a_changed = [(t + 1) % vocab for t in a]
-    device = next(unwrapped.parameters()).device
-    half = any(p.dtype in (torch.bfloat16, torch.float16) or not p.dtype.is_floating_point
-               for p in unwrapped.parameters())
-    isolation_tol, position_tol = (1e-3, 5e-2) if half else (1e-5, 1e-4)
-
-    def logits_of_b(first: list[int]) -> torch.Tensor:
-        ids = torch.tensor([first + b], device=device)
-        positions = torch.tensor([list(range(len(first))) + list(range(len(b)))], device=device)
-        return model(input_ids=ids, position_ids=positions, use_cache=False).logits[0, len(first):].float()
-
-    was_training = model.training
-    model.eval()  # no dropout, and no draw from the RNG a resumed run must replay
-    try:
-        with torch.no_grad():
-            packed, packed_changed, alone = logits_of_b(a), logits_of_b(a_changed), logits_of_b([])
-    except (TypeError, ValueError, RuntimeError):
-        return False  # e.g. remote code that takes no position_ids: train padded
-    finally:
-        model.train(was_training)
-    scale = max(1.0, float(alone.abs().max()))
-    isolated = float((packed - packed_changed).abs().max()) <= isolation_tol * scale
-    positioned = float((packed - alone).abs().max()) <= position_tol * scale
-    return isolated and positioned
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss, optimizer, schedule.
+# Loss, metrics, evaluation.
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -253,50 +128,6 @@ def token_loss_sum(model, batch: Batch, only_targets: bool = False) -> torch.Ten
         logits = logits[keep]  # (N, V)
     # Upcast for a stable log-softmax under bf16 autocast; a no-op in fp32.
     return F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
-
-
-def lr_factor(step: int, schedule: str, warmup: int, total: int) -> float:
-    """Learning-rate multiplier at `step`: linear warmup, then cosine / linear decay to 0, or constant.
-
-    The same values as transformers' get_{cosine,linear,constant}_schedule_with_warmup, written
-    out here because importing those pulls in transformers.trainer_utils and peft (~0.15 s of
-    start-up for every run).
-    """
-    if step < warmup:
-        return step / max(1, warmup)
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _schedule(optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else math.ceil(0.03 * total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, schedule=cfg.lr_schedule, warmup=warmup,
-                                                                total=total_steps))
-
-
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters).
-
-    `adamw` and `adamw_fused` use torch's fused kernel wherever it runs (CUDA and CPU, float
-    parameters): the same update as the default loop, one kernel instead of ~10 per tensor
-    (3.5x faster optimizer step on CPU). `adamw_8bit` keeps both moments in 8 bits (bitsandbytes).
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if len(_shape(p)) >= 2]
-    no_decay = [p for p in params if len(_shape(p)) < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise UserError("--optimizer adamw_8bit needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU") from None
-        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate)
-    fused = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None)
 
 
 def data_fingerprint(items: list[Encoded]) -> str:
@@ -329,18 +160,6 @@ class MetricsLog:
             rows = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= step]
             self.path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
-
-
-class Collator:
-    """Micro-batch tensors for the chosen layout: packed rows, or right-padded rows."""
-
-    def __init__(self, packed: bool, pad_id: int, attention_cost: float):
-        self.packed, self.pad_id, self.attention_cost = packed, pad_id, attention_cost
-
-    def __call__(self, items: list[Encoded]) -> Batch:
-        if self.packed:
-            return collate_rows(items, self.pad_id, self.attention_cost)
-        return collate_padded(items, self.pad_id)
 
 
 def evaluate_loss(model, items: list[Encoded], cfg: TrainConfig, accelerator: Accelerator, pad_id: int,
@@ -399,7 +218,7 @@ def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: Tra
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_items)} examples make no optimizer step with {world} processes")
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
-    scheduler = _schedule(optimizer, cfg, total_steps)
+    scheduler = make_schedule(optimizer, cfg, total_steps)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # There is no DataLoader to infer it from; "auto" would make prepare() fail.
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
