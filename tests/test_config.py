@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,16 @@ def test_every_shipped_yaml_loads(path):
     assert f"--config configs/{path.name}" in first
     cls = getattr(config_module, VERB_CONFIG[match.group(1)])
     load_config(cls, path)  # raises on any unknown or invalid key
+
+
+def test_main_freezes_gc_before_exit_also_on_user_errors(tmp_path):
+    # cli.main freezes the collector so CPython's exit-time collection skips the objects torch and
+    # transformers made (~0.9 s per run); the error path must still print one line and exit 2.
+    code = ("import gc, sys\n"
+            "from specialize.cli import main\n"
+            f"sys.argv = ['specialize', 'finetune', '--config', {str(tmp_path / 'missing.yaml')!r}]\n"
+            "try:\n    main()\n"
+            "except SystemExit as e:\n    print('exit', e.code, 'frozen', gc.get_freeze_count() > 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "exit 2 frozen True"
+    assert proc.stderr.count("\n") == 1 and "missing.yaml" in proc.stderr and "Traceback" not in proc.stderr
