@@ -86,10 +86,18 @@ def test_bad_input_names_file_line_field(tmp_path, name, content, message):
 def test_binary_and_non_utf8(tmp_path):
     (tmp_path / "bin.jsonl").write_bytes(b"\x00\x01\x02binary")
     (tmp_path / "latin.jsonl").write_bytes('{"question": "caf\xe9?", "answer": "A."}\n'.encode("latin-1"))
-    with pytest.raises(UserError, match="bin.jsonl: file looks binary"):
+    with pytest.raises(UserError, match="bin.jsonl: binary file, not text"):
         load_examples([str(tmp_path / "bin.jsonl")])
-    with pytest.raises(UserError, match=r"latin.jsonl:1: not valid UTF-8"):
+    with pytest.raises(UserError, match=r"latin.jsonl:1: not UTF-8 text \(byte 0xe9\)"):
         load_examples([str(tmp_path / "latin.jsonl")])
+
+
+def test_utf16_with_bom_is_read_like_utf8(tmp_path):
+    # Excel and PowerShell save "Unicode text" as UTF-16 with a byte-order mark.
+    path = tmp_path / "faq.csv"
+    path.write_bytes("question,answer\nCafé?,Open at 9.\n".encode("utf-16"))
+    [example] = load_examples([str(path)])
+    assert example.messages == [{"role": "user", "content": "Café?"}, {"role": "assistant", "content": "Open at 9."}]
 
 
 def test_missing_path_and_empty_folder(tmp_path):

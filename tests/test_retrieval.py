@@ -45,6 +45,12 @@ def test_load_passages_from_folder():
     assert passages[4].text.startswith("widgetron` inside")  # 2 words of overlap
 
 
+def test_empty_and_utf16_documents_in_a_folder(tmp_path):
+    (tmp_path / "empty.md").write_text("")  # an empty page in a docs folder is skipped, not an error
+    (tmp_path / "notes.txt").write_bytes("Opening hours: 9 to 5.".encode("utf-16"))
+    assert [(p.source, p.text) for p in load_passages(tmp_path)] == [("notes.txt", "Opening hours: 9 to 5.")]
+
+
 def test_load_passages_from_jsonl():
     passages = load_passages(ASSETS / "passages.jsonl")
     assert passages == [

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specialize.data.io import read_text
 from specialize.errors import UserError
 
 # The RAG prompt: what every RAG system is asked at eval time, and what fine-tuning with
@@ -128,19 +129,11 @@ def chunk_text(text: str, chunk_words: int, overlap_words: int) -> list[str]:
     return chunks
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError("not UTF-8 text; convert it to UTF-8 or move it out of the folder",
-                        path=path) from None
-
-
 def _documents(docs_path: Path) -> list[tuple[str, str, str]]:
     """(source, title, text) of every document under docs_path."""
     if docs_path.suffix == ".jsonl" and docs_path.is_file():
         docs = []
-        for line_no, line in enumerate(_read_text(docs_path).splitlines(), start=1):
+        for line_no, line in enumerate(read_text(docs_path).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -168,7 +161,7 @@ def _documents(docs_path: Path) -> list[tuple[str, str, str]]:
         if path.suffix.lower() not in DOC_SUFFIXES:
             raise UserError(f"unsupported document type; use a folder, .jsonl or one of "
                             f"{', '.join(DOC_SUFFIXES)}", path=path)
-        title, text = "", _read_text(path)
+        title, text = "", read_text(path, allow_empty=True)
         if path.suffix.lower() in (".html", ".htm"):
             title, text = html_to_text(text)
         docs.append((path.relative_to(root).as_posix(), title, text))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,22 +28,41 @@ class Record:
     line: int | None = None
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise UserError("file is empty", path=path)
-    if b"\x00" in raw[:8192]:
-        raise UserError("file looks binary (contains NUL bytes); expected text", path=path)
+def read_text(path: Path, data: bytes | None = None, display: str | None = None, allow_empty: bool = False) -> str:
+    """A file's text: UTF-8 (a BOM is fine) or UTF-16 with a BOM, else one clear error naming it.
+
+    Empty (unless `allow_empty`), binary and undecodable files are refused; an HTML page whose
+    `<meta>` tag declares another charset is decoded with it. `data` is the file's bytes when
+    they come from elsewhere (a zip member), `display` the name to report.
+    """
+    where = display or path
+    if data is None:
+        data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        data = data.decode("utf-16").encode("utf-8")
+    if not data.strip():
+        if allow_empty:
+            return ""
+        raise UserError("file is empty", path=where)
+    if b"\x00" in data[:8192]:
+        raise UserError("binary file, not text (save it as UTF-8 text, or leave it out)", path=where)
     try:
-        return raw.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"not valid UTF-8 (byte {e.start}); re-save the file as UTF-8", path=path, line=line) from None
+        declared = re.search(rb"<meta[^>]+charset=[\"']?([\w-]+)", data[:4096], re.I)
+        if declared:
+            try:
+                return data.decode(declared.group(1).decode("ascii"))
+            except (LookupError, UnicodeDecodeError):
+                pass
+        line = data[:e.start].count(b"\n") + 1
+        raise UserError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8",
+                        path=where, line=line) from None
 
 
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -56,7 +76,7 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 
 def _read_json(path: Path) -> list[Record]:
-    text = _read_text(path)
+    text = read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -78,7 +98,7 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
-    lines = _read_text(path).splitlines(keepends=True)
+    lines = read_text(path).splitlines(keepends=True)
     reader = csv.reader(lines)
     try:
         header = next(reader)
@@ -109,7 +129,7 @@ def _read_parquet(path: Path) -> list[Record]:
 
 
 def _read_plain(path: Path) -> list[Record]:
-    return [Record({"text": _read_text(path)}, str(path), None)]
+    return [Record({"text": read_text(path)}, str(path), None)]
 
 
 READERS = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}

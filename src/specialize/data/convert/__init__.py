@@ -37,7 +37,8 @@ from pathlib import Path
 from specialize.config import ConvertConfig
 from specialize.data.convert import chat, faq, llm, slack
 from specialize.data.convert.dedup import dedup_rows
-from specialize.data.convert.inputs import Input, find_inputs, read_text
+from specialize.data.convert.inputs import Input, find_inputs
+from specialize.data.io import read_text
 from specialize.errors import UserError
 
 __all__ = ["ConvertSummary", "convert", "default_cache_path"]

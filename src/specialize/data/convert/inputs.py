@@ -1,4 +1,4 @@
-"""Finding the files to convert, telling what kind of input each is, and reading them as text.
+"""Finding the files to convert and telling what kind of input each is (reading: `data.io.read_text`).
 
 Kind detection when `kind` is `auto`:
 - a folder or .zip holding `users.json` and `channels.json` is a Slack export;
@@ -12,12 +12,12 @@ Folders are searched recursively (hidden files and the output file itself are sk
 from __future__ import annotations
 
 import json
-import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from specialize.config import ConvertConfig
+from specialize.data.io import read_text
 from specialize.errors import UserError
 
 PAGE_SUFFIXES = {".html", ".htm", ".xhtml", ".md", ".markdown", ".mdown", ".mkd", ".txt", ".text", ".rst"}
@@ -117,31 +117,3 @@ def _file_kind(path: Path, cfg: ConvertConfig) -> str:
         return "faq"
     raise UserError(f"cannot tell what kind of input a '{suffix or 'suffix-less'}' file is; "
                     "pass kind faq, docs, chat or slack", path=path)
-
-
-def read_text(path: Path, data: bytes | None = None, display: str | None = None) -> str:
-    """Decode a file as UTF-8 text, with a clear error for empty, binary or non-UTF-8 files.
-
-    HTML pages that declare another charset in a `<meta>` tag are decoded with it.
-    """
-    where = display or path
-    if data is None:
-        data = path.read_bytes()
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        data = data.decode("utf-16").encode("utf-8")
-    if not data.strip():
-        raise UserError("file is empty", path=where)
-    if b"\x00" in data[:8192]:
-        raise UserError("binary file, not text (save it as UTF-8 text, or leave it out)", path=where)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        declared = re.search(rb"<meta[^>]+charset=[\"']?([\w-]+)", data[:4096], re.I)
-        if declared:
-            try:
-                return data.decode(declared.group(1).decode("ascii"))
-            except (LookupError, UnicodeDecodeError):
-                pass
-        line = data[:e.start].count(b"\n") + 1
-        raise UserError(f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8",
-                        path=where, line=line) from None

@@ -22,7 +22,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from specialize.data.convert.inputs import read_text
+from specialize.data.io import read_text
 from specialize.errors import UserError
 
 # Subtypes that are still people talking; every other subtype is a system event.
