@@ -93,6 +93,20 @@ def test_clean_data_passes_with_exact_report(capsys):
     )
 
 
+def test_system_prompt_and_train_on_prompt_are_shown_as_finetune_trains(capsys):
+    code, out = run_lint(capsys, data=[CLEAN], show=1, template="chatml", system_prompt="Be brief.")
+    assert code == 0
+    assert ("<|im_start|>system\nBe brief.<|endoftext|>\n<|im_start|>user\nWhat is 2 + 2?<|endoftext|>\n"
+            "<|im_start|>assistant\n⟦4<|endoftext|>\n⟧\n") in out
+    assert "trained bytes: 59 of 333 (18%) · masked: 274\n" in out
+    code, out = run_lint(capsys, data=[CLEAN], show=1, template="chatml", system_prompt="Be brief.",
+                         train_on_prompt=True)
+    assert code == 0
+    # Every token is trained but each sequence's first: nothing comes before it to predict it from.
+    assert "<⟦|im_start|>system\nBe brief.<|endoftext|>\n<|im_start|>user\n" in out
+    assert "trained bytes: 330 of 333 (99%) · masked: 3\n" in out
+
+
 def test_planted_defects_are_each_named(capsys):
     code, out = run_lint(capsys, data=[DEFECTS], eval_data=[DEFECTS_EVAL], show=0)
     assert code == 1
@@ -229,6 +243,10 @@ def test_cli_exit_codes_and_output():
     assert bad.exit_code == 1
     assert "\nerror leakage: 2 eval examples" in bad.output
     assert bad.output.endswith("FAILED: 4 errors, 1 warning in 11 examples\n")
+    flags = runner.invoke(app, ["lint", "--data", CLEAN, "--template", "chatml", "--system-prompt", "Be brief.",
+                                "--train-on-prompt"])
+    assert flags.exit_code == 0, flags.output
+    assert "system\nBe brief." in flags.output and "trained bytes: 330 of 333 (99%)" in flags.output
 
 
 def test_similar_pairs_equals_brute_force():

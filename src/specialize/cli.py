@@ -115,6 +115,8 @@ def finetune(
     optimizer: Optional[str] = typer.Option(None, help="adamw | adamw_fused | adamw_8bit"),
     keep_checkpoints: Optional[int] = typer.Option(None, help="newest checkpoints kept"),
     eval_every: Optional[int] = typer.Option(None, help="optimizer steps between eval-loss runs"),
+    system_prompt: Optional[str] = typer.Option(None, help="system message added to every example that has none"),
+    train_on_prompt: Optional[bool] = typer.Option(None, "--train-on-prompt", help="train on prompt tokens too"),
     config: Optional[Path] = ConfigOpt,
 ):
     """A base model + data → a specialist (full fine-tuning, LoRA or QLoRA)."""
@@ -127,7 +129,8 @@ def finetune(
                     lora_rank=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout, precision=precision,
                     gradient_checkpointing=gradient_checkpointing, compile=compile, rag_docs=rag_docs,
                     allow_data_errors=allow_data_errors, trust_remote_code=trust_remote_code, progress=progress,
-                    optimizer=optimizer, keep_checkpoints=keep_checkpoints, eval_every=eval_every))
+                    optimizer=optimizer, keep_checkpoints=keep_checkpoints, eval_every=eval_every,
+                    system_prompt=system_prompt, train_on_prompt=train_on_prompt))
 
 
 @app.command()
@@ -260,6 +263,8 @@ def lint(
     template: Optional[str] = typer.Option(None),
     show: Optional[int] = typer.Option(None, help="examples rendered with trained tokens marked"),
     near_duplicate_threshold: Optional[float] = typer.Option(None, help="similarity that counts as a near duplicate"),
+    system_prompt: Optional[str] = typer.Option(None, help="system message for examples without one (as finetune)"),
+    train_on_prompt: Optional[bool] = typer.Option(None, "--train-on-prompt", help="prompt tokens are trained too"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Pre-flight: show what the model will learn, and what is wrong with the data (exit 1 on errors)."""
@@ -267,7 +272,8 @@ def lint(
 
     code = run(load_config(LintConfig, config, data=data, eval_data=eval_data, base=base,
                            max_seq_tokens=max_seq_tokens, template=template, show=show,
-                           near_duplicate_threshold=near_duplicate_threshold))
+                           near_duplicate_threshold=near_duplicate_threshold, system_prompt=system_prompt,
+                           train_on_prompt=train_on_prompt))
     raise typer.Exit(code)
 
 

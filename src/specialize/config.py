@@ -170,6 +170,8 @@ class LintConfig(StageConfig):
     template: Literal["auto", "qa", "alpaca", "chatml", "tokenizer"] = Field("auto", description="prompt template")
     max_seq_tokens: int = Field(512, gt=1, description="longest sequence allowed")
     show: int = Field(2, ge=0, description="examples rendered with trained tokens marked")
+    system_prompt: str | None = Field(None, description="system message added to every example that has none (as finetune)")
+    train_on_prompt: bool = Field(False, description="show prompt tokens as trained too (as finetune --train-on-prompt)")
     near_duplicate_threshold: float = Field(0.9, gt=0, le=1, description="similarity above which two rows count as near duplicates")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
 

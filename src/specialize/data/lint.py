@@ -238,12 +238,14 @@ def _message(code: str, n: int, found: _Found, max_seq_tokens: int | None, thres
 
 def analyse(train: list[Example], eval_examples: list[Example], tokenizer, template: Template,
             max_seq_tokens: int | None, *, for_training: bool = False,
-            near_duplicate_threshold: float = 0.9) -> Analysis:
+            near_duplicate_threshold: float = 0.9, train_on_prompt: bool = False) -> Analysis:
     """Run every check; see the module docstring for codes and severities.
 
     Args:
         max_seq_tokens: longest sequence; None skips `too_long` (token counts not meaningful).
         for_training: finetune's view: too_long, duplicate and near_duplicate become warnings.
+        train_on_prompt: the shown examples and the trained-token count include prompt tokens, as
+            finetune would train them; the checks still look at the answers.
     """
     found = _Found()
     special = _special_token_pattern(tokenizer)
@@ -266,6 +268,8 @@ def analyse(train: list[Example], eval_examples: list[Example], tokenizer, templ
                 if len(pending) == BATCH:
                     _check_conversations(pending, tokenizer, found)
                     pending = []
+            if in_train and windows and train_on_prompt and example.text is None:
+                windows = [encode_chat(example, tokenizer, template, train_on_prompt=True)]
             if in_train and windows:
                 encoded.append(windows[0])
                 lengths.append(sum(len(w.input_ids) for w in windows))
@@ -354,8 +358,8 @@ def lint(cfg: LintConfig) -> int:
     """Print what the model will learn from the data and what is wrong with it; 1 on errors, else 0."""
     if not cfg.data:
         raise UserError("no data given (use --data FILE)")
-    train = load_examples(cfg.data)
-    eval_examples = load_examples(cfg.eval_data) if cfg.eval_data else []
+    train = load_examples(cfg.data, cfg.system_prompt)
+    eval_examples = load_examples(cfg.eval_data, cfg.system_prompt) if cfg.eval_data else []
     console = Console(highlight=False, emoji=False, markup=False, soft_wrap=True)
     plain = not console.is_terminal or console.no_color
     if cfg.base:
@@ -366,7 +370,7 @@ def lint(cfg: LintConfig) -> int:
         tokenizer, max_seq_tokens, unit = byte_tokenizer(), None, "bytes"
     template = resolve_template(cfg.template, tokenizer, {e.shape for e in train})  # exactly as finetune does
     analysis = analyse(train, eval_examples, tokenizer, template, max_seq_tokens,
-                       near_duplicate_threshold=cfg.near_duplicate_threshold)
+                       near_duplicate_threshold=cfg.near_duplicate_threshold, train_on_prompt=cfg.train_on_prompt)
 
     tokens = f"tokenizer {cfg.base}, max {max_seq_tokens} tokens" if cfg.base else \
         "no --base: lengths are UTF-8 bytes, not tokens, and too_long is not checked (pass --base MODEL)"
