@@ -92,6 +92,18 @@ def test_binary_and_non_utf8(tmp_path):
         load_examples([str(tmp_path / "latin.jsonl")])
 
 
+def test_unicode_line_separators_inside_values_do_not_split_rows(tmp_path):
+    # json.dumps(ensure_ascii=False) (and `specialize convert`) write U+2028/U+2029/U+0085 raw.
+    answer = "Line one\u2028line two\u2029para\x85end."
+    jsonl = tmp_path / "qa.jsonl"
+    jsonl.write_text(json.dumps({"question": "Q?", "answer": answer}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    csv_file = tmp_path / "qa.csv"
+    csv_file.write_text(f"question,answer\r\nQ?,{answer}\r\n", encoding="utf-8", newline="")
+    for path in (jsonl, csv_file):
+        [example] = load_examples([str(path)])
+        assert example.messages[-1] == {"role": "assistant", "content": answer}
+
+
 def test_utf16_with_bom_is_read_like_utf8(tmp_path):
     # Excel and PowerShell save "Unicode text" as UTF-16 with a byte-order mark.
     path = tmp_path / "faq.csv"

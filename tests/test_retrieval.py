@@ -51,6 +51,12 @@ def test_empty_and_utf16_documents_in_a_folder(tmp_path):
     assert [(p.source, p.text) for p in load_passages(tmp_path)] == [("notes.txt", "Opening hours: 9 to 5.")]
 
 
+def test_jsonl_passages_keep_unicode_line_separators(tmp_path):
+    path = tmp_path / "passages.jsonl"
+    path.write_text(json.dumps({"text": "a\u2028b"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [p.text for p in load_passages(path)] == ["a\u2028b"]
+
+
 def test_load_passages_from_jsonl():
     passages = load_passages(ASSETS / "passages.jsonl")
     assert passages == [

@@ -38,6 +38,7 @@ from rich.console import Console
 
 from specialize.cache import build_into_place, default_cache_dir
 from specialize.config import CompareConfig, DemoConfig, FinetuneConfig, PretrainConfig
+from specialize.data.io import jsonl_lines
 from specialize.examples.pydocs import PydocsPaths, load_or_build
 
 console = Console(stderr=True)
@@ -162,7 +163,7 @@ def load_or_pretrain_base(cfg: DemoConfig, data: PydocsPaths, cache_dir: Path) -
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for _, line in jsonl_lines(Path(path).read_text(encoding="utf-8")) if line.strip()]
 
 
 def _norm(text: str) -> str:
@@ -251,7 +252,7 @@ def retrieval_hits(out: Path) -> dict[str, float]:
     """
     hits = {}
     for file in sorted((out / "predictions" / "finetuned+rag").glob("*.jsonl")):
-        rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _read_jsonl(file)
         found = [any(_norm(ref) in _norm(row.get("context") or "") for ref in
                      ([row["reference"]] if isinstance(row["reference"], str) else row["reference"]))
                  for row in rows]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specialize.data.io import read_text
+from specialize.data.io import jsonl_lines, read_text
 from specialize.errors import UserError
 
 # The RAG prompt: what every RAG system is asked at eval time, and what fine-tuning with
@@ -133,7 +133,7 @@ def _documents(docs_path: Path) -> list[tuple[str, str, str]]:
     """(source, title, text) of every document under docs_path."""
     if docs_path.suffix == ".jsonl" and docs_path.is_file():
         docs = []
-        for line_no, line in enumerate(read_text(docs_path).splitlines(), start=1):
+        for line_no, line in jsonl_lines(read_text(docs_path)):
             if not line.strip():
                 continue
             try:

@@ -7,11 +7,12 @@ bad row can be reported as `file:line: field 'answer': ...` instead of a traceba
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from specialize.errors import UserError
 
@@ -60,9 +61,19 @@ def read_text(path: Path, data: bytes | None = None, display: str | None = None,
                         path=where, line=line) from None
 
 
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of JSON Lines text, split at "\n" only (a "\r" before it is dropped).
+
+    JSON strings may hold U+2028, U+2029 and U+0085 unescaped (`json.dumps(ensure_ascii=False)`
+    writes them so); `str.splitlines()` would cut a row in two there.
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        yield number, line.removesuffix("\r")
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     records = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    for number, line in jsonl_lines(read_text(path)):
         if not line.strip():
             continue
         try:
@@ -98,8 +109,8 @@ def _read_json(path: Path) -> list[Record]:
 
 
 def _read_csv(path: Path) -> list[Record]:
-    lines = read_text(path).splitlines(keepends=True)
-    reader = csv.reader(lines)
+    # newline="": the csv module splits rows itself, at \n and \r only (not at U+2028 in a field).
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     try:
         header = next(reader)
     except StopIteration:

@@ -23,6 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from specialize.config import ConvertConfig
+from specialize.data.io import jsonl_lines
 from specialize.errors import UserError
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -55,7 +56,7 @@ def read_jsonl(path: Path, text: str, display: str) -> tuple[list[dict], Counter
     rows: list[dict] = []
     dropped: Counter = Counter()
     changed: Counter = Counter()
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in jsonl_lines(text):
         if not line.strip():
             continue
         try:

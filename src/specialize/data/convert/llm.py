@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from specialize.config import ConvertConfig
+from specialize.data.io import jsonl_lines
 from specialize.errors import UserError
 
 SYSTEM_PROMPT = """You write question-answer pairs for training a customer support assistant.
@@ -165,7 +166,7 @@ class Cache:
         self.path = path
         self.replies: dict[str, str] = {}
         if path.is_file():
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            for _, line in jsonl_lines(path.read_text(encoding="utf-8", errors="replace")):
                 try:
                     entry = json.loads(line)
                     self.replies[entry["key"]] = entry["content"]
