@@ -143,3 +143,21 @@ def test_accumulation_8x1_equals_2x4(tmp_path, tiny_llama, packing):
     la = [json.loads(line)["loss"] for line in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(line)["loss"] for line in (four / "metrics.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_system_prompt_is_saved_in_the_template(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    run = finetune(_cfg(tiny_llama, tmp_path / "sys", max_steps=1, system_prompt="You answer about capitals."))
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Q?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == "You answer about capitals.\n\n### Question:\nQ?\n\n### Answer:\n"
+
+
+def test_max_seq_tokens_beyond_the_model_context_is_one_clear_error(tmp_path, tiny_gpt2):
+    from specialize.errors import UserError
+
+    with pytest.raises(UserError, match=r"--max-seq-tokens 100000 is longer than the \d+ positions"):
+        finetune(_cfg(tiny_gpt2, tmp_path / "long", max_steps=1, max_seq_tokens=100000))
+    assert not (tmp_path / "long" / "model").exists()

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
 from rich.console import Console
 from rich.markup import escape
 
@@ -108,6 +109,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
 
     model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code,
                        dtype=_weights_dtype(cfg, accelerator.device), quantize_4bit=cfg.method == "qlora")
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions is not None and positions < cfg.max_seq_tokens:
+        raise UserError(f"--max-seq-tokens {cfg.max_seq_tokens} is longer than the {positions} positions "
+                        f"'{cfg.base}' holds; lower it to at most {positions}")
+    set_seed(cfg.seed)  # LoRA's initial weights are drawn here
     if cfg.method in ("lora", "qlora"):
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
                          quantized=cfg.method == "qlora")
@@ -123,7 +129,7 @@ def finetune(cfg: FinetuneConfig) -> Path:
     model, result = train(model, train_items, eval_items, cfg, out, pad_id=pad_token_id(tokenizer),
                           accelerator=accelerator)
     if main:
-        install_template(tokenizer, template)
+        install_template(tokenizer, template, cfg.system_prompt)
         set_generation_ids(model, tokenizer)
         save_model(model, tokenizer, out / "model", state_dict=result.full_state_dict)
         summary = result.summary() | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,

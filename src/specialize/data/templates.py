@@ -103,10 +103,39 @@ def resolve_template(name: str, tokenizer, shapes: set[str] | None = None) -> Te
     return ours(name, tokenizer)
 
 
-def install_template(tokenizer, template: Template) -> None:
-    """Make the template the tokenizer's chat template, so it is saved with the model."""
-    tokenizer.chat_template = template.jinja
+def install_template(tokenizer, template: Template, system_prompt: str | None = None) -> None:
+    """Make the template the tokenizer's chat template, so it is saved with the model.
+
+    A run trained with a system prompt gets it as the template's default system message: any
+    engine that renders the saved template (generate, chat, serve, vLLM) then prompts exactly as
+    in training, unless the caller sends a system message of its own.
+    """
+    tokenizer.chat_template = with_default_system(template.jinja, system_prompt)
     tokenizer.init_kwargs["specialize_template"] = template.name
+
+
+_DEFAULT_SYSTEM = "{# specialize: default system message #}"
+_DEFAULT_SYSTEM_END = "{% endif %}{{ '' }}"  # the empty expression keeps trim_blocks off the template's first newline
+
+
+def _jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal (Jinja decodes literals with Python's unicode-escape)."""
+    escaped = "".join("\\" + ch if ch in '\\"' else ch if " " <= ch <= "~" else f"\\U{ord(ch):08x}" for ch in text)
+    return f'"{escaped}"'
+
+
+def with_default_system(jinja: str, system_prompt: str | None) -> str:
+    """The template with `system_prompt` put first in conversations that have no system message.
+
+    A default added earlier (a run fine-tuned again) is replaced, not stacked.
+    """
+    if jinja.startswith(_DEFAULT_SYSTEM) and _DEFAULT_SYSTEM_END in jinja:
+        jinja = jinja.split(_DEFAULT_SYSTEM_END, 1)[1]
+    if not system_prompt:
+        return jinja
+    return (_DEFAULT_SYSTEM + "{%- if messages and messages[0]['role'] != 'system' %}"
+            "{% set messages = [{'role': 'system', 'content': " + _jinja_string(system_prompt) + "}] + messages %}"
+            + _DEFAULT_SYSTEM_END + jinja)
 
 
 def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
