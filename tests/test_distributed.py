@@ -22,12 +22,15 @@ from specialize.finetune import finetune
 from conftest import QA8
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = dict(max_steps=4, micro_batch_size=2, learning_rate=3e-3, warmup_steps=1, eval_fraction=0, progress=False)
+COMMON = dict(max_steps=4, learning_rate=3e-3, warmup_steps=1, eval_fraction=0, progress=False)
 
 
-def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny_llama):
+# (micro-batch, accumulation per process): 8 examples in 2-example micro-batches split evenly; in
+# 3-example ones a step holds 3 micro-batches, so one process runs a target-free copy to stay in step.
+@pytest.mark.parametrize("micro, accum", [(2, 1), (3, 2)], ids=["even", "uneven"])
+def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny_llama, micro, accum):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(COMMON | {"grad_accum_steps": 1}), encoding="utf-8")
+    config.write_text(yaml.safe_dump(COMMON | {"grad_accum_steps": accum, "micro_batch_size": micro}), encoding="utf-8")
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "specialize", "finetune", "--base", str(tiny_llama), "--data", str(QA8), "--out", str(out),
@@ -38,7 +41,7 @@ def test_two_processes_equal_one_process_with_double_accumulation(tmp_path, tiny
     assert proc.stderr.count("done: 4 steps") == 1  # one main process, not two lone ones
 
     single = finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=tmp_path / "single",
-                                     grad_accum_steps=2, **COMMON))
+                                     grad_accum_steps=2 * accum, micro_batch_size=micro, **COMMON))
     a, b = load_file(out / "model" / "model.safetensors"), load_file(single / "model" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
     losses = [[json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

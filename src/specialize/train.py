@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -178,10 +178,14 @@ def evaluate_loss(model, items: list[Encoded], cfg: TrainConfig, accelerator: Ac
         only_targets = accepts_logits_to_keep(unwrapped)
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    shard = items[accelerator.process_index:: accelerator.num_processes]
+    world, size = accelerator.num_processes, cfg.micro_batch_size
+    shard = items[accelerator.process_index:: world]
+    own = [collate(shard[start: start + size]) for start in range(0, len(shard), size)]
+    if not own and items and world > 1:  # fewer items than processes: this one only keeps the others company
+        own = [_blank(collate(items[:1]))]
+    batches = _even_share(own, math.ceil(len(items) / world / size) * world, world)
     with torch.no_grad():
-        for start in range(0, len(shard), cfg.micro_batch_size):
-            batch = collate(shard[start: start + cfg.micro_batch_size])
+        for batch in batches:
             tokens = batch.target_tokens
             with accelerator.autocast():
                 total[0] += token_loss_sum(model, batch.to(accelerator.device), only_targets).double()
@@ -190,6 +194,23 @@ def evaluate_loss(model, items: list[Encoded], cfg: TrainConfig, accelerator: Ac
         total = accelerator.reduce(total, reduction="sum")
     model.train()
     return float(total[0] / total[1].clamp(min=1))
+
+
+def _even_share(batches: list[Batch], n_batches: int, world: int) -> list[Batch]:
+    """This process's micro-batches, topped up to ceil(n_batches / world) with target-free copies.
+
+    When a step's micro-batches do not divide evenly between processes, the processes with one
+    fewer run one more forward and backward on a copy whose targets are all ignored: it adds
+    exactly zero to loss and gradients, but under FSDP and DeepSpeed ZeRO-3, where every forward
+    gathers parameters from all processes, nobody waits for a forward that never comes.
+    """
+    if world == 1 or not batches:
+        return batches
+    return batches + [_blank(batches[-1])] * (math.ceil(n_batches / world) - len(batches))
+
+
+def _blank(batch: Batch) -> Batch:
+    return replace(batch, targets=torch.full_like(batch.targets, IGNORE))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +298,8 @@ def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: Tra
             epoch, index = divmod(step, steps_per_epoch)
             if epoch != plan_epoch_index:
                 plan, plan_epoch_index = plan_epoch(len(train_items), epoch, cfg, world), epoch
-            collated = [collate([train_items[i] for i in mb]) for mb in plan[index][rank::world]]
+            collated = _even_share([collate([train_items[i] for i in mb]) for mb in plan[index][rank::world]],
+                                   len(plan[index]), world)
             # The step's target tokens over every process: the one denominator of this step's loss.
             step_tokens = sum(b.target_tokens for b in collated)
             if world > 1:
