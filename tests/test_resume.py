@@ -68,6 +68,27 @@ def test_keep_checkpoints_prunes_the_oldest(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-6", "step-8"]
 
 
+def test_every_checkpoint_file_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(f"replace {a}"), real_replace(a, b))[1])
+    root = tmp_path / "checkpoints"
+    tmp = checkpoint.begin(root, 1)
+    checkpoint.write_rank_files(tmp, 0)
+    checkpoint.write_main_files(tmp, model, optimizer, scheduler, {"step": 1})
+    final = checkpoint.commit(root, 1, keep=2)
+    rename = events.index(f"replace {tmp}")
+    synced = {Path(e.split(" ", 1)[1]).name for e in events[:rename] if e.startswith("fsync ")}
+    assert {p.name for p in final.iterdir()} <= synced  # every file, tensors included, before the rename
+
+
 class Killed(Exception):
     pass
 

@@ -39,6 +39,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, then its data forced to disk: the rename that completes a checkpoint
+    must never reach the disk before the tensors it points to (a power loss would leave a
+    checkpoint that looks complete and holds truncated files)."""
+    save_file(tensors, str(path))
+    _fsync_file(path)
+
+
 def _write_json(path: Path, data: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)
@@ -118,14 +131,14 @@ def begin(root: Path, step: int) -> Path:
 def write_rank_files(tmp: Path, rank: int) -> None:
     """Every process writes its own RNG state into the temporary folder."""
     tensors, meta = rng_state()
-    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"))
+    _save_tensors(tensors, tmp / f"rng-{rank}.safetensors")
     _write_json(tmp / f"rng-{rank}.json", meta)
 
 
 def write_main_files(tmp: Path, model, optimizer, scheduler, trainer_state: dict[str, Any]) -> None:
-    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    _save_tensors(trainable_state(model), tmp / "trainable.safetensors")
     tensors, meta = optimizer_state(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    _save_tensors(tensors, tmp / "optimizer.safetensors")
     _write_json(tmp / "optimizer.json", meta)
     _write_json(tmp / "scheduler.json", scheduler.state_dict())
     _write_json(tmp / "trainer_state.json", trainer_state)
