@@ -268,3 +268,18 @@ def test_serve_reports_a_busy_port_as_a_user_error():
         with pytest.raises(UserError, match="cannot listen"):
             serve(ServeConfig(model="unused", port=busy.getsockname()[1]))
     assert ServeConfig().host == "127.0.0.1"  # never exposed to the network unless asked
+
+
+def test_api_key_flag_warns_and_never_echoes_the_key(monkeypatch):
+    from typer.testing import CliRunner
+
+    import specialize.serve
+    from specialize.cli import app
+
+    started: list[ServeConfig] = []
+    monkeypatch.setattr(specialize.serve, "serve", started.append)
+    result = CliRunner().invoke(app, ["serve", "--model", "runs/x", "--api-key", "sk-secret-123"])
+    assert result.exit_code == 0, result.output
+    assert started[0].api_key == "sk-secret-123"
+    assert "prefer the SPECIALIZE_API_KEY environment variable" in result.output
+    assert "sk-secret-123" not in result.output

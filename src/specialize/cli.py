@@ -293,6 +293,10 @@ def serve(
     """OpenAI-compatible HTTP server for a run."""
     from specialize.serve import serve as run
 
+    if api_key:
+        err.print("[yellow]warning:[/] a key given as --api-key is visible to other users in `ps` and stays in "
+                  "your shell history; prefer the SPECIALIZE_API_KEY environment variable", highlight=False)
+
     run(load_config(ServeConfig, config, model=model, host=host, port=port, api_key=api_key,
                     max_batch_size=max_batch_size, max_queue=max_queue, model_name=model_name,
                     log_contents=log_contents, trust_remote_code=trust_remote_code))

@@ -45,7 +45,7 @@ class TrainConfig(StageConfig):
         "adamw", description="adamw uses torch's fused kernel wherever supported (adamw_fused is an alias); "
                              "adamw_8bit needs bitsandbytes")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between eval-loss runs; default: at the end of each epoch")
-    save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints; default: at the end only")
+    save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints; default: at the end of each epoch but the last")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept; older ones are deleted")
     resume: bool = Field(False, description="continue from the newest complete checkpoint in out")
     log_every: int = Field(1, gt=0, description="optimizer steps between metrics.jsonl rows")
