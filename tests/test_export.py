@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,18 @@ def test_export_carries_the_runs_chat_template_and_generation_ids(runs, tmp_path
     assert exported.chat_template and exported.chat_template == run_tokenizer.chat_template
     generation = GenerationConfig.from_pretrained(out)
     assert generation.eos_token_id == exported.eos_token_id and generation.pad_token_id is not None
+
+
+def test_export_keeps_the_end_of_turn_tokens_of_the_runs_generation_config(runs, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    run = tmp_path / "instruct-run"  # a run whose base ends turns with a token of its own (id 7)
+    shutil.copytree(runs["full"], run)
+    eos = AutoTokenizer.from_pretrained(run / "model").eos_token_id
+    settings = json.loads((run / "model" / "generation_config.json").read_text())
+    (run / "model" / "generation_config.json").write_text(json.dumps(settings | {"eos_token_id": [7, eos]}))
+    out = export(ExportConfig(model=str(run), out=tmp_path / "e", parity_prompts=2))
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [eos, 7]  # tokenizer EOS first
 
 
 def test_full_run_exports_through_the_cli_and_re_exports_in_place(runs, tmp_path):

@@ -7,11 +7,15 @@ streaming and cancellation can all be checked against the trained answers.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 from conftest import QA8
+from transformers import AutoModelForCausalLM
 
-from specialize.generate import Generator
+from specialize.generate import Completion, Generator
+from specialize.model import load_tokenizer, set_generation_ids, stop_token_ids
 
 ROWS = [json.loads(line) for line in QA8.read_text(encoding="utf-8").splitlines()]
 QUESTIONS = [r["question"] for r in ROWS]
@@ -108,3 +112,46 @@ def test_cancel_stops_generation_early(generator, prompts):
     assert cancelled.finish_reason == "cancelled" and not cancelled.stopped
     assert cancelled.completion_tokens < full.completion_tokens - 2
     assert "".join(pieces) == cancelled.text and full.text.startswith(cancelled.text)
+
+
+def test_an_end_of_turn_token_in_generation_config_stops_the_answer(generator, qa8_run, tmp_path):
+    # Instruct bases end a turn with a token other than the tokenizer's EOS and list it in
+    # generation_config.json (Gemma <end_of_turn>, Phi-3 <|end|>, Llama 3 <|eot_id|>).
+    eos = generator.tokenizer.eos_token_id
+    prompt = generator.prompt_ids(ask(QUESTIONS[BEES]))
+    ids = torch.tensor([prompt])  # (1, T)
+    trained = generator.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS,
+                                       do_sample=False, eos_token_id=eos)[0, len(prompt):].tolist()
+    # Play the end-of-turn token with one the run really generates inside "Bees make honey.".
+    k = next(i for i in range(2, len(trained)) if trained[i] not in trained[:i] + [eos])
+    run = tmp_path / "instruct-run"
+    shutil.copytree(qa8_run, run)
+    settings = json.loads((run / "model" / "generation_config.json").read_text())
+    (run / "model" / "generation_config.json").write_text(json.dumps(settings | {"eos_token_id": [eos, trained[k]]}))
+
+    instruct = Generator.load(run)
+    assert instruct.stop_ids == [eos, trained[k]]
+    forwards = []
+    hook = instruct.model.register_forward_hook(lambda *args: forwards.append(1))
+    answer = instruct.generate_ids([prompt], max_new_tokens=TOKENS)[0]
+    hook.remove()
+    expected = Completion(instruct.tokenizer.decode(trained[:k], skip_special_tokens=True), "stop", len(prompt), k)
+    assert answer == expected and answer.stopped  # `stopped` is what stop_rate counts
+    assert ANSWERS[BEES].startswith(answer.text) and answer.text != ANSWERS[BEES]
+    assert len(forwards) == k + 1  # generation itself ended at the token: it was not only cut afterwards
+    assert instruct.stream_ids(prompt, max_new_tokens=TOKENS) == expected
+    longer = instruct.prompt_ids(ask(QUESTIONS[4]))
+    assert instruct.generate_ids([prompt, longer], max_new_tokens=TOKENS)[0] == expected  # left-padded batch
+
+
+def test_saved_generation_config_keeps_every_stop_token(tiny_llama):
+    tokenizer = load_tokenizer(tiny_llama)
+    eos = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    model.generation_config.eos_token_id = [7, eos, 7, 9]
+    assert stop_token_ids(model, tokenizer) == [eos, 7, 9]  # tokenizer EOS first, no duplicates
+    set_generation_ids(model, tokenizer)
+    assert model.generation_config.eos_token_id == [eos, 7, 9]
+    model.generation_config.eos_token_id = eos
+    set_generation_ids(model, tokenizer)
+    assert model.generation_config.eos_token_id == eos  # a single stop token stays a plain id

@@ -28,10 +28,9 @@ from transformers import AutoConfig
 
 from specialize.config import ExportConfig
 from specialize.data.formats import load_examples
-from specialize.data.tokenize import pad_token_id
 from specialize.errors import UserError
 from specialize.generate import Generator
-from specialize.model import is_adapter, load_model, load_tokenizer, model_dir
+from specialize.model import adapter_base, is_adapter, load_model, load_tokenizer, model_dir, set_generation_ids
 
 MARKER = "specialize_export.json"  # marks a folder we wrote, so a re-export may replace it
 PARITY_TOKENS = 64  # answer length compared by the parity check
@@ -66,10 +65,10 @@ def parity_conversations(ref: str | Path, n: int) -> list[list[dict[str, str]]]:
 
 
 def _stored_dtype(ref: str, trust_remote_code: bool) -> torch.dtype:
-    """The dtype the run's weights are stored in (its base's, for LoRA)."""
-    path = Path(model_dir(ref))
-    if is_adapter(ref):
-        path = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    """The dtype the run's weights are stored in (its base's, for LoRA; the first full base, for LoRA on LoRA)."""
+    path = model_dir(ref)
+    while is_adapter(path):
+        path = model_dir(adapter_base(path))
     try:
         dtype = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).dtype
     except (OSError, ValueError):
@@ -102,14 +101,13 @@ def _write(cfg: ExportConfig, folder: Path, dtype: torch.dtype) -> str:
     """Merge (LoRA) or re-save (full) the run into `folder`; returns what was done."""
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     # Merge in fp32 and cast once at the end: merging in bf16 would round W + BA twice.
-    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     adapter = is_adapter(cfg.model)
-    if adapter:
-        model = model.merge_and_unload()  # a plain transformers model: W <- W + (alpha / r) * B @ A
+    # A plain transformers model, any LoRA merged: W <- W + (alpha / r) * B @ A.
+    model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32, merge_adapter=True)
     model = model.to(dtype)
-    # Stop at EOS, pad with the run's pad token: what training taught and what vLLM reads.
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = pad_token_id(tokenizer)
+    # Stop where the run stops (the tokenizer's EOS and any end-of-turn token the base's
+    # generation_config lists), pad with the run's pad token: what vLLM and transformers read.
+    set_generation_ids(model, tokenizer)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     del model

@@ -107,8 +107,8 @@ def finetune(cfg: FinetuneConfig) -> Path:
             console.print("[yellow]warning:[/] " + escape(line), highlight=False)
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
-    model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code,
-                       dtype=_weights_dtype(cfg, accelerator.device), quantize_4bit=cfg.method == "qlora")
+    model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, dtype=_weights_dtype(cfg, accelerator.device),
+                       quantize_4bit=cfg.method == "qlora", merge_adapter=True)  # a LoRA run as base: merged
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if positions is not None and positions < cfg.max_seq_tokens:
         raise UserError(f"--max-seq-tokens {cfg.max_seq_tokens} is longer than the {positions} positions "

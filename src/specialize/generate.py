@@ -24,13 +24,13 @@ from transformers.generation.streamers import BaseStreamer
 
 from specialize.data.templates import Template, ours
 from specialize.data.tokenize import pad_token_id
-from specialize.model import load_model, load_tokenizer, pick_dtype
+from specialize.model import load_model, load_tokenizer, pick_dtype, stop_token_ids
 
 
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string), "length", or "cancelled" (stream_ids only)
+    finish_reason: str  # "stop" (a stop token or string), "length", or "cancelled" (stream_ids only)
     prompt_tokens: int
     completion_tokens: int
 
@@ -106,6 +106,7 @@ class Generator:
         self.template = template or template_of(tokenizer)
         self.device = device or next(model.parameters()).device
         self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = stop_token_ids(model, tokenizer)  # tokenizer EOS first, then generation_config's
 
     @classmethod
     def load(cls, ref: str | Path, *, trust_remote_code: bool = False, device: torch.device | None = None,
@@ -204,7 +205,6 @@ class Generator:
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to answer")
         stop = _stops(stop)
-        eos = self.tokenizer.eos_token_id
         tokens: list[int] = []
         shown = ""
 
@@ -213,7 +213,7 @@ class Generator:
             tokens.extend(new)
             if on_text is None:
                 return
-            visible = tokens[: tokens.index(eos)] if eos in tokens else tokens
+            visible = tokens[: self._first_stop(tokens)]
             # Decoding the whole answer each step (not token by token) keeps multi-token characters
             # and tokenizers that merge spaces right; answers are short, so the cost is small.
             text = self.tokenizer.decode(visible, skip_special_tokens=True)
@@ -238,8 +238,8 @@ class Generator:
 
     def _sampling(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> dict:
         """`model.generate` arguments: greedy at temperature 0, else sampling with nucleus `top_p`."""
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
-                      pad_token_id=self.pad_id, use_cache=True)
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                      use_cache=True)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -250,21 +250,25 @@ class Generator:
 
     def _finish(self, tokens: list[int], prompt_tokens: int, max_new_tokens: int, stop: list[str],
                 cancelled: bool = False) -> Completion:
-        """The answer in `tokens` (new tokens only): cut at EOS or the first stop string, with why it ended."""
-        eos = self.tokenizer.eos_token_id
+        """The answer in `tokens` (new tokens only): cut at the first stop token or string, with why it ended."""
         finish = "length"
-        while tokens and tokens[-1] == self.pad_id != eos:  # finished early in a batch: padded after
-            tokens = tokens[:-1]
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
+        while tokens and tokens[-1] == self.pad_id and self.pad_id not in self.stop_ids:
+            tokens = tokens[:-1]  # finished early in a batch: padded after
+        end = self._first_stop(tokens)
+        if end < len(tokens):
+            tokens = tokens[:end]
             finish = "stop"
         elif len(tokens) < max_new_tokens:
-            finish = "cancelled" if cancelled else "stop"  # ended early without EOS: else a stop string matched
+            finish = "cancelled" if cancelled else "stop"  # ended early without a stop token: a stop string matched
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         for s in stop:
             if s in text:
                 text, finish = text[: text.index(s)], "stop"
         return Completion(text, finish, prompt_tokens, len(tokens))
+
+    def _first_stop(self, tokens: list[int]) -> int:
+        """The index of the first stop token in `tokens`, or len(tokens) when there is none."""
+        return next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
 
 
 def generate_answers(ref: str, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,29 +71,66 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def adapter_base(ref: str | Path) -> str:
+    """The base a LoRA adapter folder (or LoRA run) was trained on: its `base_model_name_or_path`."""
+    path = Path(model_dir(ref)) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        base = None
+    if not isinstance(base, str) or not base:
+        raise UserError("adapter_config.json names no base model (base_model_name_or_path)", path=path)
+    return base
+
+
 def load_model(ref: str | Path, *, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32,
-               quantize_4bit: bool = False) -> PreTrainedModel:
-    """Load a causal LM (full weights, or a PEFT adapter over its base) from safetensors."""
+               quantize_4bit: bool = False, merge_adapter: bool = False) -> PreTrainedModel:
+    """Load a causal LM (full weights, or a PEFT adapter over its base) from safetensors.
+
+    Args:
+        merge_adapter: merge a LoRA adapter into its base and return a plain, fully trainable
+            transformers model. Training from a LoRA run needs this: the adapter loads frozen, and
+            LoRA over a PeftModel would nest two wrappers. A new adapter trained on the merged
+            model points back to this adapter (its `name_or_path`), and loading it merges again.
+    """
     ref = model_dir(ref)
     _check_exists(ref)
     if Path(ref).exists():
         # An absolute path, so a LoRA adapter's pointer to its base works from any working directory.
         ref = str(Path(ref).resolve())
-    kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
-    if quantize_4bit:
-        kwargs["quantization_config"] = _bnb_config()
+    if not is_adapter(ref):
+        kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
+        if quantize_4bit:
+            kwargs["quantization_config"] = _bnb_config()
+        try:
+            return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load model '{ref}': {str(e).splitlines()[0]}") from None
+    # PEFT reads adapter_model.bin with torch.load whenever the safetensors file is missing,
+    # whatever use_safetensors says; a pickle can run code, so such an adapter is refused.
+    if not (Path(ref) / "adapter_model.safetensors").is_file():
+        raise UserError("LoRA adapter folder has no adapter_model.safetensors (only safetensors weights are "
+                        "read; convert adapter_model.bin with a trusted tool first)", path=ref)
+    # The base is loaded by this function too: the same safetensors rule, and a base that is
+    # itself a LoRA run (LoRA trained on a LoRA run) is merged first.
+    base = load_model(adapter_base(ref), trust_remote_code=trust_remote_code, dtype=dtype,
+                      quantize_4bit=quantize_4bit, merge_adapter=True)
+    from peft import PeftModel
+
     try:
-        if is_adapter(ref):
-            import warnings
-
-            from peft import AutoPeftModelForCausalLM
-
-            with warnings.catch_warnings():  # peft calls a transformers API that warns about its own rename
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                return AutoPeftModelForCausalLM.from_pretrained(ref, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        with warnings.catch_warnings():  # peft calls a transformers API that warns about its own rename
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(base, ref)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load model '{ref}': {str(e).splitlines()[0]}") from None
+    if not merge_adapter:
+        return model
+    merged = model.merge_and_unload()  # W <- W + (alpha / r) * B @ A; plain transformers modules again
+    for p in merged.parameters():  # the adapter loaded frozen; a base for training is trainable (4-bit ints cannot be)
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    merged.name_or_path = ref  # what a LoRA trained on this model records as its base
+    return merged
 
 
 def _bnb_config():
@@ -162,10 +200,31 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def set_generation_ids(model, tokenizer) -> None:
-    """Generation stops at EOS and pads with the pad token (EOS when there is none)."""
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS, then any other EOS in the model's generation_config.
+
+    Instruct models often end a turn with a token other than the tokenizer's EOS and list it in
+    generation_config.json (Gemma `<end_of_turn>`, Phi-3 `<|end|>`, Llama 3 `<|eot_id|>`); a
+    generator that stopped only at the tokenizer's EOS would run on past the end of the turn.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.generation_config.eos_token_id = tokenizer.eos_token_id
+    configured = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = []
+    elif isinstance(configured, int):
+        configured = [configured]
+    ids = [tokenizer.eos_token_id]
+    for token in configured:
+        if int(token) not in ids:
+            ids.append(int(token))
+    return ids
+
+
+def set_generation_ids(model, tokenizer) -> None:
+    """Generation stops at every stop token (`stop_token_ids`) and pads with the pad token (EOS when there is none)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    stops = stop_token_ids(model, tokenizer)
+    base.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     base.generation_config.pad_token_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                                            else tokenizer.eos_token_id)
 

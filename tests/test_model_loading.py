@@ -1,0 +1,88 @@
+"""model loading: a LoRA run as a training base (merged, plain, trainable), LoRA on LoRA, safetensors only."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import QA8
+from peft import PeftModel
+
+from specialize.config import FinetuneConfig
+from specialize.errors import UserError
+from specialize.finetune import finetune
+from specialize.model import add_lora, count_parameters, load_model, load_tokenizer, save_model
+
+IDS = torch.tensor([[3, 17, 42, 99, 5, 250, 11]])  # (1, T): any ids in the 512-token test vocabulary
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_llama) -> Path:
+    """A short LoRA run; its adapter's B matrices are non-zero after a few steps, so it moves the logits."""
+    out = tmp_path_factory.mktemp("lora-run") / "lora"
+    return finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=out, method="lora", lora_rank=4,
+                                   epochs=3, learning_rate=1e-2, micro_batch_size=8, warmup_steps=0,
+                                   progress=False))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=IDS).logits  # (1, T, V)
+
+
+def test_a_lora_run_loads_as_a_plain_trainable_base_with_the_adapters_logits(lora_run, tiny_llama):
+    adapter = load_model(lora_run)
+    merged = load_model(lora_run, merge_adapter=True)
+    assert isinstance(adapter, PeftModel)
+    assert not any(type(m).__module__.startswith("peft") for m in merged.modules())
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    trainable, total = count_parameters(merged)
+    assert trainable == total  # what --method full needs
+    assert (logits(merged) - logits(adapter)).abs().max().item() <= 1e-5
+    assert (logits(merged) - logits(load_model(tiny_llama))).abs().max().item() > 1e-3  # the adapter is in
+
+
+def test_full_and_lora_training_both_start_from_a_lora_run(lora_run):
+    merged = load_model(lora_run, merge_adapter=True).train()
+    merged(input_ids=IDS, labels=IDS).loss.backward()  # crashed before: nothing required grad
+    assert all(p.grad is not None for p in merged.parameters())
+
+    lora = add_lora(load_model(lora_run, merge_adapter=True), rank=4, alpha=8, dropout=0.0, target_modules=None)
+    assert not isinstance(lora.get_base_model(), PeftModel)  # one LoRA wrapper, not one inside another
+    assert sum(isinstance(m, PeftModel) for m in lora.modules()) == 1
+
+
+def test_lora_trained_on_a_lora_run_reloads_with_both_adapters(lora_run, tmp_path):
+    model = add_lora(load_model(lora_run, merge_adapter=True), rank=4, alpha=8, dropout=0.0, target_modules=None)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # as if trained: a fresh adapter (B = 0) would change nothing
+            p.data.normal_(0.0, 0.05)
+    save_model(model, load_tokenizer(lora_run), tmp_path / "second" / "model")
+    saved = json.loads((tmp_path / "second" / "model" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str((lora_run / "model").resolve())
+    reloaded = load_model(tmp_path / "second" / "model")
+    assert (logits(reloaded) - logits(model)).abs().max().item() <= 1e-5
+    assert (logits(reloaded) - logits(load_model(lora_run))).abs().max().item() > 1e-3
+
+
+def test_an_adapter_without_safetensors_is_refused_and_never_unpickled(lora_run, tmp_path, monkeypatch):
+    folder = tmp_path / "pickled-adapter"
+    folder.mkdir()
+    shutil.copy(lora_run / "model" / "adapter_config.json", folder)
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04not a pickle anyone should open")
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("adapter_model.bin was unpickled")
+
+    monkeypatch.setattr(torch, "load", unpickle)
+    expected = re.escape(f"{folder.resolve()}: LoRA adapter folder has no adapter_model.safetensors")
+    for ref in (folder, str(folder)):
+        with pytest.raises(UserError, match=expected):
+            load_model(ref)
+        with pytest.raises(UserError, match=expected):
+            load_model(ref, merge_adapter=True)
