@@ -31,6 +31,7 @@ class FakeLLM:
         self.mode = "ok"
         self.requests: list[dict] = []
         self.fail_when = None  # chunk text that always gets HTTP 500
+        self.error_prefix = "upstream failed; "  # text of a 500's body before the echoed Authorization header
         self.reply = None  # fixed reply content, else one pair per chunk
         self.delay_s = 0.0
         self.in_flight = self.max_in_flight = 0
@@ -61,7 +62,7 @@ class FakeLLM:
                 with fake.lock:
                     tries = fake.tries[chunk] = fake.tries.get(chunk, 0) + 1
                 if fake.mode == "500" or (fake.fail_when and fake.fail_when in chunk):
-                    return self._send(500, f"upstream failed; you sent {self.headers.get('Authorization')}")
+                    return self._send(500, f"{fake.error_prefix}you sent {self.headers.get('Authorization')}")
                 if fake.mode == "401":
                     return self._send(401, "bad key")
                 if fake.mode == "flaky" and tries == 1:
@@ -213,6 +214,15 @@ def test_api_key_is_never_logged_or_shown(tmp_path, fake, monkeypatch, caplog):
                               "check the API key in $SPECIALIZE_TEST_KEY")
     assert KEY not in caplog.text
     assert llm._redact(f"echo Bearer {KEY}", KEY) == "echo Bearer ***"
+
+
+def test_a_key_cut_in_half_by_the_error_excerpt_is_still_hidden(tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("SPECIALIZE_TEST_KEY", KEY)
+    fake.fail_when = "zeta"  # one chunk fails; its error is quoted in the summary
+    fake.error_prefix = "x" * (200 - len("you sent Bearer ") - len(KEY) // 2)  # the 200-char excerpt ends mid-key
+    summary = convert(_config(tmp_path, fake.url), progress=False)
+    assert "HTTP 500: xxx" in summary.notes[0]
+    assert KEY[: len(KEY) // 2] not in summary.notes[0]
 
 
 def test_document_text_cannot_steer_the_converter(tmp_path, fake):

@@ -226,7 +226,7 @@ def _request(endpoint: _Endpoint, body: dict) -> str:
             if status == 404:
                 raise UserError(f"the generator answered HTTP 404 at {endpoint.url}; check the URL and the model "
                                 f"name ({body['model']})", field="generator")
-            error = f"HTTP {status}: {_redact(response.text[:200], endpoint.key)}"
+            error = f"HTTP {status}: {_redact(response.text, endpoint.key)[:200]}"  # redacted before the cut
             if status != 429 and status < 500:
                 raise _ChunkFailed(error)  # a bad request stays bad: no retry
             retry_after = response.headers.get("retry-after", "")
