@@ -12,7 +12,9 @@ import yaml
 from specialize.config import CompareConfig
 from specialize.data.templates import CHATML_TEMPLATE, install_template, ours
 from specialize.errors import UserError
-from specialize.evaluate.compare import compare, find_base, load_base_generator, parse_predictions
+from specialize.evaluate.compare import (compare, fewshot_pool, find_base, load_base_generator, parse_predictions,
+                                         with_fewshot)
+from specialize.evaluate.run import load_test_examples
 from specialize.generate import Generator
 from specialize.model import load_tokenizer
 from conftest import QA8, write_jsonl
@@ -95,6 +97,57 @@ def test_base_is_prompted_with_the_runs_template(tmp_path, tiny_llama):
     assert generator.template.name == "chatml" and CHATML_TEMPLATE in generator.template.jinja
     assert generator.prompt_ids([{"role": "user", "content": "Hi"}]) == \
         Generator.load(run).prompt_ids([{"role": "user", "content": "Hi"}])
+
+
+# Two paraphrases of one fact: the answers differ only in what exact_match normalises away.
+PARAPHRASES = [{"question": "What is the capital of France?", "answer": "Paris is the capital of France."},
+               {"question": "Which city is the French capital?", "answer": "paris is the capital of France"},
+               {"question": "Who wrote Hamlet?", "answer": "William Shakespeare wrote Hamlet."},
+               {"question": "How many legs does a spider have?", "answer": "A spider has eight legs."}]
+
+
+def contents(messages: list[dict[str, str]]) -> list[str]:
+    return [m["content"] for m in messages]
+
+
+def test_fewshot_never_shows_a_paraphrase_of_the_asked_fact(tmp_path):
+    examples = load_test_examples(str(write_jsonl(tmp_path / "test.jsonl", PARAPHRASES)))
+    asked = with_fewshot(examples, examples, 2)
+    shots = [PARAPHRASES[2]["question"], PARAPHRASES[2]["answer"], PARAPHRASES[3]["question"],
+             PARAPHRASES[3]["answer"]]
+    for i in (0, 1):
+        assert contents(asked[i].messages) == shots + [PARAPHRASES[i]["question"], PARAPHRASES[i]["answer"]]
+        assert asked[i].reference == PARAPHRASES[i]["answer"]
+    assert contents(asked[2].messages)[:2] == [PARAPHRASES[0]["question"], PARAPHRASES[0]["answer"]]
+    labels = load_test_examples(str(write_jsonl(tmp_path / "labels.jsonl", [
+        {"input": "Refund my order", "output": "billing"}, {"input": "I was charged twice", "output": "Billing"},
+        {"input": "The app crashes", "output": "bug"}])))
+    # a label is no leak: classify examples may share the asked row's label
+    assert contents(with_fewshot(labels, labels, 2, "classify")[0].messages)[:4] == [
+        "I was charged twice", "Billing", "The app crashes", "bug"]
+
+
+def test_compare_fewshot_prompts_hold_no_paraphrase_answer(tmp_path, tiny_llama):
+    test = write_jsonl(tmp_path / "test.jsonl", PARAPHRASES)
+    compare(CompareConfig(base=str(tiny_llama), data=[str(test)], fewshot=3, max_new_tokens=2, out=tmp_path / "out"),
+            progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions" / "base+fewshot" / "test.jsonl")
+            .read_text().splitlines()]
+    for i in (0, 1):  # only the two other facts fit, so two shots instead of three
+        assert contents(rows[i]["messages"]) == [PARAPHRASES[2]["question"], PARAPHRASES[2]["answer"],
+                                                 PARAPHRASES[3]["question"], PARAPHRASES[3]["answer"],
+                                                 PARAPHRASES[i]["question"]]
+
+
+def test_fewshot_examples_come_from_the_runs_training_data(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": [str(write_jsonl(tmp_path / "train.jsonl", UNSEEN))]}))
+    splits = {"test": load_test_examples(str(QA8))}
+    assert [e.reference for e in fewshot_pool(str(run), splits)] == [u["answer"] for u in UNSEEN]
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": [str(tmp_path / "moved.jsonl")]}))
+    assert fewshot_pool(str(run), splits) is splits["test"]  # its data moved: the first split
+    assert fewshot_pool(None, splits) is splits["test"]
 
 
 def test_predictions_specs():

@@ -15,6 +15,7 @@ from specialize.config import EvalConfig
 from specialize.data.formats import load_examples
 from specialize.errors import UserError
 from specialize.evaluate import load_predictions, score
+from specialize.evaluate.compare import with_fewshot
 from specialize.evaluate.run import build_conversations, run_eval
 from specialize.retrieval import Retriever, rag_prompt
 from conftest import ASSETS, QA8, write_jsonl
@@ -85,7 +86,7 @@ def test_rag_prompt_in_eval_is_rag_prompt_of_the_top_k(run, tmp_path, capsys):
 
 def test_fewshot_turns_skip_the_question_and_follow_the_system_prompt():
     examples = load_examples([str(QA8)], system_prompt="Answer briefly.")
-    conversations, contexts = build_conversations(examples[:3], shots=examples[:3], fewshot=2)
+    conversations, contexts = build_conversations(with_fewshot(examples[:3], examples[:3], 2))
     assert contexts == [None] * 3
     first = conversations[0]
     assert [m["role"] for m in first] == ["system", "user", "assistant", "user", "assistant", "user"]

@@ -16,8 +16,10 @@ Systems (each answers every split; a split is one `--data` file, named by its fi
 
 The base is prompted with the fine-tuned run's template (and its system prompt, if it trained
 with one), so the comparison measures what training changed, not a prompt-format mismatch.
-`--base` defaults to the base recorded in the run's `train_summary.json`. Few-shot turns are
-the first `fewshot` rows of the first `--data` file, skipping the question being asked.
+`--base` defaults to the base recorded in the run's `train_summary.json`. Few-shot turns come
+from the run's training data (its `config.yaml` `data`), else from the first `--data` file; a
+solved example never shares the asked question or (but for `classify`) its answer, normalised
+as exact_match does, so a paraphrase of the same fact cannot hand the base its answer.
 
 Writes to `--out`: `scorecard.json` (shape in report.py), `predictions/<system>/<split>.jsonl`,
 `report.html`. The summary table is printed on stdout; progress goes to stderr.
@@ -27,16 +29,20 @@ Writes to `--out`: `scorecard.json` (shape in report.py), `predictions/<system>/
 from __future__ import annotations
 
 import gc
+import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from rich.table import Table
 
 from specialize.config import CompareConfig
-from specialize.data.formats import Example
+from specialize.data.formats import Example, load_examples
 from specialize.errors import UserError
+from specialize.evaluate.metrics import normalize_answer
 from specialize.evaluate.run import (SystemResult, console, evaluate_system, judge_config, load_test_examples,
-                                     make_progress, run_settings, stdout_console, warm_up, write_jsonl)
+                                     make_progress, question_of, run_settings, stdout_console, warm_up,
+                                     write_jsonl)
 from specialize.evaluate.scorecard import main_metric, recommend
 from specialize.evaluate.tasks import load_predictions, score
 
@@ -87,6 +93,48 @@ def load_splits(paths: list[str], system_prompt: str | None) -> dict[str, list[E
                             "rename one", path=path)
         splits[name] = load_test_examples(path, system_prompt)
     return splits
+
+
+def fewshot_pool(run: str | None, splits: dict[str, list[Example]]) -> list[Example]:
+    """Solved examples for base+fewshot: the run's training data when it can be read, else the first split.
+
+    Training data is what the fine-tuned model learnt from, so the base is shown the same solved
+    examples; the asked row's own fact is filtered out by `with_fewshot` either way.
+    """
+    if run:
+        settings = run_settings(run)
+        try:
+            pool = [e for e in load_examples(list(settings.get("data") or []), settings.get("system_prompt"))
+                    if e.messages and any(m["role"] == "assistant" for m in e.messages)]
+        except (OSError, UserError):
+            pool = []  # not a specialize run, or its data moved
+        if pool:
+            return pool
+    return next(iter(splits.values()))
+
+
+def with_fewshot(examples: list[Example], pool: list[Example], k: int, task: str = "qa") -> list[Example]:
+    """Each example with the first `k` fitting solved examples of `pool` as earlier turns.
+
+    A solved example fits when neither its question nor its answer equals the asked one's
+    (normalised): paraphrases of one fact share an answer, and would otherwise give it away.
+    For `classify` only the question counts: labels are shared by design, and hiding the asked
+    row's label from the examples would push the base away from the right one. The turns go
+    after any system message, so the model's own template renders them like a conversation.
+    """
+    out = []
+    for example in examples:
+        question = normalize_answer(question_of(example))
+        answer = normalize_answer(example.reference) if task != "classify" else None
+        fitting = (s for s in pool if normalize_answer(question_of(s)) != question
+                   and (answer is None or normalize_answer(s.reference) != answer))
+        turns = [turn for s in itertools.islice(fitting, k)
+                 for turn in ({"role": "user", "content": question_of(s)},
+                              {"role": "assistant", "content": s.reference})]
+        messages = [dict(m) for m in example.messages or []]
+        at = 1 if messages and messages[0]["role"] == "system" else 0
+        out.append(replace(example, messages=messages[:at] + turns + messages[at:]))
+    return out
 
 
 def parse_predictions(specs: list[str], splits: list[str]) -> dict[str, dict[str, str]]:
@@ -147,7 +195,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
         from specialize.retrieval import Retriever
 
         retriever = Retriever.build(cfg.docs)
-    shots = next(iter(splits.values()))[: cfg.fewshot + 1]
+    shots = fewshot_pool(cfg.model or None, splits) if cfg.fewshot else []
     judged = judge_config(cfg)
     out = Path(cfg.out)
     console.print(f"compare: splits {', '.join(f'{k} ({len(v)})' for k, v in splits.items())}; "
@@ -180,8 +228,9 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
             for _, name, system_retriever, k in steps:
                 training[name] = training_cost(cfg.model) if kind == "run" else None
                 for split, examples in splits.items():
+                    asked = with_fewshot(examples, shots, k, cfg.task) if k else examples
                     results.setdefault(name, {})[split] = evaluate_system(
-                        generator, examples, cfg.task, system_retriever, top_k=cfg.top_k, shots=shots, fewshot=k,
+                        generator, asked, cfg.task, system_retriever, top_k=cfg.top_k,
                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar,
                         description=f"{name} / {split}")
             del generator

@@ -68,14 +68,13 @@ def question_of(example: Example) -> str:
     return prompt[last_user_index(prompt)]["content"]
 
 
-def build_conversations(examples: list[Example], retriever=None, top_k: int = 3, shots: list[Example] = (),
-                        fewshot: int = 0) -> tuple[list[list[dict[str, str]]], list[str | None]]:
+def build_conversations(examples: list[Example], retriever=None,
+                        top_k: int = 3) -> tuple[list[list[dict[str, str]]], list[str | None]]:
     """The conversations sent to the model, and the retrieved context of each (None without RAG).
 
     RAG: the last user message becomes `rag_prompt(question, retriever.search(question, top_k))`,
-    exactly as `finetune --rag-docs` builds training prompts. Few-shot: the first `fewshot` of
-    `shots` whose question is not this example's go in front as earlier user/assistant turns
-    (after any system message), so the model's own template renders them like a conversation.
+    exactly as `finetune --rag-docs` builds training prompts. (Few-shot turns are already in the
+    examples: see `compare.with_fewshot`.)
     """
     from specialize.retrieval import rag_prompt
 
@@ -89,12 +88,6 @@ def build_conversations(examples: list[Example], retriever=None, top_k: int = 3,
             contexts.append("\n\n".join(p.text for p in found))
         else:
             contexts.append(None)
-        if fewshot:
-            chosen = [s for s in shots if question_of(s) != question][:fewshot]
-            turns = [turn for s in chosen for turn in ({"role": "user", "content": question_of(s)},
-                                                       {"role": "assistant", "content": s.reference})]
-            at = 1 if messages and messages[0]["role"] == "system" else 0
-            messages = messages[:at] + turns + messages[at:]
         conversations.append(messages)
     return conversations, contexts
 
@@ -113,7 +106,7 @@ def stdout_console() -> Console:
 
 
 def evaluate_system(generator, examples: list[Example], task: str, retriever=None, *, top_k: int = 3,
-                    shots: list[Example] = (), fewshot: int = 0, max_new_tokens: int = 64,
+                    max_new_tokens: int = 64,
                     batch_size: int = 32, progress: Progress | None = None,
                     description: str = "generate") -> SystemResult:
     """Answer every example with one generator and score the answers.
@@ -123,11 +116,10 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
         examples: test examples with an assistant answer (`Example.reference`).
         task: one of `specialize.evaluate.TASKS`.
         retriever: a retriever for RAG prompts, or None.
-        shots, fewshot: few-shot turns (see `build_conversations`).
         progress: a rich Progress to add a bar to (None: quiet).
     """
     start = time.perf_counter()
-    conversations, contexts = build_conversations(examples, retriever, top_k, shots, fewshot)
+    conversations, contexts = build_conversations(examples, retriever, top_k)
     on_batch = None
     if progress is not None:
         bar = progress.add_task(description, total=len(conversations))
