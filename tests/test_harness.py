@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from specialize.errors import UserError
 from specialize.evaluate.harness import OFFLINE_ENV, lm_eval_command, lm_eval_model_args, read_results
 
 HARNESS = Path(__file__).parent / "assets" / "harness"
@@ -31,6 +32,10 @@ def test_model_args_for_full_and_lora_runs(tmp_path):
     lora = _fake_run(tmp_path / "lora", adapter=True)
     # the tokenizer comes from the run, which carries the chat template the base lacks
     assert lm_eval_model_args(lora) == f"pretrained=/models/base,peft={lora / 'model'},tokenizer={lora / 'model'}"
+    chained = _fake_run(tmp_path / "chained", adapter=True)  # a LoRA trained on the LoRA run
+    (chained / "model" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(lora / "model")}))
+    with pytest.raises(UserError, match="lm-eval cannot stack adapters: run `specialize export"):
+        lm_eval_model_args(chained)
     argv = lm_eval_command(full, ["specialize_qa8", "arc_easy"], include_path=HARNESS, limit=4)
     assert argv[1:] == ["-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={full / 'model'}",
                         "--tasks", "specialize_qa8,arc_easy", "--batch_size", "8", "--include_path", str(HARNESS),

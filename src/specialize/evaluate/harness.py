@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from specialize.errors import UserError
 from specialize.model import is_adapter, model_dir
 
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -31,8 +32,12 @@ def lm_eval_model_args(run: str | Path) -> str:
     if not is_adapter(run):
         return f"pretrained={folder}"
     config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    base = config["base_model_name_or_path"]
+    if is_adapter(base):  # a LoRA trained on a LoRA run: lm-eval loads one adapter over a plain model
+        raise UserError(f"this LoRA was trained on another LoRA run ({base}); lm-eval cannot stack adapters: "
+                        f"run `specialize export --model {run} --out DIR` and evaluate DIR")
     # the tokenizer comes from the run: the base's would not carry the run's chat template
-    return f"pretrained={config['base_model_name_or_path']},peft={folder},tokenizer={folder}"
+    return f"pretrained={base},peft={folder},tokenizer={folder}"
 
 
 def lm_eval_command(run: str | Path, tasks: list[str], *, include_path: str | Path | None = None,
