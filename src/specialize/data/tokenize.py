@@ -1,6 +1,8 @@
 """Examples → token ids and labels, and micro-batches (padded or packed).
 
 The rules every fine-tuning bug report is about, pinned by tests:
+- a conversation is tokenised as one string, as inference tokenises its prompt, and labelled by
+  character spans (see `encode_chat`);
 - prompt tokens get label -100 (unless `train_on_prompt`), answer tokens and EOS are trained;
 - padding is masked *by position* (attention mask and labels), never by token id, so EOS is
   still trained when the tokenizer pads with its EOS token;
@@ -11,8 +13,10 @@ The rules every fine-tuning bug report is about, pinned by tests:
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -58,16 +62,88 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def encode_chat(example: Example, tokenizer, template: Template, train_on_prompt: bool = False) -> Encoded:
-    """Tokenise a conversation piece by piece, so the prompt's tokens equal those at inference."""
+    """Tokenise a conversation as one string, as inference tokenises a prompt, and train its answers.
+
+    `templates.segments` splits the rendered conversation into prompt and answer pieces; an
+    answer piece is the assistant's text plus the EOS / end of turn the template renders after
+    it. The whole text is tokenised at once: tokenising the pieces one by one gives the same ids
+    for byte-level BPE (GPT-2, Llama-3, Qwen) but for merges across pieces, and not for
+    SentencePiece-style tokenizers (Llama-2, Mistral, Gemma), which put a `▁` at the start of
+    every string they tokenise.
+
+    Labels come from character offsets (see `_spans` for where a token begins). Boundary rules:
+    - a token is trained when it begins inside an answer piece, so one across the end of an
+      answer (into the next prompt) is trained;
+    - where an answer starts, an inference prompt ends: if a token crosses that point (a merge,
+      e.g. " Thanks" after a prompt ending in a space), the text is cut there and the rest is
+      tokenised as a continuation, so training sees exactly the inference prompt's tokens. Later
+      prompts rendered whole then hold the merge that training cut: no single sequence can match
+      both, and lint reports it as `template_roundtrip`.
+
+    Tokenizers without offsets (slow ones) are tokenised piece by piece instead.
+    """
+    pieces = segments(template, tokenizer, example.messages)
+    if not getattr(tokenizer, "is_fast", False):
+        return _encode_pieces(pieces, tokenizer, train_on_prompt, example.source)
+    text = "".join(piece for piece, _ in pieces)
+    piece_starts = list(accumulate((len(piece) for piece, _ in pieces[:-1]), initial=0))  # chars
+    input_ids, spans = _spans(tokenizer, text)
+    cuts = [start for start, (_, trained) in zip(piece_starts, pieces)
+            if trained and start > 0 and _crossed(spans, start)]
+    if cuts:
+        input_ids, spans = [], []
+        for lo, hi in zip([0, *cuts], [*cuts, len(text)]):
+            ids, chunk_spans = _spans(tokenizer, text[lo:hi], continuation=lo > 0)
+            input_ids += ids
+            spans += [(begin + lo, end + lo) for begin, end in chunk_spans]
+    labels = []
+    for token, (begin, _) in zip(input_ids, spans):
+        trained = pieces[bisect_right(piece_starts, begin) - 1][1]
+        labels.append(token if (trained or train_on_prompt) else IGNORE)
+    if labels:
+        labels[0] = IGNORE  # nothing predicts the first token
+    return Encoded(input_ids, labels, example.source)
+
+
+def _spans(tokenizer, text: str, continuation: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of `text` and the [begin, end) characters of each token.
+
+    A token begins where the previous one ended, or earlier if its own offsets say so: byte-level
+    post-processors trim a leading space off the offsets, and the byte tokens of one character
+    share its offsets. `continuation` tokenises the text as it reads after a cut rather than as
+    the start of a string (where SentencePiece puts a `▁`): after the EOS token, then dropped.
+    """
+    anchor = tokenizer.eos_token if continuation and tokenizer.eos_token else ""
+    encoding = tokenizer(anchor + text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], [tuple(offset) for offset in encoding["offset_mapping"]]
+    if anchor:
+        if ids[:1] != [tokenizer.eos_token_id] or offsets[0] != (0, len(anchor)):
+            return _spans(tokenizer, text)  # EOS is read as plain text (split_special_tokens): no anchor
+        ids, offsets = ids[1:], [(start - len(anchor), end - len(anchor)) for start, end in offsets[1:]]
+    spans, previous_end = [], 0
+    for start, end in offsets:
+        spans.append((min(start, previous_end), end))
+        previous_end = end
+    return ids, spans
+
+
+def _crossed(spans: list[tuple[int, int]], char: int) -> bool:
+    """True when one token covers characters on both sides of position `char`."""
+    after = bisect_left(spans, (char,))  # the first token beginning at or after `char`
+    return after > 0 and spans[after - 1][1] > char
+
+
+def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer, train_on_prompt: bool, source: str) -> Encoded:
+    """The fallback without offsets: each piece tokenised alone (exact for byte-level BPE only)."""
     input_ids: list[int] = []
     labels: list[int] = []
-    for text, trained in segments(template, tokenizer, example.messages):
+    for text, trained in pieces:
         ids = _ids(tokenizer, text)
         input_ids.extend(ids)
         labels.extend(ids if (trained or train_on_prompt) else [IGNORE] * len(ids))
     if labels:
         labels[0] = IGNORE  # nothing predicts the first token
-    return Encoded(input_ids, labels, example.source)
+    return Encoded(input_ids, labels, source)
 
 
 def encode_text(example: Example, tokenizer, max_seq_tokens: int) -> list[Encoded]:
@@ -83,10 +159,11 @@ def encode_text(example: Example, tokenizer, max_seq_tokens: int) -> list[Encode
 
 
 def encode_examples(examples: list[Example], tokenizer, template: Template, max_seq_tokens: int,
-                    train_on_prompt: bool = False) -> tuple[list[Encoded], EncodeReport]:
+                    train_on_prompt: bool = False, required: bool = True) -> tuple[list[Encoded], EncodeReport]:
     """Encode every example; over-long ones are dropped and reported, never truncated.
 
-    Raises `UserError` when nothing is left to train on, naming the reason and the first example.
+    Raises `UserError` when nothing is left to train on (unless not `required`: eval data),
+    naming the reason and the first example.
     """
     report = EncodeReport()
     encoded: list[Encoded] = []
@@ -109,7 +186,7 @@ def encode_examples(examples: list[Example], tokenizer, template: Template, max_
             continue
         encoded.append(item)
         report.kept += 1
-    if not encoded:
+    if not encoded and required:
         reasons = "; ".join(report.lines()) or "no examples"
         raise UserError(f"nothing left to train on: {reasons}")
     return encoded, report
