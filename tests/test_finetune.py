@@ -161,3 +161,19 @@ def test_max_seq_tokens_beyond_the_model_context_is_one_clear_error(tmp_path, ti
     with pytest.raises(UserError, match=r"--max-seq-tokens 100000 is longer than the \d+ positions"):
         finetune(_cfg(tiny_gpt2, tmp_path / "long", max_steps=1, max_seq_tokens=100000))
     assert not (tmp_path / "long" / "model").exists()
+
+
+def test_dropped_eval_examples_are_reported_and_never_blamed_on_training_data(tmp_path, tiny_llama, capsys):
+    long = {"question": "Tell me everything.", "answer": " ".join(["word"] * 400)}
+    short = {"question": "Which city is the capital of Peru?", "answer": "Lima is the capital of Peru."}
+    mixed, too_long = tmp_path / "mixed.jsonl", tmp_path / "long.jsonl"
+    mixed.write_text(json.dumps(long) + "\n" + json.dumps(short) + "\n", encoding="utf-8")
+    too_long.write_text(json.dumps(long) + "\n", encoding="utf-8")
+    run = finetune(_cfg(tiny_llama, tmp_path / "mixed", max_steps=1, max_seq_tokens=128, eval_data=[str(mixed)]))
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "warning: eval data: dropped 1 example(s): longer than --max-seq-tokens 128 (first: " in err
+    assert "mixed.jsonl:1)" in err and "8 training sequences, 1 eval" in err
+    assert json.loads((run / "train_summary.json").read_text())["eval_loss"] is not None
+    run = finetune(_cfg(tiny_llama, tmp_path / "none", max_steps=1, max_seq_tokens=128, eval_data=[str(too_long)]))
+    assert "no eval example is left, so this run reports no eval loss" in " ".join(capsys.readouterr().err.split())
+    assert json.loads((run / "train_summary.json").read_text())["eval_loss"] is None

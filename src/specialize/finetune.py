@@ -100,11 +100,16 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if cfg.rag_docs:
         train_examples = _add_retrieved_context(train_examples, cfg)
     train_items, report = encode_examples(train_examples, tokenizer, template, cfg.max_seq_tokens, cfg.train_on_prompt)
-    eval_items = encode_examples(eval_examples, tokenizer, template, cfg.max_seq_tokens, cfg.train_on_prompt)[0] \
-        if eval_examples else []
+    eval_items, eval_report = encode_examples(eval_examples, tokenizer, template, cfg.max_seq_tokens,
+                                              cfg.train_on_prompt, required=False)
     if main:
         for line in report.lines():
             console.print("[yellow]warning:[/] " + escape(line), highlight=False)
+        for line in eval_report.lines():
+            console.print("[yellow]warning:[/] eval data: " + escape(line), highlight=False)
+        if eval_examples and not eval_items:
+            console.print("[yellow]warning:[/] no eval example is left, so this run reports no eval loss",
+                          highlight=False)
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
     model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, dtype=_weights_dtype(cfg, accelerator.device),
