@@ -116,10 +116,11 @@ def test_rouge_l_exact_numbers():
 
 
 def test_classification_by_hand():
-    # labels a, b, c, d; F1: a 2/3 (tp1 fn1), b 2/3 (tp1 fp1), c 0, d 0 -> macro 1/3
+    # gold classes a, b, c; F1: a 2/3 (tp1 fn1), b 2/3 (tp1 fp1), c 0 -> macro 4/9; "d" is off-label
     out = m.classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", "d"])
     assert out["accuracy"] == 0.5
-    assert out["macro_f1"] == pytest.approx(1 / 3)
+    assert out["macro_f1"] == pytest.approx(4 / 9)
+    assert out["off_label_rate"] == 0.25
     assert out["confusion_matrix"] == {
         "a": {"a": 1, "b": 1, "c": 0, "d": 0}, "b": {"a": 0, "b": 1, "c": 0, "d": 0},
         "c": {"a": 0, "b": 0, "c": 0, "d": 1}, "d": {"a": 0, "b": 0, "c": 0, "d": 0}}
@@ -131,12 +132,13 @@ def test_score_classify_normalises_labels():
             {"prediction": "refund", "reference": "refund"},
             {"prediction": "Refund.", "reference": "shipping"}]
     metrics, per = score("classify", rows)
-    # labels billing, refund, refund., shipping: F1 billing 2/3, refund 2/3, others 0
+    # gold classes billing, refund, shipping: F1 billing 2/3, refund 2/3, shipping 0; "refund." is off-label
     assert metrics["accuracy"] == 0.5
-    assert metrics["macro_f1"] == pytest.approx(1 / 3)
+    assert metrics["macro_f1"] == pytest.approx(4 / 9)
+    assert metrics["off_label_rate"] == 0.25
     assert metrics["confusion_matrix"]["refund"] == {"billing": 1, "refund": 1, "refund.": 0, "shipping": 0}
     assert [e["categories"] for e in per] == [["correct"], ["wrong"], ["correct"], ["wrong", "bad_format"]]
-    assert set(metrics) == {"accuracy", "macro_f1", "confusion_matrix", "repetition_rate",
+    assert set(metrics) == {"accuracy", "macro_f1", "off_label_rate", "confusion_matrix", "repetition_rate",
                             "mean_length", "n", "error_counts"}
 
 

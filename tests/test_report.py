@@ -40,6 +40,21 @@ def test_quality_tie_prefers_shorter_prompt():
         in rec["reasons"]
 
 
+def test_an_unknown_cost_never_wins_a_cost_tie_break():
+    # an outside system scored from a predictions file has no prompt-token or latency figures
+    outside = system("gpt4o", {"test": (0.81, 0.05)}, None, None)
+    rec = recommend([system("base", {"test": (0.50, 0.2)}, 40, 0.1),
+                     system("finetuned", {"test": (0.80, 0.05)}, 60, 0.1, FT),
+                     system("base+rag", {"test": (0.80, 0.05)}, 800, 0.4), outside])
+    assert rec["system"] == "finetuned"
+    assert rec["reasons"][1] == ("finetuned is within 0.02 of it (0.800), gpt4o's cost per example is unknown, "
+                                 "so the measured one is preferred.")
+    rec = recommend([system("base", {"test": (0.50, 0.2)}, 40, 0.1), outside])
+    assert rec["system"] == "gpt4o"  # clearly better: quality decides before cost
+    rec = recommend([system("base", {"test": (0.80, 0.05)}, 40, 0.1), outside])
+    assert rec["system"] == "base"
+
+
 def test_equal_cost_tie_prefers_no_training():
     rec = recommend([system("fine-tuned", {"test": (0.71, 0.1)}, 42, 0.105, FT),
                      system("base", {"test": (0.70, 0.1)}, 40, 0.100)])

@@ -113,18 +113,22 @@ def normalize_label(label: str) -> str:
 
 
 def classification_metrics(gold: list[str], predicted: list[str]) -> dict:
-    """Accuracy, macro-F1 and confusion matrix over already normalised labels.
+    """Accuracy, macro-F1, off-label rate and confusion matrix over already normalised labels.
 
-    Macro-F1 averages per-label F1 over the union of gold and predicted labels, as
-    sklearn's `f1_score(average="macro", labels=union)` does; a label with no true positive has
-    F1 0. `confusion_matrix[gold][predicted]` is a count, rows and columns sorted.
+    Macro-F1 averages per-label F1 over the labels of the gold set (the task's classes), as
+    sklearn's `f1_score(average="macro", labels=sorted(set(gold)))` does; a label with no true
+    positive has F1 0. A prediction outside that set ("billing." for "billing") is a miss for its
+    gold class but not a class of its own: with the union of labels, a few free-text slips would
+    each add a zero to the average. `off_label_rate` counts them instead.
+    `confusion_matrix[gold][predicted]` is a count over the union of labels, rows and columns sorted.
     """
+    classes = sorted(set(gold))
     labels = sorted(set(gold) | set(predicted))
     matrix = {g: {p: 0 for p in labels} for g in labels}
     for g, p in zip(gold, predicted):
         matrix[g][p] += 1
     f1s = []
-    for label in labels:
+    for label in classes:
         tp = matrix[label][label]
         fp = sum(matrix[g][label] for g in labels) - tp
         fn = sum(matrix[label].values()) - tp
@@ -134,6 +138,7 @@ def classification_metrics(gold: list[str], predicted: list[str]) -> dict:
     return {
         "accuracy": correct / len(gold) if gold else 0.0,
         "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0,
+        "off_label_rate": sum(p not in set(classes) for p in predicted) / len(predicted) if predicted else 0.0,
         "confusion_matrix": matrix,
     }
 

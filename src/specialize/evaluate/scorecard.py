@@ -48,15 +48,22 @@ def _mean_over(system: dict, splits: list[str], key: str) -> float | None:
 
 
 def _keep_near_best(names: list[str], value: dict[str, float | None], lower_is_better: bool,
-                    absolute: float = 0.0, relative: float = 0.0) -> list[str]:
-    """Names whose value is within the tolerance of the best one (all, if a value is missing)."""
-    if any(value[n] is None for n in names):
+                    absolute: float = 0.0, relative: float = 0.0, unknown_stays: bool = True) -> list[str]:
+    """Names whose value is within the tolerance of the best known one.
+
+    Names without a value stay when `unknown_stays` (an unmeasured hallucination rate is no
+    reason to drop a system); otherwise they go whenever some name has a value (an unknown
+    cost, as of a `--predictions` system, can never win a cost tie-break).
+    """
+    known = [n for n in names if value[n] is not None]
+    if not known:
         return names
     sign = 1 if lower_is_better else -1
-    best = min(sign * value[n] for n in names)
+    best = min(sign * value[n] for n in known)
     # the epsilon keeps 0.80 "within 0.02" of 0.82 despite binary floating point
     limit = best + absolute + relative * abs(best) + 1e-9
-    return [n for n in names if sign * value[n] <= limit]
+    return [n for n in names if (value[n] is None and unknown_stays)
+            or (value[n] is not None and sign * value[n] <= limit)]
 
 
 def _fmt(x: float) -> str:
@@ -92,14 +99,17 @@ def recommend(systems: list[dict], *, quality_margin: float = QUALITY_MARGIN,
     candidates = _keep_near_best(names, quality, lower_is_better=False, absolute=quality_margin)
     candidates = _keep_near_best(candidates, halluc, lower_is_better=True,
                                  absolute=hallucination_margin)
-    candidates = _keep_near_best(candidates, tokens, lower_is_better=True, relative=cost_tolerance)
-    candidates = _keep_near_best(candidates, latency, lower_is_better=True, relative=cost_tolerance)
+    candidates = _keep_near_best(candidates, tokens, lower_is_better=True, relative=cost_tolerance,
+                                 unknown_stays=False)
+    candidates = _keep_near_best(candidates, latency, lower_is_better=True, relative=cost_tolerance,
+                                 unknown_stays=False)
     chosen = min(candidates, key=lambda n: (train_s[n], names.index(n)))
 
     if chosen != best:
-        reasons.append(
-            f"{chosen} is within {quality_margin} of it ({_fmt(quality[chosen])}), "
-            f"so the cheaper or more faithful system is preferred.")
+        unknown_cost = tokens[best] is None or latency[best] is None
+        why = (f"{best}'s cost per example is unknown, so the measured one is preferred" if unknown_cost
+               else "so the cheaper or more faithful system is preferred")
+        reasons.append(f"{chosen} is within {quality_margin} of it ({_fmt(quality[chosen])}), {why}.")
     if halluc[chosen] is not None:
         others = [n for n in names if n != chosen and halluc[n] is not None]
         text = f"{chosen} hallucination rate: {_fmt(halluc[chosen])}"

@@ -12,7 +12,7 @@ Metrics per task (all means over rows, 0-1 scale, except `mean_length` in words 
 | task     | task metrics                                                     |
 | -------- | ---------------------------------------------------------------- |
 | qa       | exact_match, f1, rouge_l                                         |
-| classify | accuracy, macro_f1, confusion_matrix                             |
+| classify | accuracy, macro_f1 (gold classes), off_label_rate, confusion_matrix |
 | extract  | JSON targets: exact_match, field_f1, json_valid; else exact_match, f1 |
 | generate | rouge_l, length_ratio (prediction words / reference words, summed)  |
 
