@@ -132,6 +132,16 @@ def test_run_blocks_match_an_independent_tokenisation(base_run, corpus_dir):
     assert eos_total == len(documents) - (stream % BLOCK > 0)  # the last EOS is in the dropped tail
 
 
+def test_special_tokens_written_in_a_document_are_text(base_run):
+    tokenizer = load_tokenizer(base_run)
+    text = "A tokenizer ends documents with <|endoftext|> and pads with <|pad|>."
+    [ids] = tokenize_documents(tokenizer, [text])
+    assert tokenizer.eos_token_id not in ids and tokenizer.pad_token_id not in ids
+    assert tokenizer.decode(ids) == text
+    packed = pack_blocks([ids], tokenizer.eos_token_id, 4)
+    assert sum(b.count(tokenizer.eos_token_id) for b in packed.blocks) <= 1  # only the one between documents
+
+
 # --- training -----------------------------------------------------------------------------------
 
 

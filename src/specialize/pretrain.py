@@ -131,9 +131,14 @@ def _no_length_warning(tokenizer):
 
 
 def tokenize_documents(tokenizer, documents: list[str]) -> list[list[int]]:
-    """Token ids of every document, in one batched call of the fast tokenizer (parallel in Rust)."""
+    """Token ids of every document, in one batched call of the fast tokenizer (parallel in Rust).
+
+    Special tokens written in the text ("<|endoftext|>" in a document about tokenizers) are read
+    as text: only `pack_blocks` puts EOS ids between documents.
+    """
     with _no_length_warning(tokenizer):
-        return tokenizer(documents, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return tokenizer(documents, add_special_tokens=False, return_attention_mask=False,
+                         split_special_tokens=True)["input_ids"]
 
 
 @dataclass
