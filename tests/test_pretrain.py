@@ -26,7 +26,7 @@ from specialize.config import PretrainConfig, load_config
 from specialize.data.tokenize import IGNORE
 from specialize.errors import UserError
 from specialize.model import build_config, build_model, load_model, load_tokenizer
-from specialize.pretrain import (pack_blocks, pretrain, read_documents, split_blocks, to_items,
+from specialize.pretrain import (pack_blocks, pretrain, read_documents, split_blocks, split_held_out, to_items,
                                  tokenize_documents)
 from specialize.train import evaluate_loss, make_accelerator
 
@@ -103,6 +103,21 @@ def test_items_train_every_token_but_the_first_of_a_block():
     assert item.target_tokens == 3
 
 
+def test_held_out_documents_share_no_block_with_training():
+    docs = [[100 + d] * (3 + d % 4) for d in range(20)]  # document d is made of token 100 + d only
+    split = split_held_out(docs, eos_id=0, block_tokens=4, fraction=0.2, seed=1)
+    assert split.by == "documents" and split.documents == 20
+    held_tokens = {t for b in split.eval for t in b} - {0}
+    train_tokens = {t for b in split.train for t in b} - {0}
+    assert len(held_tokens) == 4 and not held_tokens & train_tokens  # 4 whole documents, in no training block
+    assert split_held_out(docs, 0, 4, 0.2, seed=1) == split  # seeded
+    assert (len(split.train) + len(split.eval)) * 4 + split.dropped_tokens == split.stream_tokens
+    # One long document (a single text file): blocks are held out instead, and it says so.
+    one = split_held_out([list(range(1, 200))], eos_id=0, block_tokens=4, fraction=0.1, seed=0)
+    assert one.by == "blocks" and len(one.eval) == 5
+    assert split_held_out(docs, 0, 4, 0.0, seed=0).by == "none"
+
+
 def test_held_out_blocks_are_seeded_and_need_ten_blocks():
     blocks = [[i] * 4 for i in range(40)]
     assert split_blocks(blocks[:9], 0.5, seed=0) == (blocks[:9], [])  # too few to hold any out
@@ -124,8 +139,9 @@ def test_run_blocks_match_an_independent_tokenisation(base_run, corpus_dir):
     stream = sum(len(ids) + 1 for ids in per_doc)  # + one EOS per document
     assert summary["documents"] == len(documents)
     assert summary["corpus_tokens"] == stream
-    assert summary["dropped_tokens"] == stream % BLOCK
-    assert summary["train_blocks"] + summary["eval_blocks"] == stream // BLOCK
+    assert summary["held_out_by"] == "documents"  # each side packed on its own: two partial tails
+    assert summary["train_blocks"] * BLOCK + summary["eval_blocks"] * BLOCK + summary["dropped_tokens"] == stream
+    assert summary["dropped_tokens"] < 2 * BLOCK
     packed = pack_blocks(per_doc, tokenizer.eos_token_id, BLOCK)
     assert all(len(b) == BLOCK for b in packed.blocks)
     eos_total = sum(b.count(tokenizer.eos_token_id) for b in packed.blocks)
@@ -150,8 +166,9 @@ def test_pretraining_lowers_held_out_loss(base_run, corpus_dir):
     # Recompute the held-out blocks and both losses from the run folder alone.
     tokenizer = load_tokenizer(base_run)
     cfg = _config(base_run.parent, [str(corpus_dir)], **BASE_RUN)
-    packed = pack_blocks(tokenize_documents(tokenizer, read_documents(cfg.data)), tokenizer.eos_token_id, BLOCK)
-    held = to_items(split_blocks(packed.blocks, cfg.eval_fraction, cfg.seed)[1])
+    split = split_held_out(tokenize_documents(tokenizer, read_documents(cfg.data)), tokenizer.eos_token_id, BLOCK,
+                           cfg.eval_fraction, cfg.seed)
+    held = to_items(split.eval)
     assert len(held) == summary["eval_blocks"] > 0
     accelerator = make_accelerator("fp32")
     run_cfg = cfg.model_copy(update={"packing": False})

@@ -44,7 +44,7 @@ from specialize.examples.pydocs import PydocsPaths, load_or_build
 console = Console(stderr=True)
 
 # Bump when the way the base is trained changes without a DemoConfig field changing.
-BASE_FORMAT = 1
+BASE_FORMAT = 2  # 2: held-out documents, not blocks
 BASE_MARKER = "demo_base.json"  # written last into a cached base: its key inputs and build time
 PRETRAIN_BLOCK_TOKENS = 256
 PRETRAIN_BATCH_BLOCKS = 16

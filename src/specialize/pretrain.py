@@ -8,7 +8,8 @@ The pipeline, one function per step:
 2. `prepare_tokenizer`: an existing tokenizer, or a byte-level BPE trained here on the text;
 3. `tokenize_documents` + `pack_blocks`: one stream doc + EOS + doc + EOS …, cut into
    consecutive blocks of `max_seq_tokens`; the last partial block is dropped and reported;
-4. `split_blocks`: a seeded share of blocks held out for perplexity;
+4. `split_held_out`: seeded whole documents held out for perplexity (a share of blocks when there
+   are too few documents), so no held-out block shares a document with training;
 5. the shared training loop (`specialize.train.train`), from a seeded random init.
 
 The run folder matches finetune's: `config.yaml`, `metrics.jsonl`, `checkpoints/`,
@@ -43,6 +44,7 @@ from specialize.train import evaluate_loss, make_accelerator, train
 console = Console(stderr=True)
 
 MIN_BLOCKS_FOR_EVAL = 10  # fewer blocks are all trained on: one held-out block says little
+MIN_DOCUMENTS_FOR_EVAL = 10  # fewer documents: blocks are held out instead of whole documents
 
 
 def read_documents(sources: list[str]) -> list[str]:
@@ -181,6 +183,45 @@ def split_blocks(blocks: list[list[int]], fraction: float, seed: int) -> tuple[l
     return [b for i, b in enumerate(blocks) if i not in held], [b for i, b in enumerate(blocks) if i in held]
 
 
+@dataclass
+class HeldOut:
+    """Training and held-out blocks, and how they were split ("documents", "blocks" or "none")."""
+
+    train: list[list[int]]
+    eval: list[list[int]]
+    by: str
+    documents: int
+    stream_tokens: int
+    dropped_tokens: int  # the last partial block of each side
+
+
+def split_held_out(token_docs: list[list[int]], eos_id: int, block_tokens: int, fraction: float,
+                   seed: int) -> HeldOut:
+    """Hold out a seeded `fraction` of whole documents, and pack each side into blocks on its own.
+
+    Blocks cut from one stream cross documents, so holding out blocks would put the rest of a
+    held-out block's document (and any duplicate of it) into training, and the held-out
+    perplexity would flatter the model. With fewer than MIN_DOCUMENTS_FOR_EVAL documents (one big
+    text file), or when the held-out documents fill no block, blocks are held out instead.
+    """
+    docs = [ids for ids in token_docs if ids]
+    if fraction > 0 and len(docs) >= MIN_DOCUMENTS_FOR_EVAL:
+        order = list(range(len(docs)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(len(docs) - 1, max(1, round(len(docs) * fraction)))
+        held = set(order[:n_eval])
+        train = pack_blocks([d for i, d in enumerate(docs) if i not in held], eos_id, block_tokens)
+        evaluation = pack_blocks([d for i, d in enumerate(docs) if i in held], eos_id, block_tokens)
+        if train.blocks and evaluation.blocks:
+            return HeldOut(train.blocks, evaluation.blocks, "documents", len(docs),
+                           train.stream_tokens + evaluation.stream_tokens,
+                           train.dropped_tokens + evaluation.dropped_tokens)
+    packed = pack_blocks(docs, eos_id, block_tokens)
+    train_blocks, eval_blocks = split_blocks(packed.blocks, fraction, seed)
+    return HeldOut(train_blocks, eval_blocks, "blocks" if eval_blocks else "none", packed.documents,
+                   packed.stream_tokens, packed.dropped_tokens)
+
+
 def to_items(blocks: list[list[int]], source: str = "pretrain") -> list[Encoded]:
     """Every token but the first of a block is a target (nothing in the block predicts the first)."""
     return [Encoded(block, [IGNORE] + block[1:], source) for block in blocks]
@@ -225,17 +266,18 @@ def pretrain(cfg: PretrainConfig) -> Path:
     tokenizer = prepare_tokenizer(cfg, documents, out, accelerator)
     started = time.perf_counter()
     with console.status(f"tokenising {len(documents):,} documents…") if show else nullcontext():
-        packed = pack_blocks(tokenize_documents(tokenizer, documents), tokenizer.eos_token_id, cfg.max_seq_tokens)
-    if not packed.blocks:
+        packed = split_held_out(tokenize_documents(tokenizer, documents), tokenizer.eos_token_id,
+                                cfg.max_seq_tokens, cfg.eval_fraction, cfg.seed)
+    if not packed.train:
         raise UserError(f"the text is {packed.stream_tokens:,} tokens, less than one block of --max-seq-tokens "
                         f"{cfg.max_seq_tokens}; add text or lower --max-seq-tokens")
-    train_blocks, eval_blocks = split_blocks(packed.blocks, cfg.eval_fraction, cfg.seed)
+    train_blocks, eval_blocks = packed.train, packed.eval
     train_items, eval_items = to_items(train_blocks), to_items(eval_blocks)
     if main:
         console.print(f"data: {packed.documents:,} documents, {packed.stream_tokens:,} tokens (tokenised in "
                       f"{time.perf_counter() - started:.1f}s) → {len(train_blocks):,} training blocks of "
-                      f"{cfg.max_seq_tokens} tokens, {len(eval_blocks):,} held out; the last partial block "
-                      f"({packed.dropped_tokens:,} tokens) is dropped")
+                      f"{cfg.max_seq_tokens} tokens, {len(eval_blocks):,} held out (by {packed.by}); the partial "
+                      f"block at the end of each ({packed.dropped_tokens:,} tokens) is dropped")
         if not eval_blocks:
             console.print(f"[yellow]warning:[/] no held-out perplexity: fewer than {MIN_BLOCKS_FOR_EVAL} blocks "
                           "or eval_fraction 0")
@@ -265,7 +307,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "tokenizer": cfg.tokenizer or str(out / "tokenizer"), "vocab_size": len(tokenizer),
             "block_tokens": cfg.max_seq_tokens, "documents": packed.documents,
             "corpus_tokens": packed.stream_tokens, "train_blocks": len(train_blocks),
-            "eval_blocks": len(eval_blocks), "dropped_tokens": packed.dropped_tokens}
+            "eval_blocks": len(eval_blocks), "held_out_by": packed.by, "dropped_tokens": packed.dropped_tokens}
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         held_out = (f", held-out perplexity {summary['eval_perplexity']:.2f} (eval loss {result.eval_loss:.3f}, "
                     f"random init {initial_eval_loss:.3f})" if result.eval_loss is not None else "")
