@@ -282,3 +282,43 @@ def test_malformed_and_deeply_nested_html_still_reads():
             + "<section><span>" * 3000 + "<h2>هل هو عميق؟</h2><p>نعم")
     rows, _ = extract_pairs(Path("deep.html"), html, "deep.html")
     assert [(r["question"], r["answer"]) for r in rows] == [("Is it deep?", "Very.\nReally."), ("هل هو عميق؟", "نعم")]
+
+
+DETAILS_HTML = ("<title>FAQ</title>"
+                "<details><summary>How do I pay?</summary>By card, or by <b>invoice</b> for teams.</details>"
+                "<details><summary>Can I get a refund?</summary>\n  Yes, within 30 days.\n</details>"
+                "<details><summary>Which plans are there?</summary>Three:<ul><li>Free</li><li>Team</li></ul>"
+                "Switch any time under <code>Settings</code>.</details>")
+DETAILS_MD = ("# FAQ\n\n<details>\n<summary>How do I pay?</summary>\nBy card, or by <b>invoice</b> for teams.\n"
+              "</details>\n\n<details><summary>Can I get a refund?</summary>Yes, within 30 days.</details>\n\n"
+              "<details>\n<summary>Which plans are there?</summary>\n\nThree:\n\n- Free\n- Team\n\n"
+              "Switch any time under `Settings`.\n\n</details>\n")
+
+
+@pytest.mark.parametrize("name, text, lines", [("f.html", DETAILS_HTML, [1, 1, 3]), ("f.md", DETAILS_MD, [3, 8, 10])])
+def test_details_answer_keeps_text_outside_tags(name, text, lines):
+    # Text right after </summary> is the answer too: mixed with tags, without any tag, or around a list.
+    rows, dropped = extract_pairs(Path(name), text, name)
+    assert [(r["question"], r["answer"], r["source"]) for r in rows] == [
+        (question, answer, {"file": name, "line": line, "converter": "faq", "via": "details"})
+        for (question, answer), line in zip([
+            ("How do I pay?", "By card, or by invoice for teams."),
+            ("Can I get a refund?", "Yes, within 30 days."),
+            ("Which plans are there?", "Three:\n\n- Free\n- Team\n\nSwitch any time under `Settings`.")], lines)]
+    assert dropped == {}
+
+
+def test_jsonld_answer_is_html_only_with_real_tags():
+    html = """<html><head><title>Help</title><script type="application/ld+json">{"@type": "FAQPage",
+      "mainEntity": [
+        {"@type": "Question", "name": "How do I confirm?",
+         "acceptedAnswer": {"text": "Press <Enter> to confirm,\\nor <Esc> & <Select> to retry."}},
+        {"@type": "Question", "name": "Where is the manual?",
+         "acceptedAnswer": {"text": "If a < b > c, see <a href=\\"/m\\">the <b>manual</b></a>."}},
+        {"@type": "Question", "name": "Two lines?", "acceptedAnswer": {"text": "One<br>Two"}}]}
+    </script></head><body><p>Hi</p></body></html>"""
+    rows, _ = extract_pairs(Path("j.html"), html, "j.html")
+    assert [(r["question"], r["answer"], r["source"]["via"]) for r in rows] == [
+        ("How do I confirm?", "Press <Enter> to confirm,\nor <Esc> & <Select> to retry.", "json-ld"),
+        ("Where is the manual?", "If a < b > c, see the manual.", "json-ld"),
+        ("Two lines?", "One\nTwo", "json-ld")]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from specialize.data.convert.faq import (A_PREFIX, Q_PREFIX, QUESTION_MARKS, Item, Pair, clean_question, is_faq_title,
                                          looks_like_question, split_q_prefixed)
 from specialize.data.convert.htmltext import BLOCK, SKIP, clean_page, heading_text, render, render_element
-from specialize.data.convert.htmltree import HEADINGS, Node, parse_html
+from specialize.data.convert.htmltree import HEADINGS, INLINE, VOID, Node, parse_html
 
 _Q_CLASS = re.compile(r"(^|[-_])(question|faq[-_]?q|faq[-_]?(title|header|heading|toggle|trigger)|"
                       r"(toggle|accordion|collapsible)[-_]?(title|header|heading|trigger))$")
@@ -33,6 +33,10 @@ _A_CLASS = re.compile(r"(^|[-_])(answer|faq[-_]?a|faq[-_]?(content|body|panel|te
 _DL_NOT_FAQ = {"field-list", "footnote", "citation", "option-list", "py", "cpp", "c", "js", "rst", "function",
                "class", "method", "attribute", "exception", "describe", "glossary"}
 _PANEL_TAGS = {"div", "section", "dd", "ul", "ol", "p", "article"}
+# JSON-LD answer text is HTML only when it holds a real tag: a closing tag, or a known tag
+# written in lower case. "Press <Enter> to confirm" or "<Select> a plan" is plain text.
+_HTML_TAG = re.compile(r"</[a-zA-Z][\w-]*\s*>|<([a-z][a-z0-9]*)(?:\s[^<>]*)?/?>")
+_KNOWN_TAGS = BLOCK | SKIP | INLINE | VOID | {"del", "ins", "button"}
 _PSEUDO_PARENTS = {"p", "li", "div", "dd", "section", "article", "td", "blockquote", "main", "body", "#document"}
 
 
@@ -45,6 +49,9 @@ class _Candidate:
     anchor: str | None = None
     qnode: Node | None = None  # the element holding the question text, when it is not the root
     explicit: bool = False  # the markup itself says "question" (microdata, a `…question` class)
+    # The answer's content when it is more than whole elements: everything after a <summary>,
+    # where loose text ("By card, or by <b>invoice</b>") is as much the answer as a <p>.
+    body: list[Node | str] | None = None
 
 
 def looks_like_html(text: str) -> bool:
@@ -111,9 +118,10 @@ def _candidates(content: Node) -> list[_Candidate]:
         elif node.tag == "details":
             summary = next((n for n in node.elements() if n.tag == "summary"), None)
             if summary is not None:
-                rest = [n for n in node.elements() if n is not summary]
+                body = [c for c in node.children if c is not summary]
+                rest = [n for n in body if isinstance(n, Node)]
                 found.append(_Candidate(node, heading_text(summary), rest, "details", _anchor(node, summary),
-                                        summary))
+                                        summary, body=body))
         elif node.tag == "dl" and not set(node.classes()) & _DL_NOT_FAQ:
             found.extend(_dl_candidates(node))
         else:
@@ -297,7 +305,10 @@ def _walk(node: Node, items: list[Item], accepted: dict, categories: dict, consu
             continue
         if id(child) in accepted:
             cand = accepted[id(child)]
-            answer = "\n\n".join(t for t in (render_element(p) for p in cand.panels) if t)
+            if cand.body is not None:
+                answer = render(_run_node(cand.body))
+            else:
+                answer = "\n\n".join(t for t in (render_element(p) for p in cand.panels) if t)
             strong = cand.explicit or looks_like_question(cand.question)
             items.append(Item("pair", cand.question, 7, answer, strong, child.first_line(), cand.anchor, cand.via))
         elif id(child) in categories:
@@ -346,12 +357,16 @@ def _jsonld_pairs(root: Node) -> list[Pair]:
             answer = answer[0] if isinstance(answer, list) and answer else answer
             text = answer.get("text") if isinstance(answer, dict) else None
             if isinstance(name, str) and isinstance(text, str):
-                html = parse_html(f"<div>{text}</div>" if "<" in text else f"<div>{_escape(text)}</div>")
+                html = parse_html(f"<div>{text}</div>" if _has_html_tag(text) else f"<div>{_escape(text)}</div>")
                 ref = question.get("@id") or question.get("url") or ""
                 anchor = ref.split("#", 1)[1] if isinstance(ref, str) and "#" in ref else None
                 answer_text = A_PREFIX.sub("", render(html), count=1)
                 pairs.append(Pair(clean_question(name), answer_text, script.line, anchor, "json-ld"))
     return pairs
+
+
+def _has_html_tag(text: str) -> bool:
+    return any(m.group(1) is None or m.group(1) in _KNOWN_TAGS for m in _HTML_TAG.finditer(text))
 
 
 def _escape(text: str) -> str:
