@@ -33,6 +33,7 @@ class FakeLLM:
         self.fail_when = None  # chunk text that always gets HTTP 500
         self.error_prefix = "upstream failed; "  # text of a 500's body before the echoed Authorization header
         self.reply = None  # fixed reply content, else one pair per chunk
+        self.cut_when = None  # chunk text whose reply is cut off at max_tokens (finish_reason "length")
         self.delay_s = 0.0
         self.in_flight = self.max_in_flight = 0
         self.tries: dict[str, int] = {}
@@ -72,7 +73,11 @@ class FakeLLM:
                 words = chunk.split()
                 content = fake.reply or ("Here you go:\n```json\n" + json.dumps(
                     [{"question": f"What comes after {words[0]}?", "answer": f"{words[1]}."}]) + "\n```\nDone.")
-                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}))
+                finish = "stop"
+                if fake.cut_when and fake.cut_when in chunk:
+                    content, finish = content[:content.index("}") + 3], "length"  # one object, then cut
+                choice = {"message": {"role": "assistant", "content": content}, "finish_reason": finish}
+                self._send(200, json.dumps({"choices": [choice]}))
 
             def _send(self, status, text, headers=None):
                 data = text.encode()
@@ -168,6 +173,36 @@ def test_a_failed_chunk_is_reported_and_retried_by_the_next_run(tmp_path, fake):
     convert(cfg, progress=False)
     assert _rows(cfg.to) == _expected(tmp_path)
     assert len(fake.requests) == sent + 1  # only the chunk that failed
+
+
+def test_a_reply_cut_off_at_max_tokens_is_a_failed_chunk_retried_by_the_next_run(tmp_path, fake):
+    cfg = _config(tmp_path, fake.url)
+    fake.cut_when = "zeta"
+    summary = convert(cfg, progress=False)
+    assert [r["source"]["chunk"] for r in _rows(cfg.to)] == [0, 2]
+    assert summary.dropped == {"generator error": 1}
+    assert summary.notes[0] == (
+        "1 generator chunks failed (run again to retry them; finished chunks are cached); last error: "
+        f"{(tmp_path / 'notes.txt').as_posix()} chunk 1: reply cut off at {llm.MAX_REPLY_TOKENS} tokens "
+        "(finish_reason 'length'); a smaller chunk_tokens gives shorter replies")
+    assert len(fake.requests) == 3  # the same prompt would be cut off again: no retry in this run
+    assert {r["body"]["max_tokens"] for r in fake.requests} == {llm.MAX_REPLY_TOKENS}
+    cache = tmp_path / "out" / ".data.generator-cache.jsonl"
+    assert len(cache.read_text(encoding="utf-8").splitlines()) == 2  # the cut-off reply is not cached
+    fake.cut_when, sent = None, len(fake.requests)
+    convert(cfg, progress=False)
+    assert _rows(cfg.to) == _expected(tmp_path)
+    assert len(fake.requests) == sent + 1
+
+
+def test_the_real_list_wins_over_an_example_in_the_prose(tmp_path, fake):
+    fake.reply = ('Each item looks like {"question": "...", "answer": "..."}. Here are the pairs:\n'
+                  '[{"question": "How long do refunds take?", "answer": "5 days."},\n'
+                  ' {"question": "Who pays for returns?", "answer": "We do."}]')
+    cfg = _config(tmp_path, fake.url, chunk_tokens=400, chunk_overlap=0)
+    convert(cfg, progress=False)
+    assert [(r["question"], r["answer"]) for r in _rows(cfg.to)] == [
+        ("How long do refunds take?", "5 days."), ("Who pays for returns?", "We do.")]
 
 
 def test_cache_survives_a_line_cut_short_by_a_crash(tmp_path, fake):
@@ -270,6 +305,16 @@ def test_faq_pages_without_questions_go_to_the_generator(tmp_path, fake):
     ('{"question": "Q?", "answer": "A."}', ([("Q?", "A.")], 0)),
     ("[]", ([], 0)),
     ("I cannot help with that.", None),
+    # Cut off mid-array (a server that does not report finish_reason): every complete item.
+    ('[{"question": "A?", "answer": "a."}, {"question": "B?", "answer": "b."}, {"question": "C?", "ans',
+     ([("A?", "a."), ("B?", "b.")], 0)),
+    ('[{"question": "A?", "answer": "a."}, {"question": "B?", "answer": "b."},]', ([("A?", "a."), ("B?", "b.")], 0)),
+    # An example object, then the real list; an example list, then a longer real one.
+    ('Like {"question": "...", "answer": "..."}:\n[{"question": "A?", "answer": "a."}]', ([("A?", "a.")], 0)),
+    ('E.g. [{"question": "Q", "answer": "A"}]\nPairs: [{"question": "A?", "answer": "a."}, '
+     '{"question": "B?", "answer": "b."}, {"question": "", "answer": "c."}]', ([("A?", "a."), ("B?", "b.")], 1)),
+    ("See [the note] below.", None),
+    ('[{"id": 1}, {"id": 2', None),
 ])
 def test_parse_pairs(content, expected):
     assert llm.parse_pairs(content) == expected

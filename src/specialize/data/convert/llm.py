@@ -15,6 +15,9 @@ only looks for a JSON list of `{"question", "answer"}` objects (bare, inside pro
 ```json fence, or under a "pairs" key); items whose fields are not non-empty strings are
 dropped, and nothing in a reply chooses what is written or where.
 
+Each request asks for at most MAX_REPLY_TOKENS tokens; a reply cut off there (finish_reason
+"length") holds no complete list, so its chunk counts as failed.
+
 Every finished chunk is appended to a JSONL cache (key: sha256 of model + prompt) and flushed
 to disk at once, so an interrupted run loses nothing: the next run sends only the chunks that
 are not in the cache yet. Chunks that still fail after all retries are counted in the summary
@@ -52,7 +55,11 @@ MAX_ATTEMPTS = 5
 BACKOFF_S = 1.0  # first retry delay; doubles on each further try
 MAX_BACKOFF_S = 60.0
 REQUEST_TIMEOUT_S = 300.0  # local models on CPU can take minutes for one reply
+# Most tokens one reply may have: 8 pairs fit with room for a reasoning model's <think> block,
+# and a 4k-context local model still has room for the prompt (servers reject prompt + this > context).
+MAX_REPLY_TOKENS = 2048
 _TAG = re.compile(r"<\s*/?\s*document\s*>", re.I)
+_SEPARATORS = re.compile(r"[\s,]*")
 
 
 @dataclass
@@ -112,27 +119,48 @@ def parse_pairs(content: str) -> tuple[list[tuple[str, str]], int] | None:
     """Pairs in a model reply, and how many items were malformed; None when there is no JSON list.
 
     Accepts a bare JSON array, one inside prose or a ``` fence, a {"pairs": [...]} object, or a
-    single {"question", "answer"} object. Reasoning models' <think> blocks are ignored.
+    single {"question", "answer"} object; of an array cut off before its end, the complete items.
+    A reply may hold several such values (an example in the prose, then the real list), so lists
+    win over a single object and, among those, the one with the most valid pairs; the first of
+    equals, fences first. Reasoning models' <think> blocks are ignored.
     """
     text = re.sub(r"<think>.*?</think>", "", content or "", flags=re.S | re.I)
     fenced = re.findall(r"```(?:json)?\s*\n?(.*?)```", text, flags=re.S | re.I)
+    best, best_rank = None, (0, 0)  # rank: (is a list, valid pairs)
     fallback = None
     decoder = json.JSONDecoder()
     for candidate in [*fenced, text]:
         for match in re.finditer(r"[\[{]", candidate):
+            head = False  # the value is the complete head of a broken array
             try:
                 value, _ = decoder.raw_decode(candidate, match.start())
             except ValueError:
-                continue
+                value, head = _array_head(candidate, match.start(), decoder), True
             items = _items(value)
             if items is None:
                 continue
             pairs, invalid = _valid_pairs(items)
-            if pairs:
-                return pairs, invalid
-            if fallback is None and (not items or all(isinstance(i, dict) for i in items)):
+            single = isinstance(value, dict) and items[:1] == [value]  # a lone {"question", "answer"}
+            rank = (0 if single else 1, len(pairs))
+            if pairs and rank > best_rank:
+                best, best_rank = (pairs, invalid), rank
+            elif not pairs and not head and fallback is None and all(isinstance(i, dict) for i in items):
                 fallback = (pairs, invalid)  # "[]" or only malformed items: keep looking for better
-    return fallback
+    return best or fallback
+
+
+def _array_head(text: str, start: int, decoder: json.JSONDecoder) -> list | None:
+    """The complete items at the head of an array that does not decode (cut off, or a stray comma)."""
+    if text[start] != "[":
+        return None
+    items, pos = [], start + 1
+    while True:
+        pos = _SEPARATORS.match(text, pos).end()
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except ValueError:
+            return items
+        items.append(value)
 
 
 def _items(value) -> list | None:
@@ -214,9 +242,15 @@ def _request(endpoint: _Endpoint, body: dict) -> str:
             status = response.status_code
             if status == 200:
                 try:
-                    content = response.json()["choices"][0]["message"]["content"]
-                except (ValueError, KeyError, IndexError, TypeError):
+                    choice = response.json()["choices"][0]
+                    content, finish = choice["message"]["content"], choice.get("finish_reason")
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                     raise _ChunkFailed("reply is not a chat completion") from None
+                if finish == "length":
+                    # Cut off at max_tokens: the JSON list is incomplete, so the reply is not cached.
+                    # The same prompt would be cut off again now; the next run sends it again.
+                    raise _ChunkFailed(f"reply cut off at {body.get('max_tokens')} tokens (finish_reason "
+                                       f"'length'); a smaller chunk_tokens gives shorter replies")
                 if not isinstance(content, str):
                     raise _ChunkFailed("reply has no text content")
                 return content
@@ -259,7 +293,8 @@ def generate(documents: list[tuple[str, str]], cfg: ConvertConfig, cache_path: P
     pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
     try:
         with _Progress(progress, len(todo)) as advance:
-            futures = {pool.submit(_request, endpoint, {"model": model, "messages": c.messages, "temperature": 0}): c
+            futures = {pool.submit(_request, endpoint, {"model": model, "messages": c.messages, "temperature": 0,
+                                                        "max_tokens": MAX_REPLY_TOKENS}): c
                        for c in todo}
             for future in as_completed(futures):
                 chunk = futures[future]
