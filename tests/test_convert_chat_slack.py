@@ -11,6 +11,7 @@ import pytest
 
 from specialize.config import ConvertConfig
 from specialize.data.convert import convert
+from specialize.data.convert import slack
 from specialize.data.convert.slack import clean_text
 from specialize.errors import UserError
 
@@ -156,3 +157,41 @@ def test_slack_markup_cleaning():
             "<mailto:a@x.io|a@x.io>, <!subteam^S1|@oncall> &lt;b&gt; &amp;")
     assert clean_text(text, users, channels) == ("@here @Ann Lee and @bob see #ops / #dev: docs (https://x.io/a), "
                                                  "https://x.io/b, a@x.io, @oncall <b> &")
+
+
+def _zipped_export(archive: Path, extra: dict[str, str]) -> None:
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for file in sorted((ASSETS / "slack" / "export").rglob("*.json")):
+            z.write(file, "export/" + file.relative_to(ASSETS / "slack" / "export").as_posix())
+        for name, text in extra.items():
+            z.writestr("export/" + name, text)
+
+
+def test_slack_zip_member_over_the_size_limit_is_never_unpacked(tmp_path, monkeypatch):
+    archive = tmp_path / "bomb.zip"
+    _zipped_export(archive, {"random/2021-03-02.json": "[" + " " * 100_000 + "]"})  # ~100 bytes packed
+    assert archive.stat().st_size < 5_000
+    monkeypatch.setattr(slack, "MAX_MEMBER_BYTES", 10_000)
+    read, real_read = [], zipfile.ZipFile.read
+
+    def recording_read(self, name, pwd=None):
+        read.append(getattr(name, "filename", name))
+        return real_read(self, name, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", recording_read)
+    with pytest.raises(UserError) as err:
+        convert(ConvertConfig(inputs=[str(archive)], to=tmp_path / "o.jsonl"), progress=False)
+    assert str(err.value) == (f"{archive.as_posix()}/random/2021-03-02.json: unpacks to 100,002 bytes, over the "
+                              "10,000-byte limit for one file of a Slack export (a damaged or hostile zip?)")
+    assert "export/random/2021-03-01.json" in read and "export/random/2021-03-02.json" not in read
+
+
+def test_slack_zip_total_size_is_limited(tmp_path, monkeypatch):
+    archive = tmp_path / "big.zip"
+    _zipped_export(archive, {})
+    # users.json (509 bytes) and channels.json (314) fit; the first day file (2,375) goes over.
+    monkeypatch.setattr(slack, "MAX_EXPORT_BYTES", 3_000)
+    with pytest.raises(UserError) as err:
+        convert(ConvertConfig(inputs=[str(archive)], to=tmp_path / "o.jsonl"), progress=False)
+    assert str(err.value) == (f"{archive.as_posix()}/help/2021-03-01.json: with this file the export unpacks to "
+                              "more than the 3,000-byte limit; export fewer channels or a shorter period at a time")

@@ -29,6 +29,10 @@ from specialize.errors import UserError
 _CHAT_SUBTYPES = {None, "thread_broadcast", "file_share", "me_message"}
 _DAY_FILE = re.compile(r"^\d{4}-\d{2}-\d{2}\.json$")
 _ESCAPE = re.compile(r"<([^<>\n]+)>")
+# A zip's member sizes are checked before anything is unpacked, so a zip bomb ends in a clear
+# error instead of filling memory. Real exports have day files of a few MB.
+MAX_MEMBER_BYTES = 256 * 2**20
+MAX_EXPORT_BYTES = 4 * 2**30
 
 
 class _Export:
@@ -46,6 +50,7 @@ class _Export:
             root = min((n[:-len("users.json")] for n in names if n.endswith("users.json")), key=len)
             self.prefix = root
             self.names = [n[len(root):] for n in names if n.startswith(root)]
+            self.unpacked = 0  # bytes read from the zip so far
 
     def where(self, name: str) -> str:
         return f"{self.display}/{name}"
@@ -60,17 +65,30 @@ class _Export:
             data = file.read_bytes()
         else:
             try:
-                data = self.zip.read(self.prefix + name)
+                info = self.zip.getinfo(self.prefix + name)
             except KeyError:
                 if required:
                     raise UserError("missing from the Slack export", path=self.where(name)) from None
                 return []
+            self._check_size(name, info.file_size)
+            # zipfile stops at the declared size, so a member that lies about it cannot unpack more.
+            data = self.zip.read(info)
         text = read_text(Path(name), data, self.where(name))
         try:
             return json.loads(text)
         except ValueError as e:
             raise UserError(f"not valid JSON: {e.msg} (column {e.colno})", path=self.where(name),
                             line=e.lineno) from None
+
+
+    def _check_size(self, name: str, size: int) -> None:
+        if size > MAX_MEMBER_BYTES:
+            raise UserError(f"unpacks to {size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte limit for one file of "
+                            f"a Slack export (a damaged or hostile zip?)", path=self.where(name))
+        self.unpacked += size
+        if self.unpacked > MAX_EXPORT_BYTES:
+            raise UserError(f"with this file the export unpacks to more than the {MAX_EXPORT_BYTES:,}-byte limit; "
+                            f"export fewer channels or a shorter period at a time", path=self.where(name))
 
 
 def _display_names(users) -> dict[str, str]:
