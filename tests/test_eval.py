@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ from specialize.data.formats import load_examples
 from specialize.errors import UserError
 from specialize.evaluate import load_predictions, score
 from specialize.evaluate.compare import with_fewshot
-from specialize.evaluate.run import build_conversations, run_eval
+from specialize.evaluate.run import build_conversations, evaluate_system, run_eval
+from specialize.generate import Generator
 from specialize.retrieval import Retriever, rag_prompt
 from conftest import ASSETS, QA8, write_jsonl
 
@@ -110,3 +112,26 @@ def test_eval_refuses_raw_text_as_a_test_set(run, tmp_path):
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": "just some text"}])
     with pytest.raises(UserError, match="raw text rows cannot be evaluated"):
         run_eval(EvalConfig(model=str(run), data=str(data)))
+
+
+def test_a_prompt_that_does_not_fit_the_context_is_a_user_error_naming_the_example(run, tmp_path):
+    where = re.escape(str(QA8))
+    with pytest.raises(UserError, match=rf"{where}:1: eval: the prompt is \d+ tokens, which plus max_new_tokens "
+                                        r"\(510\) exceeds the model's context of 512 tokens; lower --max-new-tokens"):
+        run_eval(EvalConfig(model=str(run), data=str(QA8), max_new_tokens=510))
+    # compare names the system and split; with RAG, the retrieved context is what made it long
+    generator = Generator.load(run)
+    forwards = []
+    generator.model.register_forward_hook(lambda *args: forwards.append(1))
+    examples = load_examples([str(QA8)])
+    retriever = Retriever.build(write_docs(tmp_path / "docs.jsonl"))
+    conversations = build_conversations(examples, retriever, 2)[0]
+    lengths = [len(generator.prompt_ids(c)) for c in conversations]
+    budget = 512 - max(lengths) + 1  # only the longest prompts overflow: the first of them is named
+    line = lengths.index(max(lengths)) + 1
+    with pytest.raises(UserError, match=rf"{where}:{line}: finetuned\+rag / qa8: the prompt with its retrieved "
+                                        rf"context is {max(lengths)} tokens, which plus max_new_tokens "
+                                        rf"\({budget}\) exceeds .* or --top-k"):
+        evaluate_system(generator, examples, "qa", retriever, top_k=2, max_new_tokens=budget,
+                        description="finetuned+rag / qa8")
+    assert forwards == []  # refused before anything was generated

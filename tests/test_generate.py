@@ -12,9 +12,9 @@ import shutil
 import pytest
 import torch
 from conftest import QA8
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-from specialize.generate import Completion, Generator
+from specialize.generate import Completion, ContextOverflow, Generator
 from specialize.model import load_tokenizer, set_generation_ids, stop_token_ids
 
 ROWS = [json.loads(line) for line in QA8.read_text(encoding="utf-8").splitlines()]
@@ -155,3 +155,46 @@ def test_saved_generation_config_keeps_every_stop_token(tiny_llama):
     model.generation_config.eos_token_id = eos
     set_generation_ids(model, tokenizer)
     assert model.generation_config.eos_token_id == eos  # a single stop token stays a plain id
+
+
+def short_context_gpt2(tokenizer_dir, positions: int = 32) -> Generator:
+    """An untrained 1-layer GPT-2 with a 32-token context: learned positions, so past it is an IndexError."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return Generator(AutoModelForCausalLM.from_config(config), tokenizer)
+
+
+def test_a_batch_must_fit_the_context_even_when_each_prompt_does(tokenizer_dir):
+    generator = short_context_gpt2(tokenizer_dir)
+    word = generator.tokenizer("the", add_special_tokens=False)["input_ids"][0]
+    a, b = [word] * 28, [word] * 2  # 28 + 4 and 2 + 30 fit a context of 32; the batch is 28 wide and runs 30
+    alone = [generator.generate_ids([a], max_new_tokens=4)[0], generator.generate_ids([b], max_new_tokens=30)[0]]
+    with pytest.raises(ContextOverflow, match=r"prompt \(28 tokens\) plus max_new_tokens \(30\) exceeds the "
+                                              r"model's context of 32 tokens"):
+        generator.generate_ids([a, b], max_new_tokens=[4, 30])  # was an IndexError deep inside GPT-2
+    assert isinstance(ContextOverflow(1, 1, 1), ValueError)
+    assert generator.generate_ids([b, b], max_new_tokens=[4, 30]) == [
+        generator.generate_ids([b], max_new_tokens=4)[0], alone[1]]
+    with pytest.raises(ContextOverflow, match="context of 32"):
+        generator.stream_ids(a, max_new_tokens=5)
+    forwards = []
+    hook = generator.model.register_forward_hook(lambda *args: forwards.append(1))
+    long = " ".join(["the"] * 40)
+    with pytest.raises(ContextOverflow) as raised:  # checked for every prompt before any is answered
+        generator.generate([ask("hi"), ask(long), ask("hi")], max_new_tokens=4, batch_size=1)
+    hook.remove()
+    assert raised.value.index == 1 and raised.value.context == 32 and forwards == []
+
+
+def test_a_cancelled_row_stops_while_its_neighbours_go_on(generator, prompts):
+    alone = generator.generate_ids(prompts[1:3], max_new_tokens=TOKENS)
+    done = generator.generate_ids(prompts[:3], max_new_tokens=TOKENS,
+                                  cancelled=[lambda: True, lambda: False, lambda: False])
+    assert done[0].finish_reason == "cancelled" and done[0].completion_tokens == 1  # checked after each token
+    assert done[1:] == alone
+    with pytest.raises(ValueError, match="cancel flags"):
+        generator.generate_ids(prompts[:3], max_new_tokens=TOKENS, cancelled=[lambda: True])

@@ -19,8 +19,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 import uvicorn
 from conftest import QA8
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from specialize.config import ServeConfig
 from specialize.errors import UserError
@@ -198,6 +200,8 @@ def test_a_full_queue_answers_503_in_openai_shape_and_the_server_recovers(genera
     (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}', "temperature"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}', "n"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', "max_tokens"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}', "stop"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": "' + b"x" * 65 + b'"}', "stop"),
 ])
 def test_bad_requests_get_a_400_in_openai_error_shape(url, body, param):
     response = httpx.post(url + "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
@@ -283,3 +287,151 @@ def test_api_key_flag_warns_and_never_echoes_the_key(monkeypatch):
     assert started[0].api_key == "sk-secret-123"
     assert "prefer the SPECIALIZE_API_KEY environment variable" in result.output
     assert "sk-secret-123" not in result.output
+
+
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+@contextmanager
+def held_worker(generator, monkeypatch):
+    """Make the first `model.generate` call wait until the test releases it (so others can queue up).
+
+    Yields (calls, entered, release): calls are (width, max_new_tokens) of every generate call.
+    """
+    original = generator.model.generate
+    calls, entered, release = [], threading.Event(), threading.Event()
+
+    def generate(**kwargs):
+        calls.append((kwargs["input_ids"].shape[1], kwargs["max_new_tokens"]))
+        entered.set()
+        assert release.wait(timeout=30)
+        return original(**kwargs)
+
+    monkeypatch.setattr(generator.model, "generate", generate)
+    try:
+        yield calls, entered, release
+    finally:
+        release.set()
+
+
+def short_context_gpt2(tokenizer_dir, positions: int = 32) -> Generator:
+    """An untrained 1-layer GPT-2 with a 32-token context: learned positions, so past it is an IndexError."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return Generator(AutoModelForCausalLM.from_config(config), tokenizer)
+
+
+def test_requests_that_fit_alone_but_not_together_are_answered_in_separate_batches(tokenizer_dir, monkeypatch):
+    generator = short_context_gpt2(tokenizer_dir)
+    texts = {len(generator.tokenizer(t)["input_ids"]): t for t in (" ".join(["the"] * k) for k in range(1, 60))}
+    a, b = texts[28], texts[2]  # A: 28 + 4 tokens, B: 2 + 30: each fits the context of 32, together 28 + 30 do not
+    alone = [generator.generate_ids([generator.tokenizer(p)["input_ids"]], max_new_tokens=n)[0]
+             for p, n in ((a, 4), (b, 30))]
+    app = create_app(generator, ServeConfig(model_name="short", max_batch_size=8))
+    with held_worker(generator, monkeypatch) as (calls, entered, release), running(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+        def complete(prompt: str, max_tokens: int):
+            return client.completions.create(model="short", prompt=prompt, max_tokens=max_tokens).choices[0]
+
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(complete, b, 1)  # holds the worker while A and B queue up together
+            assert entered.wait(timeout=10)
+            answers = [pool.submit(complete, a, 4)]
+            wait_until(lambda: app.state.worker.waiting == 1)  # A is older than B
+            answers.append(pool.submit(complete, b, 30))
+            wait_until(lambda: app.state.worker.waiting == 2)
+            release.set()
+            first.result()
+            answers = [f.result() for f in answers]  # before the fix: both failed with a 500 (IndexError)
+        assert httpx.get(url + "/health").status_code == 200
+    assert [(c.text, c.finish_reason) for c in answers] == [(c.text, c.finish_reason) for c in alone]
+    assert calls == [(2, 1), (28, 4), (2, 30)]  # A and B batched apart; every batch fits the context
+
+
+def test_max_tokens_above_the_server_cap_is_a_400(generator, run):
+    assert ServeConfig().max_new_tokens == 1024
+    longest = max(range(len(QUESTIONS)), key=lambda i: generator.generate([ask(QUESTIONS[i])])[0].completion_tokens)
+    assert generator.generate([ask(QUESTIONS[longest])])[0].completion_tokens > 8
+    with running(create_app(generator, ServeConfig(model=str(run), max_new_tokens=8))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="qa8", messages=ask(QUESTIONS[0]), max_tokens=9)
+        assert refused.value.param == "max_tokens" and refused.value.code == "invalid_value"
+        assert "limit of 8 tokens" in refused.value.message
+        capped = client.chat.completions.create(model="qa8", messages=ask(QUESTIONS[longest]))  # default: the cap
+        assert capped.usage.completion_tokens == 8 and capped.choices[0].finish_reason == "length"
+        assert client.chat.completions.create(model="qa8", messages=ask(QUESTIONS[longest]),
+                                              max_tokens=8).choices[0].message.content \
+            == capped.choices[0].message.content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_while_queued_frees_its_slot_and_is_never_generated(generator, run, monkeypatch,
+                                                                                  stream):
+    app = create_app(generator, ServeConfig(model=str(run), max_batch_size=1))
+    worker = app.state.worker
+    with held_worker(generator, monkeypatch) as (calls, entered, release), running(app) as url:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0])},
+                                timeout=60)
+            assert entered.wait(timeout=10)
+            body = json.dumps({"messages": ask(QUESTIONS[1]), "stream": stream}).encode()
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as leaving:  # a client that times out and closes
+                leaving.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\n"
+                                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                wait_until(lambda: worker.waiting == 1)
+            wait_until(lambda: worker.waiting == 0)  # its queue slot is free while the model is still busy
+            assert worker.dropped == 1 and len(calls) == 1
+            release.set()
+            assert first.result().json()["choices"][0]["message"]["content"] == ANSWERS[0]
+    assert len(calls) == 1  # the model never answered the client that left
+
+
+def test_a_worker_whose_device_broke_fails_health_and_refuses_requests(generator, run, monkeypatch):
+    def broken(**kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    usable = [True]
+    monkeypatch.setattr(generator.model, "generate", broken)
+    monkeypatch.setattr("specialize.serve.worker.device_usable", lambda device: usable[0])
+    with running(create_app(generator, ServeConfig(model=str(run)))) as url:
+        def post() -> httpx.Response:
+            return httpx.post(url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0])})
+
+        assert post().status_code == 500
+        assert httpx.get(url + "/health").status_code == 200  # a failed request alone is no broken server
+        usable[0] = False  # as after a CUDA device-side assert: every later call on the device fails
+        assert post().status_code == 500
+        health = httpx.get(url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "unusable"
+        assert "device-side assert" in health.json()["reason"]
+        refused = post()
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "server_unusable"
+
+
+def test_n_may_be_null_and_streamed_usage_is_null_until_the_last_chunk(client, url):
+    answer = client.chat.completions.create(model="qa8", messages=ask(QUESTIONS[0]), n=None,
+                                            stop=["zq1", "zq2", "zq3", "zq4"])  # 4 stop strings are allowed
+    assert answer.choices[0].message.content == ANSWERS[0]
+    for route, body in (("/v1/chat/completions", {"messages": ask(QUESTIONS[4])}),
+                        ("/v1/completions", {"prompt": QUESTIONS[4], "max_tokens": 5})):
+        for include_usage in (True, False):
+            raw = httpx.post(url + route, json=body | {"n": None, "stream": True,
+                                                       "stream_options": {"include_usage": include_usage}})
+            events = [json.loads(line.removeprefix("data: ")) for line in raw.text.splitlines()
+                      if line.startswith("data: {")]
+            if include_usage:  # OpenAI's shape: "usage": null on every chunk but the last, which has no choices
+                assert all("usage" in e and e["usage"] is None for e in events[:-1]) and len(events) > 2
+                assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+            else:
+                assert all("usage" not in e for e in events)

@@ -71,14 +71,28 @@ class _TokenSink(BaseStreamer):
         pass
 
 
-class _Cancelled(StoppingCriteria):
-    """Stops generation once `flag()` is true (a server client went away)."""
+class ContextOverflow(ValueError):
+    """A prompt plus its answer budget does not fit the model's context window.
 
-    def __init__(self, flag: Callable[[], bool]):
-        self.flag = flag
+    Past the window, models with learned positions (GPT-2, OPT) index out of their position table:
+    an IndexError on CPU, and on CUDA a device-side assert that breaks every later call.
+    """
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context: int, index: int | None = None):
+        super().__init__(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's context of {context} tokens")
+        self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context
+        self.index = index  # which of `generate`'s conversations, when it was one of them
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops each row once its flag is true (its server client went away); the other rows go on."""
+
+    def __init__(self, flags: list[Callable[[], bool]]):
+        self.flags = flags
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), bool(self.flag()), dtype=torch.bool, device=input_ids.device)
+        return torch.tensor([bool(flag()) for flag in self.flags], dtype=torch.bool, device=input_ids.device)  # (B,)
 
 
 def _safe_end(text: str, stop: list[str]) -> int:
@@ -121,6 +135,12 @@ class Generator:
         """The model's context window in tokens, when its config says."""
         return getattr(self.model.config, "max_position_embeddings", None)
 
+    def check_fits(self, prompt_tokens: int, max_new_tokens: int, index: int | None = None) -> None:
+        """Raise `ContextOverflow` unless `prompt_tokens + max_new_tokens` fit the context window."""
+        context = self.context_length
+        if context is not None and prompt_tokens + max_new_tokens > context:
+            raise ContextOverflow(prompt_tokens, max_new_tokens, context, index)
+
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation rendered by the run's template, ready for the answer, as token ids."""
         text = self.template.render(self.tokenizer, messages, add_generation_prompt=True)
@@ -135,10 +155,16 @@ class Generator:
         Args:
             seed: seeds sampling once, before the first batch (greedy ignores it).
             on_batch: called as `on_batch(done, total)` after each batch, for progress bars.
+
+        Raises:
+            ContextOverflow: before anything is generated, naming the first conversation (`index`)
+                whose prompt plus `max_new_tokens` does not fit the context window.
         """
         if seed is not None:
             torch.manual_seed(seed)
         encoded = [self.prompt_ids(c) for c in conversations]
+        for i, ids in enumerate(encoded):  # all checked first: no hour of answers lost to the last prompt
+            self.check_fits(len(ids), max_new_tokens, index=i)
         # Sorting by length keeps padding (wasted compute) small; answers go back in input order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(encoded)
@@ -154,7 +180,8 @@ class Generator:
 
     @torch.inference_mode()
     def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int | list[int], temperature: float = 0.0,
-                     top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None) -> list[Completion]:
+                     top_p: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+                     cancelled: list[Callable[[], bool]] | None = None) -> list[Completion]:
         """Answer one batch of already-tokenised prompts together.
 
         Args:
@@ -163,27 +190,40 @@ class Generator:
                 budget and each answer is cut to its own, so an answer never depends on its neighbours'.
             stop: strings that end an answer (not included in it); finish_reason is then "stop".
             seed: seeds sampling before this batch (greedy ignores it).
+            cancelled: one flag per prompt, checked after every token; a row whose flag is true
+                stops (finish_reason "cancelled") while the others go on unchanged.
+
+        Raises:
+            ContextOverflow: the batch is as wide as its longest prompt and runs to its largest
+                budget, so that sum must fit the context, even when each prompt fits alone.
         """
         budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(budgets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens")
         if any(not ids for ids in prompts):
             raise ValueError("empty prompt: nothing to answer")
+        if cancelled is not None and len(cancelled) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(cancelled)} cancel flags")
         if not prompts:
             return []
+        width = max(len(ids) for ids in prompts)
+        self.check_fits(width, max(budgets))
         stop = _stops(stop)
         if seed is not None:
             torch.manual_seed(seed)
-        width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, T)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
         for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids):] = 1
+        kwargs = self._sampling(max(budgets), temperature, top_p, stop)
+        if cancelled is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
         output = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                     **self._sampling(max(budgets), temperature, top_p, stop))
+                                     **kwargs)
         new_tokens = output[:, width:].tolist()  # (B, new)
-        return [self._finish(new_tokens[row][:budget], len(ids), budget, stop)
+        return [self._finish(new_tokens[row][:budget], len(ids), budget, stop,
+                             cancelled=cancelled is not None and bool(cancelled[row]()))
                 for row, (ids, budget) in enumerate(zip(prompts, budgets))]
 
     @torch.inference_mode()
@@ -201,9 +241,13 @@ class Generator:
         Args:
             cancelled: checked after every token; once it returns True generation stops and
                 finish_reason is "cancelled" (unless the answer had ended anyway).
+
+        Raises:
+            ContextOverflow: the prompt plus `max_new_tokens` does not fit the context window.
         """
         if not prompt_ids:
             raise ValueError("empty prompt: nothing to answer")
+        self.check_fits(len(prompt_ids), max_new_tokens)
         stop = _stops(stop)
         tokens: list[int] = []
         shown = ""
@@ -226,7 +270,7 @@ class Generator:
             torch.manual_seed(seed)
         kwargs = self._sampling(max_new_tokens, temperature, top_p, stop)
         if cancelled is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled([cancelled])])
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_TokenSink(on_tokens),
                             **kwargs)

@@ -117,7 +117,14 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
         task: one of `specialize.evaluate.TASKS`.
         retriever: a retriever for RAG prompts, or None.
         progress: a rich Progress to add a bar to (None: quiet).
+        description: names the system and split (compare: "finetuned+rag / test") in the bar and errors.
+
+    Raises:
+        UserError: an example's prompt (with its retrieved context) plus `max_new_tokens` does not
+            fit the model's context; it names the example's file and line.
     """
+    from specialize.generate import ContextOverflow  # here: scoring a predictions file needs no torch
+
     start = time.perf_counter()
     conversations, contexts = build_conversations(examples, retriever, top_k)
     on_batch = None
@@ -128,8 +135,15 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
             progress.update(bar, completed=done)
 
     # Greedy, in batches of similar prompt length; each prompt is rendered and tokenised once.
-    completions = generator.generate(conversations, max_new_tokens=max_new_tokens, temperature=0.0,
-                                     batch_size=batch_size, on_batch=on_batch)
+    try:
+        completions = generator.generate(conversations, max_new_tokens=max_new_tokens, temperature=0.0,
+                                         batch_size=batch_size, on_batch=on_batch)
+    except ContextOverflow as e:  # checked before anything is generated
+        raise UserError(f"{description}: the prompt{' with its retrieved context' if contexts[e.index] else ''} "
+                        f"is {e.prompt_tokens} tokens, which plus max_new_tokens ({max_new_tokens}) exceeds the "
+                        f"model's context of {e.context} tokens; lower --max-new-tokens"
+                        f"{' or --top-k' if contexts[e.index] else ''}, or shorten the example",
+                        path=examples[e.index].source or None) from None
     seconds = time.perf_counter() - start
     rows = []
     for i, (example, messages, context, c) in enumerate(zip(examples, conversations, contexts, completions)):

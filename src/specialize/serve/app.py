@@ -1,9 +1,11 @@
 """The HTTP side of `specialize serve`: FastAPI routes, API key check, request log, `serve()`.
 
 Routes render chat prompts with the run's own template, check the token budget against the
-context window, and hand a `Job` to the one model `Worker`; a streamed answer's pieces travel
-from the worker thread to the event loop through an asyncio queue. Tracebacks stay in the
-server log; clients only ever see OpenAI-shaped errors.
+server's cap and the context window, and hand a `Job` to the one model `Worker`; a streamed
+answer's pieces travel from the worker thread to the event loop through an asyncio queue.
+While a request waits, its connection is polled: a client that goes away has its job dropped
+from the queue, or stopped if it runs. Tracebacks stay in the server log; clients only ever
+see OpenAI-shaped errors.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specialize.config import ServeConfig
@@ -30,10 +32,43 @@ from specialize.errors import UserError
 from specialize.generate import Completion, Generator
 from specialize.serve.schema import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                                      completion_body, error_chunk, stream_chunk, usage_chunk, usage_of)
-from specialize.serve.worker import Job, QueueFull, Sampling, Worker
+from specialize.serve.worker import Job, QueueFull, Sampling, Worker, WorkerFailed
 
 logger = logging.getLogger("specialize.serve")
-DEFAULT_MAX_TOKENS = 256  # answer budget when a request sets none (clipped to the context window)
+DEFAULT_MAX_TOKENS = 256  # answer budget when a request sets none (clipped to the cap and the context window)
+DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
+CLIENT_GONE = 499  # nginx's "client closed request": only ever seen in our log
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_gone(request: Request, waiting: asyncio.Future):
+    """`waiting`'s result, or `_ClientGone` (and `waiting` cancelled) once the client has disconnected."""
+    try:
+        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                raise _ClientGone
+    except BaseException:  # gone, or this handler was cancelled: nobody will read the result
+        waiting.cancel()
+        raise
+    return waiting.result()
+
+
+class _CancellingStream(StreamingResponse):
+    """A stream that runs `on_close` however it ends: finished, failed, or its client gone, even
+    before its body generator first ran (a generator that never started runs no `finally`)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class _Gate:
@@ -126,15 +161,24 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
                            param="model", code="model_not_found")
 
     def budget(requested: int | None, prompt_tokens: int) -> int:
-        """Tokens the answer may have: as requested, else the default, within the context window."""
+        """Tokens the answer may have: as requested, else the default, within the server's cap and the context.
+
+        A request above `cfg.max_new_tokens` is refused (400), not clipped: clipped, a client asking
+        for 4,000 tokens would get 1,024 with finish_reason "length" and no hint that the server,
+        not its own max_tokens, cut the answer. OpenAI refuses too large a max_tokens the same way.
+        """
+        if requested is not None and requested > cfg.max_new_tokens:
+            raise APIError(400, f"max_tokens ({requested}) is above this server's limit of {cfg.max_new_tokens} "
+                                f"tokens per answer", param="max_tokens", code="invalid_value")
+        default = min(DEFAULT_MAX_TOKENS, cfg.max_new_tokens)
         if context is None:
-            return requested or DEFAULT_MAX_TOKENS
+            return requested or default
         room = context - prompt_tokens
         if room <= 0 or (requested or 0) > room:
             raise APIError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested or 1}) exceeds "
                                 f"the model's context of {context} tokens", param="max_tokens",
                            code="context_length_exceeded")
-        return requested or min(DEFAULT_MAX_TOKENS, room)
+        return requested or min(default, room)
 
     async def answer(request: Request, body: SamplingRequest, kind: str, ids: list[int], max_tokens: int | None,
                      contents):
@@ -151,6 +195,9 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
         except QueueFull:
             raise APIError(503, "the server is busy (request queue full); retry shortly", "server_error",
                            code="queue_full") from None
+        except WorkerFailed:
+            raise APIError(503, "the server can no longer generate and needs a restart", "server_error",
+                           code="server_unusable") from None
 
         def note(completion: Completion) -> None:
             request.state.usage = usage_of(completion)
@@ -158,36 +205,47 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
                 logger.info("contents %s: %s -> %r", rid, json.dumps(contents), completion.text)
 
         if not body.stream:
-            completion = await asyncio.wrap_future(future)
+            try:
+                completion = await _unless_gone(request, asyncio.wrap_future(future))
+            except _ClientGone:
+                return Response(status_code=CLIENT_GONE)
+            finally:  # gone, or this handler cancelled: free the queue slot, stop generating for nobody
+                if not future.done():
+                    worker.cancel(job)
             note(completion)
             return completion_body(kind, rid, created, name, completion)
 
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events():
             try:
                 if kind == "chat":
-                    yield stream_chunk(kind, rid, created, name, role=True)
-                while (piece := await pieces.get()) is not None:
-                    yield stream_chunk(kind, rid, created, name, piece)
+                    yield stream_chunk(kind, rid, created, name, role=True, usage_null=usage)
+                while (piece := await _unless_gone(request, asyncio.ensure_future(pieces.get()))) is not None:
+                    yield stream_chunk(kind, rid, created, name, piece, usage_null=usage)
                 completion = future.result()
                 note(completion)
-                yield stream_chunk(kind, rid, created, name, finish=completion.finish_reason)
-                if body.stream_options and body.stream_options.include_usage:
+                yield stream_chunk(kind, rid, created, name, finish=completion.finish_reason, usage_null=usage)
+                if usage:
                     yield usage_chunk(kind, rid, created, name, completion)
                 yield "data: [DONE]\n\n"
+            except _ClientGone:
+                pass  # the response's on_close cancels the job
             except Exception:  # headers are sent: report in-stream, as OpenAI does
                 logger.exception("internal error while streaming %s", rid)
                 yield error_chunk()
-            finally:  # also when the client disconnects: stop generating for nobody
-                job.cancelled.set()
-                future.cancel()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
+        # on_close: however the stream ends, a job still waiting or running is cancelled
+        return _CancellingStream(events(), on_close=lambda: worker.cancel(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/health")
     async def health():
+        """200 while the worker can answer; 503 once it cannot (a poisoned device, a dead thread)."""
+        if not worker.healthy:
+            return JSONResponse({"status": "unusable", "model": name, "reason": worker.failure or "worker stopped"},
+                                status_code=503)
         return {"status": "ok", "model": name, "waiting": worker.waiting}
 
     @app.get("/v1/models")

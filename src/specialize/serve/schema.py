@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from specialize.generate import Completion
 
 PositiveInt = Annotated[int, Field(gt=0, strict=True)]  # strict: `true` or `1.5` is not a token count
+MAX_STOPS = 4  # OpenAI's limit; each stop string is matched after every generated token
+MAX_STOP_CHARS = 64
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -54,17 +56,27 @@ class SamplingRequest(_Body):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    n: int = 1
+    n: int | None = 1  # null means the default, 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
+    def _one_choice(cls, n: int | None) -> int:
+        if n not in (None, 1):
             raise ValueError("only n=1 is supported")
-        return n
+        return 1
+
+    @field_validator("stop")
+    @classmethod
+    def _few_short_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings are supported, got {len(stops)}")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        return stop
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -120,8 +132,13 @@ def completion_body(kind: str, rid: str, created: int, name: str, c: Completion)
 
 
 def stream_chunk(kind: str, rid: str, created: int, name: str, piece: str | None = None, finish: str | None = None,
-                 role: bool = False) -> str:
-    """One server-sent event in OpenAI's chunk format."""
+                 role: bool = False, usage_null: bool = False) -> str:
+    """One server-sent event in OpenAI's chunk format.
+
+    Args:
+        usage_null: the client asked for `stream_options.include_usage`: as OpenAI does, every chunk
+            carries `"usage": null` and only the last one (`usage_chunk`) the counts.
+    """
     if kind == "chat":
         delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": piece} if piece else {})
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
@@ -129,6 +146,8 @@ def stream_chunk(kind: str, rid: str, created: int, name: str, piece: str | None
     else:
         choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
         obj = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": [choice]}
+    if usage_null:
+        obj["usage"] = None
     return f"data: {json.dumps(obj)}\n\n"
 
 
