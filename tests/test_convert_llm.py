@@ -176,17 +176,17 @@ def test_a_failed_chunk_is_reported_and_retried_by_the_next_run(tmp_path, fake):
 
 
 def test_a_reply_cut_off_at_max_tokens_is_a_failed_chunk_retried_by_the_next_run(tmp_path, fake):
-    cfg = _config(tmp_path, fake.url)
+    cfg = _config(tmp_path, fake.url, generator_max_tokens=777)
     fake.cut_when = "zeta"
     summary = convert(cfg, progress=False)
     assert [r["source"]["chunk"] for r in _rows(cfg.to)] == [0, 2]
     assert summary.dropped == {"generator error": 1}
     assert summary.notes[0] == (
         "1 generator chunks failed (run again to retry them; finished chunks are cached); last error: "
-        f"{(tmp_path / 'notes.txt').as_posix()} chunk 1: reply cut off at {llm.MAX_REPLY_TOKENS} tokens "
+        f"{(tmp_path / 'notes.txt').as_posix()} chunk 1: reply cut off at 777 tokens "
         "(finish_reason 'length'); a smaller chunk_tokens gives shorter replies")
     assert len(fake.requests) == 3  # the same prompt would be cut off again: no retry in this run
-    assert {r["body"]["max_tokens"] for r in fake.requests} == {llm.MAX_REPLY_TOKENS}
+    assert {r["body"]["max_tokens"] for r in fake.requests} == {777}
     cache = tmp_path / "out" / ".data.generator-cache.jsonl"
     assert len(cache.read_text(encoding="utf-8").splitlines()) == 2  # the cut-off reply is not cached
     fake.cut_when, sent = None, len(fake.requests)

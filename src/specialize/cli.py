@@ -237,6 +237,7 @@ def convert(
     generator_model: Optional[str] = typer.Option(None),
     api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the generator's key"),
     concurrency: Optional[int] = typer.Option(None, help="generator requests in flight"),
+    generator_max_tokens: Optional[int] = typer.Option(None, help="most tokens per generator reply (cut off: retried)"),
     cache: Optional[Path] = typer.Option(None, help="resumable cache of generator answers"),
     conversation_column: Optional[str] = typer.Option(None, help="CSV chats: conversation id column"),
     speaker_column: Optional[str] = typer.Option(None, help="CSV chats: speaker column"),
@@ -250,7 +251,8 @@ def convert(
     summary = run(load_config(ConvertConfig, config, inputs=inputs, to=to, kind=kind, generator=generator,
                               generator_model=generator_model, api_key_env=api_key_env, concurrency=concurrency,
                               cache=cache, conversation_column=conversation_column, speaker_column=speaker_column,
-                              text_column=text_column, agent_speakers=agent_speakers))
+                              text_column=text_column, agent_speakers=agent_speakers,
+                              generator_max_tokens=generator_max_tokens))
     err.print(str(summary))
 
 
@@ -285,6 +287,7 @@ def serve(
     api_key: Optional[str] = typer.Option(None, help="require this bearer key (or set SPECIALIZE_API_KEY)"),
     max_batch_size: Optional[int] = typer.Option(None, help="requests generated together"),
     max_queue: Optional[int] = typer.Option(None, help="waiting requests before new ones get 503"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="most tokens per answer; a request asking for more gets 400"),
     model_name: Optional[str] = typer.Option(None, help="name shown in /v1/models"),
     log_contents: Optional[bool] = typer.Option(None, "--log-contents", help="log message contents"),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
@@ -298,7 +301,8 @@ def serve(
                   "your shell history; prefer the SPECIALIZE_API_KEY environment variable", highlight=False)
 
     run(load_config(ServeConfig, config, model=model, host=host, port=port, api_key=api_key,
-                    max_batch_size=max_batch_size, max_queue=max_queue, model_name=model_name,
+                    max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens,
+                    model_name=model_name,
                     log_contents=log_contents, trust_remote_code=trust_remote_code))
 
 

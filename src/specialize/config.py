@@ -152,6 +152,10 @@ class ConvertConfig(StageConfig):
     chunk_tokens: int = Field(400, gt=0, description="words (not tokens) per document chunk sent to the generator")
     chunk_overlap: int = Field(50, ge=0, description="words shared by neighbouring chunks")
     concurrency: int = Field(4, gt=0, description="generator requests in flight at once")
+    # 2048: 8 pairs with room for a reasoning model's <think> block, and a 4k-context local model
+    # still has room for the prompt (servers reject prompt + max_tokens > context).
+    generator_max_tokens: int = Field(2048, gt=0, description="most tokens the generator may write per chunk; a reply "
+                                      "cut off there is a failed chunk, sent again by the next run")
     cache: Path | None = Field(None, description="resumable cache of generator answers; default: next to the output")
     speaker_column: str = Field("speaker", description="CSV chats: column with the speaker")
     text_column: str = Field("text", description="CSV chats: column with the message text")
@@ -185,6 +189,8 @@ class ServeConfig(StageConfig):
     api_key: str | None = Field(None, description="require `Authorization: Bearer KEY` (or set SPECIALIZE_API_KEY)")
     max_batch_size: int = Field(16, gt=0, description="requests generated together")
     max_queue: int = Field(256, gt=0, description="waiting requests before new ones get 503")
+    max_new_tokens: int = Field(1024, gt=0, description="most tokens one answer may have; a request asking for more "
+                                "gets a 400 (the model's context window limits it too)")
     model_name: str | None = Field(None, description="name shown in /v1/models; default: the run folder's name")
     log_contents: bool = Field(False, description="log message contents (off: only sizes and timings)")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")

@@ -15,8 +15,8 @@ only looks for a JSON list of `{"question", "answer"}` objects (bare, inside pro
 ```json fence, or under a "pairs" key); items whose fields are not non-empty strings are
 dropped, and nothing in a reply chooses what is written or where.
 
-Each request asks for at most MAX_REPLY_TOKENS tokens; a reply cut off there (finish_reason
-"length") holds no complete list, so its chunk counts as failed.
+Each request asks for at most `generator_max_tokens` tokens; a reply cut off there
+(finish_reason "length") may hold no complete list, so its chunk counts as failed.
 
 Every finished chunk is appended to a JSONL cache (key: sha256 of model + prompt) and flushed
 to disk at once, so an interrupted run loses nothing: the next run sends only the chunks that
@@ -55,9 +55,6 @@ MAX_ATTEMPTS = 5
 BACKOFF_S = 1.0  # first retry delay; doubles on each further try
 MAX_BACKOFF_S = 60.0
 REQUEST_TIMEOUT_S = 300.0  # local models on CPU can take minutes for one reply
-# Most tokens one reply may have: 8 pairs fit with room for a reasoning model's <think> block,
-# and a 4k-context local model still has room for the prompt (servers reject prompt + this > context).
-MAX_REPLY_TOKENS = 2048
 _TAG = re.compile(r"<\s*/?\s*document\s*>", re.I)
 _SEPARATORS = re.compile(r"[\s,]*")
 
@@ -294,7 +291,7 @@ def generate(documents: list[tuple[str, str]], cfg: ConvertConfig, cache_path: P
     try:
         with _Progress(progress, len(todo)) as advance:
             futures = {pool.submit(_request, endpoint, {"model": model, "messages": c.messages, "temperature": 0,
-                                                        "max_tokens": MAX_REPLY_TOKENS}): c
+                                                        "max_tokens": cfg.generator_max_tokens}): c
                        for c in todo}
             for future in as_completed(futures):
                 chunk = futures[future]
