@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
 
+from specialize.generate import Generator
 from specialize.tokenizer import train_bpe
 
 ASSETS = Path(__file__).parent / "assets"
@@ -101,3 +102,14 @@ def qa8_run(tmp_path_factory, tiny_llama) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def short_context_gpt2(tokenizer_dir, positions: int = 32):
+    """An untrained 1-layer GPT-2 with a 32-token context: learned positions, so past it is an IndexError."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    return Generator(AutoModelForCausalLM.from_config(config), tokenizer)

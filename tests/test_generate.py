@@ -11,8 +11,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import QA8
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+from conftest import QA8, short_context_gpt2
+from transformers import AutoModelForCausalLM
 
 from specialize.generate import Completion, ContextOverflow, Generator
 from specialize.model import load_tokenizer, set_generation_ids, stop_token_ids
@@ -155,17 +155,6 @@ def test_saved_generation_config_keeps_every_stop_token(tiny_llama):
     model.generation_config.eos_token_id = eos
     set_generation_ids(model, tokenizer)
     assert model.generation_config.eos_token_id == eos  # a single stop token stays a plain id
-
-
-def short_context_gpt2(tokenizer_dir, positions: int = 32) -> Generator:
-    """An untrained 1-layer GPT-2 with a 32-token context: learned positions, so past it is an IndexError."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    return Generator(AutoModelForCausalLM.from_config(config), tokenizer)
 
 
 def test_a_batch_must_fit_the_context_even_when_each_prompt_does(tokenizer_dir):

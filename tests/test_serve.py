@@ -19,10 +19,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
-from conftest import QA8
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
+from conftest import QA8, short_context_gpt2
 
 from specialize.config import ServeConfig
 from specialize.errors import UserError
@@ -316,17 +314,6 @@ def held_worker(generator, monkeypatch):
         yield calls, entered, release
     finally:
         release.set()
-
-
-def short_context_gpt2(tokenizer_dir, positions: int = 32) -> Generator:
-    """An untrained 1-layer GPT-2 with a 32-token context: learned positions, so past it is an IndexError."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.pad_token = tokenizer.eos_token
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=positions,
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    return Generator(AutoModelForCausalLM.from_config(config), tokenizer)
 
 
 def test_requests_that_fit_alone_but_not_together_are_answered_in_separate_batches(tokenizer_dir, monkeypatch):
