@@ -89,6 +89,17 @@ def test_every_checkpoint_file_reaches_the_disk_before_the_rename(tmp_path, monk
     assert {p.name for p in final.iterdir()} <= synced  # every file, tensors included, before the rename
 
 
+def test_a_fresh_run_in_a_used_folder_drops_the_earlier_runs_checkpoints(tmp_path, tiny_llama, capsys):
+    out = tmp_path / "run"
+    _fake_checkpoint(out / "checkpoints", 1000)  # an earlier, longer run on the same data
+    (out / "metrics.jsonl").write_text('{"step": 1000, "loss": 0.1}\n', encoding="utf-8")
+    finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=out, max_steps=3, save_every=1,
+                            micro_batch_size=4, eval_fraction=0, progress=False))
+    assert "the earlier run's checkpoints and metrics there are removed" in capsys.readouterr().out
+    assert [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")] == ["step-1", "step-2"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 class Killed(Exception):
     pass
 

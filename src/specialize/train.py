@@ -27,6 +27,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -276,8 +277,14 @@ def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: Tra
         start_step, tokens_done, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         metrics.truncate_after(start_step)
         accelerator.print(f"resuming from {found} (step {start_step}/{total_steps})")
-    elif main and not cfg.resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    elif main and not cfg.resume:
+        # A fresh run into a used folder: an earlier run's checkpoints would outrank this run's
+        # in pruning and in a later --resume, and its metrics would mix with these.
+        if checkpoint.latest(ckpt_root) is not None or (out / "metrics.jsonl").exists():
+            accelerator.print(f"starting afresh in {out}: the earlier run's checkpoints and metrics there are "
+                              "removed (--resume continues a run instead)")
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
 
     eval_every = cfg.eval_every or steps_per_epoch
     save_every = cfg.save_every or steps_per_epoch
