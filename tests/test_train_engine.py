@@ -43,6 +43,17 @@ TINY_PARAMS = 512 * 64 + 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2
 TINY_PER_LAYER = (4 * 64 + 2 * 32) + (64 + 4 * 128) + 2 * 64
 
 
+def test_memory_estimate_of_a_model_without_attention_heads_is_partial_not_fatal():
+    from transformers import MambaConfig
+
+    model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                                                         state_size=4))
+    estimate = estimate_memory(model, FinetuneConfig(precision="fp32"), "full")
+    n = sum(p.numel() for p in model.parameters())
+    assert estimate.activations is None and estimate.total == n * 4 * 4  # weights, gradients, two moments
+    assert "activations (not estimated for this architecture)" in str(estimate)
+
+
 def test_memory_estimate_full_fp32_exact(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert sum(p.numel() for p in model.parameters()) == TINY_PARAMS

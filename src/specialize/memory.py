@@ -40,7 +40,7 @@ class MemoryEstimate:
     weights: int
     gradients: int
     optimizer: int
-    activations: int
+    activations: int | None  # None: not estimated for this architecture (no attention heads: Mamba, RWKV)
     tokens: int
     compute_dtype: str
     optimizer_name: str
@@ -48,14 +48,16 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + (self.activations or 0)
 
     def __str__(self) -> str:
         checkpointing = ", gradient checkpointing" if self.gradient_checkpointing else ""
+        activations = ("(not estimated for this architecture)" if self.activations is None
+                       else _human(self.activations))
         return (f"memory estimate ({self.method}, {self.compute_dtype} compute, {self.tokens:,} tokens per "
                 f"micro-step{checkpointing}): weights {_human(self.weights)} + gradients {_human(self.gradients)} "
                 f"+ optimizer {_human(self.optimizer)} ({self.optimizer_name}) + activations "
-                f"{_human(self.activations)} = {_human(self.total)} (±30%, plus framework overhead)")
+                f"{activations} = {_human(self.total)} (±30%, plus framework overhead)")
 
 
 def _human(n: int) -> str:
@@ -84,12 +86,15 @@ def compute_bytes(model, precision: str) -> int:
     return floating[0].element_size() if floating else 4
 
 
-def activation_elements_per_token(model) -> tuple[int, int]:
-    """(elements kept per token per layer, number of layers) for a decoder-only transformer."""
+def activation_elements_per_token(model) -> tuple[int, int] | None:
+    """(elements kept per token per layer, number of layers) for a decoder-only transformer;
+    None for a config without attention heads (state-space and RNN models: Mamba, RWKV)."""
     config = model.config
     hidden = _config_value(config, "hidden_size", "n_embd")
     layers = _config_value(config, "num_hidden_layers", "n_layer")
     heads = _config_value(config, "num_attention_heads", "n_head")
+    if not (hidden and layers and heads):
+        return None
     kv_heads = _config_value(config, "num_key_value_heads", default=heads)
     head_dim = _config_value(config, "head_dim", default=hidden // heads)
     intermediate = _config_value(config, "intermediate_size", "n_inner", default=4 * hidden)
@@ -114,7 +119,12 @@ def estimate_memory(model, cfg: TrainConfig, method: str) -> MemoryEstimate:
 
     element = compute_bytes(model, cfg.precision)
     tokens = cfg.micro_batch_size * cfg.max_seq_tokens
-    per_layer, layers = activation_elements_per_token(model)
+    shape = activation_elements_per_token(model)
+    if shape is None:
+        return MemoryEstimate(method=method, weights=weights, gradients=gradients, optimizer=optimizer,
+                              activations=None, tokens=tokens, compute_dtype="bf16/fp16" if element == 2 else "fp32",
+                              optimizer_name=cfg.optimizer, gradient_checkpointing=cfg.gradient_checkpointing)
+    per_layer, layers = shape
     hidden = _config_value(model.config, "hidden_size", "n_embd")
     vocab = model.get_input_embeddings().num_embeddings
     if cfg.gradient_checkpointing:
