@@ -86,3 +86,10 @@ def test_an_adapter_without_safetensors_is_refused_and_never_unpickled(lora_run,
             load_model(ref)
         with pytest.raises(UserError, match=expected):
             load_model(ref, merge_adapter=True)
+
+
+def test_a_mistyped_local_folder_says_it_was_looked_up_on_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # HF_HUB_OFFLINE=1 in tests: the lookup fails at once
+    with pytest.raises(UserError, match=r"cannot load tokenizer 'models/mine' \(no local folder of that name, "
+                                        r"so it was looked up as a Hugging Face Hub id\)"):
+        load_tokenizer("models/mine")

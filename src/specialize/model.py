@@ -46,13 +46,20 @@ def _check_exists(ref: str) -> None:
         raise UserError("not a model folder (no config.json, adapter_config.json or tokenizer_config.json)", path=ref)
 
 
+def _where(ref: str) -> str:
+    """How a failed load names `ref`: a name that is no local folder was looked up on the Hub."""
+    if Path(ref).exists():
+        return f"'{ref}'"
+    return f"'{ref}' (no local folder of that name, so it was looked up as a Hugging Face Hub id)"
+
+
 def load_tokenizer(ref: str | Path, trust_remote_code: bool = False):
     ref = model_dir(ref)
     _check_exists(ref)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer '{ref}': {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer {_where(ref)}: {str(e).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{ref}' has no EOS token; set eos_token in its tokenizer_config.json")
     return tokenizer
@@ -105,7 +112,7 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False, dtype: torch
         try:
             return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load model '{ref}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load model {_where(ref)}: {str(e).splitlines()[0]}") from None
     # PEFT reads adapter_model.bin with torch.load whenever the safetensors file is missing,
     # whatever use_safetensors says; a pickle can run code, so such an adapter is refused.
     if not (Path(ref) / "adapter_model.safetensors").is_file():
@@ -122,7 +129,7 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False, dtype: torch
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(base, ref)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model '{ref}': {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load model {_where(ref)}: {str(e).splitlines()[0]}") from None
     if not merge_adapter:
         return model
     merged = model.merge_and_unload()  # W <- W + (alpha / r) * B @ A; plain transformers modules again

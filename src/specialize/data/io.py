@@ -171,8 +171,10 @@ def data_files(source: str | Path) -> list[Path]:
 
 
 def _looks_like_hub_dataset(source: str) -> bool:
+    """`owner/name` (dots allowed: "teknium/OpenHermes-2.5") that is no local path or data file name."""
     parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not Path(source).suffix
+    return (len(parts) == 2 and all(parts) and not Path(source).exists()
+            and Path(source).suffix.lower() not in DATA_SUFFIXES)
 
 
 def read_hub_dataset(name: str, split: str = "train") -> list[Record]:
