@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -150,7 +151,12 @@ def test_fewshot_examples_come_from_the_runs_training_data(tmp_path):
     assert fewshot_pool(None, splits) is splits["test"]
 
 
-def test_predictions_specs():
+def test_predictions_specs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("x.jsonl", "y.jsonl", "z=1.jsonl"):
+        Path(name).write_text("{}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="missing.jsonl: field 'predictions': predictions file not found"):
+        parse_predictions(["a=missing.jsonl"], ["test"])  # before any model runs
     assert parse_predictions(["a=x.jsonl", "a@unseen=y.jsonl", "b=z=1.jsonl"], ["test", "unseen"]) == \
         {"a": {"test": "x.jsonl", "unseen": "y.jsonl"}, "b": {"test": "z=1.jsonl"}}
     for spec, message in (("x.jsonl", "expected NAME=FILE"), ("base=x.jsonl", "generated system"),

@@ -155,3 +155,18 @@ def test_near_duplicate_removal_scales():
     rows += [dict(rows[i], answer=rows[i]["answer"] + " extra") for i in range(0, 1000, 20)]  # 50 near copies
     kept, dropped = dedup.dedup_rows(rows, threshold=0.9)
     assert dropped == {"near duplicate": 50} and kept == rows[:10000]
+
+
+def test_cli_prints_summaries_and_paths_verbatim(tmp_path):
+    # Rich markup in printed user text ("[/INST]" quoted from a server, "[draft]" in a file name)
+    # must neither crash the command after its output is written nor vanish from the message.
+    from typer.testing import CliRunner
+
+    from specialize.cli import app
+
+    page = tmp_path / "faq [draft].md"
+    page.write_text("## What does [/INST] mean?\n\nIt ends an instruction.\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["convert", str(page), "--to", str(tmp_path / "qa.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "faq [draft].md" in result.output
+    assert json.loads((tmp_path / "qa.jsonl").read_text(encoding="utf-8"))["question"] == "What does [/INST] mean?"

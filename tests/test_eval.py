@@ -135,3 +135,11 @@ def test_a_prompt_that_does_not_fit_the_context_is_a_user_error_naming_the_examp
         evaluate_system(generator, examples, "qa", retriever, top_k=2, max_new_tokens=budget,
                         description="finetuned+rag / qa8")
     assert forwards == []  # refused before anything was generated
+
+
+def test_an_out_that_cannot_be_a_folder_fails_before_anything_runs(tmp_path):
+    blocker = tmp_path / "bad.jsonl"
+    blocker.write_text("{}\n", encoding="utf-8")
+    cfg = EvalConfig(predictions=str(tmp_path / "missing.jsonl"), task="qa", out=str(blocker / "e"))
+    with pytest.raises(UserError, match=r"bad.jsonl/e: cannot create the output folder"):
+        run_eval(cfg)  # the folder is checked before the predictions are even read

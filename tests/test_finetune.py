@@ -177,3 +177,15 @@ def test_dropped_eval_examples_are_reported_and_never_blamed_on_training_data(tm
     run = finetune(_cfg(tiny_llama, tmp_path / "none", max_steps=1, max_seq_tokens=128, eval_data=[str(too_long)]))
     assert "no eval example is left, so this run reports no eval loss" in " ".join(capsys.readouterr().err.split())
     assert json.loads((run / "train_summary.json").read_text())["eval_loss"] is None
+
+
+def test_an_unwritable_out_is_one_line_and_exit_2(tmp_path, tiny_llama):
+    blocker = tmp_path / "file"
+    blocker.write_text("", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "specialize", "finetune", "--base", str(tiny_llama), "--data",
+                           str(QA8), "--out", str(blocker / "run"), "--max-steps", "1", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {blocker}") and errors[0].endswith(": Not a directory")

@@ -22,7 +22,7 @@ from specialize.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a general-purpose language model into a specialist, locally.")
-err = Console(stderr=True)
+err = Console(stderr=True, markup=False)  # user text (paths, server replies) is printed verbatim
 
 ConfigOpt = typer.Option(None, "--config", help="YAML file with the same keys as the flags (flags win)")
 
@@ -253,7 +253,7 @@ def convert(
                               cache=cache, conversation_column=conversation_column, speaker_column=speaker_column,
                               text_column=text_column, agent_speakers=agent_speakers,
                               generator_max_tokens=generator_max_tokens))
-    err.print(str(summary))
+    err.print(str(summary), highlight=False)
 
 
 @app.command()
@@ -297,8 +297,9 @@ def serve(
     from specialize.serve import serve as run
 
     if api_key:
-        err.print("[yellow]warning:[/] a key given as --api-key is visible to other users in `ps` and stays in "
-                  "your shell history; prefer the SPECIALIZE_API_KEY environment variable", highlight=False)
+        err.print(Text.assemble(("warning:", "yellow"), " a key given as --api-key is visible to other users in `ps` "
+                                "and stays in your shell history; prefer the SPECIALIZE_API_KEY environment variable"),
+                  highlight=False)
 
     run(load_config(ServeConfig, config, model=model, host=host, port=port, api_key=api_key,
                     max_batch_size=max_batch_size, max_queue=max_queue, max_new_tokens=max_new_tokens,
@@ -332,6 +333,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+    except OSError as e:  # a path the user gave cannot be read or written (not a folder, permissions, disk full)
+        where = f"{e.filename}: " if e.filename else ""
+        err.print(Text.assemble(("error:", "bold red"), f" {where}{e.strerror or e}"), highlight=False, soft_wrap=True)
+        sys.exit(2)
     finally:
         # At exit CPython runs a full garbage collection over every object the imports made
         # (~1 s with torch and transformers loaded) before the OS frees the memory anyway.

@@ -41,7 +41,7 @@ from specialize.config import CompareConfig, DemoConfig, FinetuneConfig, Pretrai
 from specialize.data.io import jsonl_lines
 from specialize.examples.pydocs import PydocsPaths, load_or_build
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths are printed verbatim
 
 # Bump when the way the base is trained changes without a DemoConfig field changing.
 BASE_FORMAT = 2  # 2: held-out documents, not blocks

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 
 from specialize.config import FinetuneConfig, save_config
 from specialize.data.formats import Example, load_examples
@@ -29,7 +29,7 @@ from specialize.model import (add_lora, count_parameters, load_model, load_token
                               set_generation_ids)
 from specialize.train import make_accelerator, train
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
 
 MIN_EXAMPLES_FOR_SPLIT = 20
 
@@ -104,12 +104,11 @@ def finetune(cfg: FinetuneConfig) -> Path:
                                               cfg.train_on_prompt, required=False)
     if main:
         for line in report.lines():
-            console.print("[yellow]warning:[/] " + escape(line), highlight=False)
+            _warn(line)
         for line in eval_report.lines():
-            console.print("[yellow]warning:[/] eval data: " + escape(line), highlight=False)
+            _warn("eval data: " + line)
         if eval_examples and not eval_items:
-            console.print("[yellow]warning:[/] no eval example is left, so this run reports no eval loss",
-                          highlight=False)
+            _warn("no eval example is left, so this run reports no eval loss")
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
     model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, dtype=_weights_dtype(cfg, accelerator.device),
@@ -147,6 +146,10 @@ def finetune(cfg: FinetuneConfig) -> Path:
     return out
 
 
+def _warn(message: str) -> None:
+    console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False)
+
+
 def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, template) -> None:
     """Refuse data that lint finds errors in, unless told otherwise."""
     from specialize.data.lint import check_examples
@@ -155,7 +158,7 @@ def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, templat
                               for_training=True)
     for finding in findings:
         if finding.severity == "warning" and finding.code != "too_long":  # too_long: reported when dropped
-            console.print("[yellow]warning:[/] " + escape(finding.message), highlight=False)
+            _warn(finding.message)
     errors = [f for f in findings if f.severity == "error"]
     if errors and not cfg.allow_data_errors:
         raise UserError(f"data has {len(errors)} error(s), first: {errors[0].message} "

@@ -41,7 +41,7 @@ from specialize.model import (SIZES, build_config, build_model, count_parameters
 from specialize.tokenizer import train_bpe
 from specialize.train import evaluate_loss, make_accelerator, train
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
 
 MIN_BLOCKS_FOR_EVAL = 10  # fewer blocks are all trained on: one held-out block says little
 MIN_DOCUMENTS_FOR_EVAL = 10  # fewer documents: blocks are held out instead of whole documents
@@ -279,7 +279,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
                       f"{cfg.max_seq_tokens} tokens, {len(eval_blocks):,} held out (by {packed.by}); the partial "
                       f"block at the end of each ({packed.dropped_tokens:,} tokens) is dropped")
         if not eval_blocks:
-            console.print(f"[yellow]warning:[/] no held-out perplexity: fewer than {MIN_BLOCKS_FOR_EVAL} blocks "
+            console.print(f"warning: no held-out perplexity: fewer than {MIN_BLOCKS_FOR_EVAL} blocks "
                           "or eval_fraction 0")
 
     model = _build_model(cfg, tokenizer).to(accelerator.device)

@@ -41,8 +41,8 @@ from specialize.data.formats import Example, load_examples
 from specialize.errors import UserError
 from specialize.evaluate.metrics import normalize_answer
 from specialize.evaluate.run import (SystemResult, console, evaluate_system, judge_config, load_test_examples,
-                                     make_progress, question_of, run_settings, stdout_console, warm_up,
-                                     write_jsonl)
+                                     make_progress, output_folder, question_of, run_settings, stdout_console,
+                                     warm_up, write_jsonl)
 from specialize.evaluate.scorecard import main_metric, recommend
 from specialize.evaluate.tasks import load_predictions, score
 
@@ -152,6 +152,8 @@ def parse_predictions(specs: list[str], splits: list[str]) -> dict[str, dict[str
         if split not in splits:
             raise UserError(f"--predictions '{spec}': no split '{split}' (splits: {', '.join(splits)})",
                             field="predictions")
+        if not Path(path).is_file():  # now, not after the models have answered every split
+            raise UserError("predictions file not found", path=path, field="predictions")
         systems.setdefault(name, {})[split] = path
     return systems
 
@@ -197,7 +199,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
         retriever = Retriever.build(cfg.docs)
     shots = fewshot_pool(cfg.model or None, splits) if cfg.fewshot else []
     judged = judge_config(cfg)
-    out = Path(cfg.out)
+    out = output_folder(cfg.out)
     console.print(f"compare: splits {', '.join(f'{k} ({len(v)})' for k, v in splits.items())}; "
                   f"base {base or '-'}; run {cfg.model or '-'}" + (f"; docs {cfg.docs}" if cfg.docs else ""),
                   markup=False, highlight=False)

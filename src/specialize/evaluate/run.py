@@ -35,7 +35,7 @@ from specialize.data.formats import Example, load_examples
 from specialize.errors import UserError
 from specialize.evaluate.tasks import load_predictions, score
 
-console = Console(stderr=True)
+console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
 
 
 @dataclass
@@ -99,9 +99,9 @@ def warm_up(generator) -> None:
 
 def stdout_console() -> Console:
     """Results go to stdout; when it is a file or pipe, tables get room instead of rich's 80 columns."""
-    out = Console()
+    out = Console(markup=False)
     if not out.is_terminal:
-        out = Console(width=200)
+        out = Console(width=200, markup=False)
     return out
 
 
@@ -195,6 +195,16 @@ def judge_config(cfg) -> tuple[str, str] | None:
     return (url, model) if url else None
 
 
+def output_folder(path: str | Path) -> Path:
+    """The `--out` folder, created before any model runs: a path that cannot be one fails first."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder: {e.strerror or e}", path=folder) from None
+    return folder
+
+
 def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate a model on a test set, or score a predictions file; return the metrics.
 
@@ -204,7 +214,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     """
     if cfg.predictions and (cfg.model or cfg.data):
         raise UserError("give either --predictions FILE, or --model and --data, not both")
-    out = Path(cfg.out) if cfg.out else None
+    out = output_folder(cfg.out) if cfg.out else None
+    judge_config(cfg)  # a half-configured judge fails now, not after every answer was generated
     if cfg.predictions:
         rows = load_predictions(cfg.predictions)
         metrics, _ = score(cfg.task, rows)
