@@ -22,6 +22,10 @@ USER_ANSWER = [{"role": "user", "content": "Q1?"}, {"role": "assistant", "conten
     ({"instruction": "Q1?", "input": "", "output": "A1."}, "alpaca", USER_ANSWER),
     ({"instruction": "Sum", "input": "1 2", "output": "3"}, "alpaca",
      [{"role": "user", "content": "Sum\n\n1 2"}, {"role": "assistant", "content": "3"}]),
+    ({"instruction": "Q1?", "input": " \n ", "output": "A1."}, "alpaca", USER_ANSWER),  # blank = no input
+    ({"instruction": "Q1?", "input": None, "output": "A1."}, "alpaca", USER_ANSWER),
+    ({"instruction": "Sum", "input": 0, "output": "0"}, "alpaca",  # numbers become text, as in every field
+     [{"role": "user", "content": "Sum\n\n0"}, {"role": "assistant", "content": "0"}]),
     ({"input": "Q1?", "output": "A1."}, "input_output", USER_ANSWER),
     ({"prompt": "Q1?", "completion": "A1."}, "prompt_completion", USER_ANSWER),
     ({"messages": USER_ANSWER}, "messages", USER_ANSWER),
@@ -66,6 +70,8 @@ BAD = [
     ("null.jsonl", '{"question": "Q?", "answer": null}\n', r"null.jsonl:1: field 'answer': is null"),
     ("empty_field.jsonl", '{"question": "  ", "answer": "A."}\n', r"empty_field.jsonl:1: field 'question': is empty"),
     ("wrong_type.jsonl", '{"question": ["Q?"], "answer": "A."}\n', r"wrong_type.jsonl:1: field 'question': expected text, got list"),
+    ("alpaca_input.jsonl", '{"instruction": "Q?", "input": ["x"], "output": "A."}\n',
+     r"alpaca_input.jsonl:1: field 'input': expected text, got list"),
     ("role.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', r"role.jsonl:1: field 'messages\[0\].role': unknown role 'robot'"),
     ("no_assistant.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', r"no_assistant.jsonl:1: field 'messages': conversation has no assistant turn"),
     ("empty.jsonl", "", r"empty.jsonl: file is empty"),
@@ -131,6 +137,14 @@ def test_cli_bad_input_is_one_line_exit_2_no_model(tmp_path, tiny_llama):
     assert lines == [f"error: {bad}:2: field 'answer': is null"]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (out / "model").exists()
+
+
+def test_hub_dataset_names_may_hold_dots():
+    # "teknium/OpenHermes-2.5" is a dataset id, not a file with suffix ".5"; ".jsonl" names stay files.
+    with pytest.raises(UserError, match=r"cannot load Hugging Face dataset 'someone/data-2.5' split 'train'"):
+        load_examples(["someone/data-2.5"])
+    with pytest.raises(UserError, match=r"someone/data.jsonl: no such file or folder"):
+        load_examples(["someone/data.jsonl"])
 
 
 def test_hub_dataset_name_fails_cleanly_offline():

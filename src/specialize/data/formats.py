@@ -8,9 +8,12 @@ Shapes (detected per file from the first row's keys, then required of every row)
 | `alpaca`            | instruction, [input], output             | user: instruction + input / assistant|
 | `input_output`      | input, output                            | user / assistant                     |
 | `prompt_completion` | prompt, completion                       | user / assistant                     |
-| `messages`          | messages: [{role, content}]              | as is (system/user/assistant)        |
+| `messages`          | messages: [{role, content, [weight]}]    | as is (system/user/assistant)        |
 | `conversations`     | conversations: [{from, value}] (ShareGPT)| human→user, gpt→assistant            |
 | `text`              | text                                     | raw text (continued pre-training)    |
+
+An assistant turn may carry `"weight": 0` or `1` (OpenAI's fine-tuning format): weight 0 keeps
+the turn in the sequence as context but does not train it (see `templates.segments`).
 """
 
 from __future__ import annotations
@@ -47,10 +50,10 @@ class Example:
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
-        """Everything before the last assistant turn (what a model is asked at eval time)."""
+        """Everything before the last assistant turn (what a model is asked at eval time), without `weight`."""
         assert self.messages is not None
         last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return self.messages[:last]
+        return [{k: v for k, v in m.items() if k != "weight"} for m in self.messages[:last]]
 
     @property
     def reference(self) -> str:
@@ -84,6 +87,14 @@ def _string(row: dict[str, Any], name: str, record: Record, *, allow_empty: bool
     return value
 
 
+def _weight(value: Any, role: str, record: Record, name: str) -> int:
+    if role != "assistant":
+        raise UserError("only assistant turns take a weight", path=record.path, line=record.line, field=name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+        raise UserError(f"expected 0 or 1, got {value!r}", path=record.path, line=record.line, field=name)
+    return int(value)
+
+
 def _turns(record: Record, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> list[dict[str, str]]:
     turns = record.data.get(key)
     if not isinstance(turns, list) or not turns:
@@ -102,7 +113,10 @@ def _turns(record: Record, key: str, role_key: str, content_key: str, roles: dic
             what = "is missing" if content is None else ("is empty" if isinstance(content, str) else
                                                           f"expected text, got {type(content).__name__}")
             raise UserError(what, path=record.path, line=record.line, field=f"{where}.{content_key}")
-        messages.append({"role": roles[role], "content": content})
+        message = {"role": roles[role], "content": content}
+        if "weight" in turn:  # OpenAI's fine-tuning format: weight 0 keeps an assistant turn as context only
+            message["weight"] = _weight(turn["weight"], message["role"], record, f"{where}.weight")
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise UserError("conversation has no assistant turn to learn from", path=record.path, line=record.line,
                         field=key)
@@ -127,8 +141,10 @@ def to_example(record: Record, shape: str, system_prompt: str | None = None) -> 
                                   "prompt_completion": ("prompt", "completion"),
                                   "input_output": ("input", "output")}[shape]
         prompt = _string(row, prompt_key, record)
-        if shape == "alpaca" and row.get("input"):
-            prompt = prompt + "\n\n" + _string(row, "input", record)
+        if shape == "alpaca" and row.get("input") is not None:
+            extra = _string(row, "input", record, allow_empty=True)  # null or blank: the instruction alone
+            if extra.strip():
+                prompt = prompt + "\n\n" + extra
         messages = [{"role": "user", "content": prompt},
                     {"role": "assistant", "content": _string(row, answer_key, record)}]
     if system_prompt and messages[0]["role"] != "system":

@@ -145,7 +145,12 @@ def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> l
     including that turn, and rendered up to the turn before it with the generation prompt —
     exactly the prompt a model sees at inference. A template for which the first is not an
     extension of the second cannot be trained turn by turn, and is reported.
+
+    An assistant turn with `"weight": 0` is split the same way but not trained: it stays in the
+    sequence as context. The `weight` key is taken off before rendering, so no template sees it.
     """
+    weights = [message.get("weight", 1) for message in messages]
+    messages = [{k: v for k, v in message.items() if k != "weight"} for message in messages]
     pieces: list[tuple[str, bool]] = []
     done = ""
     for i, message in enumerate(messages):
@@ -164,6 +169,6 @@ def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> l
             # model learns to stop, and earlier turns stay exactly as inference renders them.
             answer += eos
         pieces.append((prompt[len(done):], False))
-        pieces.append((answer, True))
+        pieces.append((answer, weights[i] != 0))
         done = full
     return [(text, trained) for text, trained in pieces if text]
