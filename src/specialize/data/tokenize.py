@@ -182,7 +182,8 @@ def encode_examples(examples: list[Example], tokenizer, template: Template, max_
             report.drop(reason, example.source)
             continue
         if item.target_tokens == 0:
-            report.drop("no trained token (empty answer after templating)", example.source)
+            report.drop("no trained token (an empty answer after templating, or every answer at weight 0)",
+                        example.source)
             continue
         encoded.append(item)
         report.kept += 1
