@@ -85,3 +85,19 @@ def test_main_freezes_gc_before_exit_also_on_user_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "exit 2 frozen True"
     assert proc.stderr.count("\n") == 1 and "missing.yaml" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_yaml_conveniences_and_errors(tmp_path):
+    one = tmp_path / "one.yaml"
+    one.write_text("data: train.jsonl\neval_data: val.jsonl\n", encoding="utf-8")
+    cfg = load_config(FinetuneConfig, one)
+    assert cfg.data == ["train.jsonl"] and cfg.eval_data == ["val.jsonl"]  # a single file is a list of one
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [a.jsonl\nepochs: 2\nmethod: lora\n", encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        load_config(FinetuneConfig, broken)
+    assert str(err.value).startswith(f"{broken}:") and err.value.line is not None
+    from specialize.config import DemoConfig
+
+    with pytest.raises(UserError, match="invalid value for 'size'"):
+        load_config(DemoConfig, None, size="huge")  # before any data is built

@@ -267,6 +267,7 @@ def lint(
     near_duplicate_threshold: Optional[float] = typer.Option(None, help="similarity that counts as a near duplicate"),
     system_prompt: Optional[str] = typer.Option(None, help="system message for examples without one (as finetune)"),
     train_on_prompt: Optional[bool] = typer.Option(None, "--train-on-prompt", help="prompt tokens are trained too"),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code"),
     config: Optional[Path] = ConfigOpt,
 ):
     """Pre-flight: show what the model will learn, and what is wrong with the data (exit 1 on errors)."""
@@ -275,7 +276,7 @@ def lint(
     code = run(load_config(LintConfig, config, data=data, eval_data=eval_data, base=base,
                            max_seq_tokens=max_seq_tokens, template=template, show=show,
                            near_duplicate_threshold=near_duplicate_threshold, system_prompt=system_prompt,
-                           train_on_prompt=train_on_prompt))
+                           train_on_prompt=train_on_prompt, trust_remote_code=trust_remote_code))
     raise typer.Exit(code)
 
 

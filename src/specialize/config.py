@@ -223,7 +223,7 @@ class DemoConfig(StageConfig):
     out: Path = Field(Path("runs/demo"), description="folder for the fine-tuned run, scorecard.json, report.html and predictions")
     facts: int = Field(200, gt=0, description="facts (documented functions) in the train split")
     eval_examples: int = Field(200, gt=0, description="questions per evaluation split (seen, unseen)")
-    size: str = Field("tiny", description="named size of the pre-trained base (micro, tiny, small, base)")
+    size: Literal["micro", "tiny", "small", "base"] = Field("tiny", description="named size of the pre-trained base")
     vocab_size: int = Field(2048, gt=256, description="vocabulary of the BPE tokenizer trained on the docs")
     pretrain_steps: int = Field(600, gt=0, description="pre-training optimizer steps of 16 x 256 tokens (the base is cached)")
     pretrain_learning_rate: float = Field(3e-3, gt=0, description="peak learning rate of pre-training")
@@ -263,12 +263,19 @@ def load_config(cls: type[C], config_file: str | Path | None = None, **flags: An
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"not valid YAML: {str(e).splitlines()[0]}", path=path) from None
+            mark = getattr(e, "problem_mark", None)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UserError(f"not valid YAML: {problem}", path=path,
+                            line=mark.line + 1 if mark is not None else None) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
             raise UserError("a config file must be a mapping of key: value", path=path)
         values.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        for key, value in values.items():  # `data: train.jsonl` means a list of one
+            field = cls.model_fields.get(key)
+            if isinstance(value, str) and field is not None and "list[" in str(field.annotation):
+                values[key] = [value]
     values.update({k: v for k, v in flags.items() if v is not None and v != [] and v != ()})
     try:
         return cls(**values)
