@@ -134,3 +134,11 @@ def test_parity_prompts_come_from_the_training_data_else_generic(runs, tmp_path)
     assert parity_conversations(runs["full"], 3) == [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
     assert parity_conversations(tmp_path, 2) == [[{"role": "user", "content": p}] for p in GENERIC_PROMPTS[:2]]
     assert parity_conversations(runs["full"], 0) == []
+
+
+def test_a_model_without_chat_template_is_refused_before_any_work(tiny_llama, tmp_path, monkeypatch):
+    # tiny_llama (conftest) is a plain base: no chat template, like a `specialize pretrain` run.
+    monkeypatch.setattr(export_module, "_answers", lambda *a, **k: pytest.fail("generated before checking"))
+    with pytest.raises(UserError, match="has no chat template to export"):
+        export(ExportConfig(model=str(tiny_llama), out=tmp_path / "ex"))
+    assert list(tmp_path.iterdir()) == []  # no folder, no hidden temporary one

@@ -157,6 +157,9 @@ def export(cfg: ExportConfig) -> Path:
     out = Path(cfg.out)
     if out.exists() and not (out / MARKER).is_file():
         raise UserError(f"{out} exists and is not a specialize export; remove it or choose another --out")
+    if not getattr(load_tokenizer(cfg.model, cfg.trust_remote_code), "chat_template", None):
+        raise UserError(f"{cfg.model} has no chat template to export (a pre-trained base has none: its model/ "
+                        "folder is already a plain HF folder to use as it is)")
     out.parent.mkdir(parents=True, exist_ok=True)
     dtype = _stored_dtype(cfg.model, cfg.trust_remote_code) if cfg.dtype == "auto" else DTYPES[cfg.dtype]
 
