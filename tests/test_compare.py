@@ -169,3 +169,21 @@ def test_compare_needs_a_base_it_can_find(tmp_path):
     (tmp_path / "config.yaml").write_text("epochs: 1\n")
     with pytest.raises(UserError, match="give --base"):
         find_base(str(tmp_path))
+
+
+def test_a_rerun_into_the_same_out_leaves_no_stale_predictions(tmp_path):
+    from specialize.evaluate import compare as compare_module
+    from specialize.evaluate.run import SystemResult
+    from specialize.evaluate.tasks import score
+
+    rows = [{"prediction": "Paris", "reference": "Paris", "question": "Capital of France?", "stopped": True}]
+    metrics, per_example = score("qa", rows)
+    result = SystemResult(metrics, per_example, rows, 0.1, 0.1, 10.0, 2.0)
+    scorecard = {"task": "qa", "systems": [{"name": "base", "splits": {"test": metrics}}],
+                 "recommendation": {"system": "base", "metric": "f1", "reasons": ["only one"]}}
+    out = tmp_path / "cmp"
+    compare_module._write(out, scorecard, {"base": {"test": result}, "base+fewshot": {"test": result}}, None)
+    compare_module._write(out, scorecard, {"base": {"test": result}}, None)  # a re-run without few-shot
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["base"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions", "report.html", "scorecard.json"]  # no temp left
+    assert json.loads((out / "scorecard.json").read_text())["systems"][0]["name"] == "base"

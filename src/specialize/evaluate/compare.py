@@ -31,6 +31,8 @@ from __future__ import annotations
 import gc
 import itertools
 import json
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -273,20 +275,29 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
 
 
 def _write(out: Path, scorecard: dict, results: dict[str, dict[str, SystemResult]], run: str | None) -> None:
+    """predictions/, report.html, then scorecard.json, each swapped in whole by a rename: a re-run
+    into the same --out never leaves an earlier run's predictions (a system it no longer has)
+    beside the new scorecard, and a crash never leaves a half-written file that looks complete."""
     from specialize.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "scorecard.json").write_text(json.dumps(scorecard, indent=2) + "\n", encoding="utf-8")
+    staged = out / ".predictions.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
     for name, by_split in results.items():
         for split, r in by_split.items():
-            write_jsonl(out / "predictions" / name / f"{split}.jsonl", r.rows)
+            write_jsonl(staged / name / f"{split}.jsonl", r.rows)
+    shutil.rmtree(out / "predictions", ignore_errors=True)
+    os.replace(staged, out / "predictions")
     loss_curve = []
     metrics_path = Path(run) / "metrics.jsonl" if run else None
     if metrics_path and metrics_path.is_file():
         lines = metrics_path.read_text(encoding="utf-8").splitlines()
         loss_curve = [json.loads(line) for line in lines if line.strip()]
     examples = {name: {split: r.per_example for split, r in by_split.items()} for name, by_split in results.items()}
-    write_report(scorecard, out / "report.html", loss_curve=loss_curve, examples=examples)
+    write_report(scorecard, out / ".report.html.tmp", loss_curve=loss_curve, examples=examples)
+    os.replace(out / ".report.html.tmp", out / "report.html")
+    (out / ".scorecard.json.tmp").write_text(json.dumps(scorecard, indent=2) + "\n", encoding="utf-8")
+    os.replace(out / ".scorecard.json.tmp", out / "scorecard.json")  # last: the run is complete
 
 
 def scorecard_table(scorecard: dict) -> Table:
