@@ -248,7 +248,7 @@ def test_api_key_is_never_logged_or_shown(tmp_path, fake, monkeypatch, caplog):
     assert str(err.value) == ("field 'generator': the generator refused the request (HTTP 401); "
                               "check the API key in $SPECIALIZE_TEST_KEY")
     assert KEY not in caplog.text
-    assert llm._redact(f"echo Bearer {KEY}", KEY) == "echo Bearer ***"
+    assert llm.redact(f"echo Bearer {KEY}", KEY) == "echo Bearer ***"
 
 
 def test_a_key_cut_in_half_by_the_error_excerpt_is_still_hidden(tmp_path, fake, monkeypatch):

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import httpx
 
+from specialize import untrusted
 from specialize.errors import UserError
+from specialize.untrusted import redact
 
 API_KEY_ENV = "OPENAI_API_KEY"
 
@@ -75,10 +77,9 @@ Answer to grade:
 
 Explain your grade in one or two sentences, then end with a line of the form "Score: N"
 where N is an integer from 1 to 5."""
-# Any of our tags inside a text (any case, spacing or attributes) is defused, so a text can
-# never close its own tag and speak outside it; as convert/llm.py does for <document>.
+# Any of the three tags inside a text is defused (see untrusted.fence): no text can close its
+# own tag, nor open another field's.
 _FIELDS = ("question", "reference", "prediction")
-_TAG = re.compile(r"<\s*/?\s*(" + "|".join(_FIELDS) + r")\b[^>]*>", re.I)
 
 _NUMBER = r"([1-5](?:\.\d+)?)(?![\d.]*\d)"
 _SCORE_PATTERNS = (
@@ -90,8 +91,7 @@ _SCORE_PATTERNS = (
 
 def fence(name: str, text: str) -> str:
     """`text` between `<name>` and `</name>` lines, with every judge tag inside it defused."""
-    body = _TAG.sub(lambda m: f"[{m.group(1).lower()} tag]", text)
-    return f"<{name}>\n{body}\n</{name}>"
+    return untrusted.fence(name, text, _FIELDS)
 
 
 def judge_messages(task: str, question: str | None, reference, prediction: str) -> list[dict[str, str]]:
@@ -103,10 +103,6 @@ def judge_messages(task: str, question: str | None, reference, prediction: str) 
                            reference=fence("reference", ref_text),
                            prediction=fence("prediction", prediction or "(empty)"))
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
-
-
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
 
 
 def parse_score(verdict: str) -> float | None:
@@ -183,7 +179,7 @@ class Judge:
 
         Redacted before it is cut, so a key across the cut cannot leave its first half.
         """
-        return _redact(response.text, self._key)[:200]
+        return redact(response.text, self._key)[:200]
 
     def judge_rows(self, task: str, rows: list[dict], out_path: str | Path | None = None) -> dict:
         """Grade prediction rows (prediction, reference, question); write judge.jsonl; return metrics."""

@@ -41,6 +41,7 @@ import httpx
 from specialize.config import ConvertConfig
 from specialize.data.io import jsonl_lines
 from specialize.errors import UserError
+from specialize.untrusted import fence, redact
 
 SYSTEM_PROMPT = """You write question-answer pairs for training a customer support assistant.
 The user message holds one excerpt of a document, between a line <document> and a line </document>.
@@ -55,7 +56,6 @@ MAX_ATTEMPTS = 5
 BACKOFF_S = 1.0  # first retry delay; doubles on each further try
 MAX_BACKOFF_S = 60.0
 REQUEST_TIMEOUT_S = 300.0  # local models on CPU can take minutes for one reply
-_TAG = re.compile(r"<\s*/?\s*document\s*>", re.I)
 _SEPARATORS = re.compile(r"[\s,]*")
 
 
@@ -91,9 +91,8 @@ def chunk_words(text: str, size: int, overlap: int) -> list[str]:
 
 def build_messages(name: str, chunk: str) -> list[dict]:
     """The chat messages sent for one chunk: the fixed instructions, then the delimited chunk."""
-    body = _TAG.sub("[document tag]", f"title: {name}\n\n{chunk}")
     return [{"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": f"<document>\n{body}\n</document>"}]
+            {"role": "user", "content": fence("document", f"title: {name}\n\n{chunk}")}]
 
 
 def cache_key(model: str, messages: list[dict]) -> str:
@@ -208,10 +207,6 @@ class Cache:
             os.fsync(f.fileno())  # on disk before the next chunk starts: a crash loses nothing done
 
 
-def _redact(text: str, secret: str | None) -> str:
-    return text.replace(secret, "***") if secret else text
-
-
 @dataclass
 class _Endpoint:
     """Everything a worker thread needs to send one chunk."""
@@ -257,7 +252,7 @@ def _request(endpoint: _Endpoint, body: dict) -> str:
             if status == 404:
                 raise UserError(f"the generator answered HTTP 404 at {endpoint.url}; check the URL and the model "
                                 f"name ({body['model']})", field="generator")
-            error = f"HTTP {status}: {_redact(response.text, endpoint.key)[:200]}"  # redacted before the cut
+            error = f"HTTP {status}: {redact(response.text, endpoint.key)[:200]}"  # redacted before the cut
             if status != 429 and status < 500:
                 raise _ChunkFailed(error)  # a bad request stays bad: no retry
             retry_after = response.headers.get("retry-after", "")
