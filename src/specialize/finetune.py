@@ -25,8 +25,8 @@ from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
 from specialize.memory import estimate_memory
-from specialize.model import (add_lora, count_parameters, load_model, load_tokenizer, model_dir, pick_dtype, save_model,
-                              set_generation_ids)
+from specialize.model import (add_lora, context_length, count_parameters, load_model, load_tokenizer, model_dir,
+                              pick_dtype, save_model, set_generation_ids)
 from specialize.train import make_accelerator, train
 
 console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
@@ -111,9 +111,9 @@ def finetune(cfg: FinetuneConfig) -> Path:
             _warn("no eval example is left, so this run reports no eval loss")
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
-    model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, dtype=_weights_dtype(cfg, accelerator.device),
-                       quantize_4bit=cfg.method == "qlora", merge_adapter=True)  # a LoRA run as base: merged
-    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, quantize_4bit=cfg.method == "qlora",
+                       dtype=_weights_dtype(cfg, accelerator.device), merge_adapter=True)  # a LoRA run: merged
+    positions = context_length(model.config)
     if positions is not None and positions < cfg.max_seq_tokens:
         raise UserError(f"--max-seq-tokens {cfg.max_seq_tokens} is longer than the {positions} positions "
                         f"'{cfg.base}' holds; lower it to at most {positions}")

@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from specialize.data.templates import Template, ours
 from specialize.data.tokenize import pad_token_id
-from specialize.model import load_model, load_tokenizer, pick_dtype, stop_token_ids
+from specialize.model import context_length, load_model, load_tokenizer, pick_dtype, stop_token_ids
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Generator:
     @property
     def context_length(self) -> int | None:
         """The model's context window in tokens, when its config says."""
-        return getattr(self.model.config, "max_position_embeddings", None)
+        return context_length(self.model.config)
 
     def check_fits(self, prompt_tokens: int, max_new_tokens: int, index: int | None = None) -> None:
         """Raise `ContextOverflow` unless `prompt_tokens + max_new_tokens` fit the context window."""

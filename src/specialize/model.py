@@ -227,6 +227,11 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+def context_length(config) -> int | None:
+    """Positions the model holds (its context window), when its config says."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def set_generation_ids(model, tokenizer) -> None:
     """Generation stops at every stop token (`stop_token_ids`) and pads with the pad token (EOS when there is none)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -36,8 +36,8 @@ from specialize.config import PretrainConfig, save_config
 from specialize.data.io import read_source
 from specialize.data.tokenize import IGNORE, Encoded, pad_token_id
 from specialize.errors import UserError
-from specialize.model import (SIZES, build_config, build_model, count_parameters, load_tokenizer, model_dir, save_model,
-                              set_generation_ids)
+from specialize.model import (SIZES, build_config, build_model, context_length, count_parameters, load_tokenizer,
+                              model_dir, save_model, set_generation_ids)
 from specialize.tokenizer import train_bpe
 from specialize.train import evaluate_loss, make_accelerator, train
 
@@ -237,7 +237,7 @@ def _build_model(cfg: PretrainConfig, tokenizer):
         config = build_config(cfg.size, tokenizer, max_positions=max(2048, cfg.max_seq_tokens))
     except (TypeError, KeyError, ValueError) as e:  # no or unknown model_type, malformed JSON
         raise UserError(f"not a usable transformers config.json: {str(e).splitlines()[0]}", path=cfg.size) from None
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    positions = context_length(config)
     if positions is not None and positions < cfg.max_seq_tokens:
         raise UserError(f"the model holds {positions} positions, fewer than --max-seq-tokens {cfg.max_seq_tokens}",
                         path=None if cfg.size in SIZES else cfg.size)
