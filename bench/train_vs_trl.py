@@ -107,6 +107,16 @@ def build_workspace(folder: Path, n_examples: int = 400, vocab_size: int = 2048)
     return {"data": data, "prompts": prompts, "base": base}
 
 
+def timed(command: list[str], env: dict, what: str) -> float:
+    """Seconds one whole process takes, from launch to exit (start-up and imports included)."""
+    started = time.perf_counter()
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-3000:]}")
+    return seconds
+
+
 def run_specialize(ws: dict[str, Path], out: Path, env: dict, epochs: float, **extra) -> dict:
     config = out.with_suffix(".yaml")
     values = dict(base=str(ws["base"]), data=[str(ws["data"])], out=str(out), epochs=epochs,
@@ -115,12 +125,7 @@ def run_specialize(ws: dict[str, Path], out: Path, env: dict, epochs: float, **e
                   weight_decay=0.0, seed=SEED, eval_fraction=0.0, precision="fp32", template="qa", progress=False,
                   allow_data_errors=True, **extra)
     config.write_text(json.dumps(values), encoding="utf-8")  # JSON is YAML
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "specialize", "finetune", "--config", str(config)], env=env,
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"specialize failed:\n{proc.stderr[-3000:]}")
+    seconds = timed([sys.executable, "-m", "specialize", "finetune", "--config", str(config)], env, "specialize")
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     return {"process_s": seconds, "train_s": summary["seconds"], "last_loss": summary["train_loss"],
             "steps": summary["steps"], "model": out / "model", "packed": summary.get("packed")}
@@ -129,12 +134,7 @@ def run_specialize(ws: dict[str, Path], out: Path, env: dict, epochs: float, **e
 def run_trl(ws: dict[str, Path], out: Path, env: dict, epochs: float, mode: str, mean_tokens: float) -> dict:
     job = {"base": str(ws["base"]), "prompts": str(ws["prompts"]), "out": str(out), "epochs": epochs, "mode": mode,
            "rows_per_step": max(1, round(MICRO_BATCH * mean_tokens / MAX_SEQ_TOKENS))}
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--trl-worker", json.dumps(job)], env=env,
-                          capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"TRL ({mode}) failed:\n{proc.stderr[-3000:]}")
+    seconds = timed([sys.executable, __file__, "--trl-worker", json.dumps(job)], env, f"TRL ({mode})")
     result = json.loads((out / "result.json").read_text(encoding="utf-8"))
     return {"process_s": seconds, "train_s": result["train_s"], "last_loss": result["last_loss"],
             "steps": result["steps"], "model": out / "model", "batch": result["batch"]}
