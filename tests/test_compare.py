@@ -18,7 +18,7 @@ from specialize.evaluate.compare import (compare, fewshot_pool, find_base, load_
 from specialize.evaluate.run import load_test_examples
 from specialize.generate import Generator
 from specialize.model import load_tokenizer
-from conftest import QA8, write_jsonl
+from helpers import QA8, write_jsonl
 from test_eval import QA, write_docs
 
 GENERATED = ["base", "base+fewshot", "base+rag", "finetuned", "finetuned+rag"]

@@ -12,7 +12,7 @@ import pytest
 
 from specialize.data.formats import load_examples
 from specialize.errors import UserError
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 USER_ANSWER = [{"role": "user", "content": "Q1?"}, {"role": "assistant", "content": "A1."}]
 

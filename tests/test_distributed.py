@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from specialize.config import FinetuneConfig
 from specialize.finetune import finetune
-from conftest import QA8
+from helpers import QA8
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(max_steps=4, learning_rate=3e-3, warmup_steps=1, eval_fraction=0, progress=False)

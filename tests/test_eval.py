@@ -20,7 +20,7 @@ from specialize.evaluate.compare import with_fewshot
 from specialize.evaluate.run import build_conversations, evaluate_system, run_eval
 from specialize.generate import Generator
 from specialize.retrieval import Retriever, rag_prompt
-from conftest import ASSETS, QA8, write_jsonl
+from helpers import ASSETS, QA8, write_jsonl
 
 QA = [json.loads(line) for line in QA8.read_text(encoding="utf-8").splitlines()]
 COST_KEYS = ("latency_s_per_example", "prompt_tokens_per_example", "completion_tokens_per_example")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import QA8
+from helpers import QA8
 from typer.testing import CliRunner
 
 from specialize import export as export_module

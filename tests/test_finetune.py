@@ -16,7 +16,7 @@ from specialize.config import FinetuneConfig
 from specialize.data.formats import load_examples
 from specialize.finetune import finetune
 from specialize.generate import Generator
-from conftest import QA8
+from helpers import QA8
 
 QUESTIONS = [json.loads(line)["question"] for line in QA8.read_text(encoding="utf-8").splitlines()]
 ANSWERS = [json.loads(line)["answer"] for line in QA8.read_text(encoding="utf-8").splitlines()]

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import QA8, short_context_gpt2
+from helpers import QA8, short_context_gpt2
 from transformers import AutoModelForCausalLM
 
 from specialize.generate import Completion, ContextOverflow, Generator

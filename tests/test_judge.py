@@ -16,7 +16,7 @@ from specialize.errors import UserError
 from specialize.evaluate import judge as judge_module
 from specialize.evaluate.judge import PROMPT, RUBRICS, SYSTEM, Judge, judge_messages, parse_score
 from specialize.evaluate.run import run_eval
-from conftest import ASSETS
+from helpers import ASSETS
 
 SECRET = "sk-test-0123456789abcdef"
 PREDICTIONS = ASSETS / "eval" / "predictions.jsonl"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QA8
+from helpers import QA8
 from peft import PeftModel
 
 from specialize.config import FinetuneConfig

@@ -17,7 +17,7 @@ from specialize.data.templates import resolve_template
 from specialize.data.tokenize import IGNORE, collate_packed, collate_padded, encode_examples, pad_token_id
 from specialize.packing import collate_rows, packing_is_exact, plan_rows
 from specialize.train import token_loss_sum, train
-from conftest import QA8
+from helpers import QA8
 
 
 def _items(model_dir):

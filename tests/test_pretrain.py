@@ -20,7 +20,7 @@ import yaml
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import QA8, write_jsonl
+from helpers import QA8, write_jsonl
 from specialize.cli import app
 from specialize.config import PretrainConfig, load_config
 from specialize.data.tokenize import IGNORE

@@ -28,7 +28,7 @@ from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
 from specialize.finetune import finetune
 from specialize.train import train
-from conftest import QA8
+from helpers import QA8
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

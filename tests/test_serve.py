@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import QA8, short_context_gpt2
+from helpers import QA8, short_context_gpt2
 
 from specialize.config import ServeConfig
 from specialize.errors import UserError

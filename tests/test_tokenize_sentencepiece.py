@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from conftest import ASSETS, _corpus
+from helpers import ASSETS, corpus
 from specialize.data.formats import Example, load_examples
 from specialize.data.lint import check_examples
 from specialize.data.templates import ours
@@ -35,7 +35,7 @@ def sentencepiece_tokenizer(prepend_scheme: str) -> PreTrainedTokenizerFast:
     core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "</s>", "<pad>"], show_progress=False)
-    core.train_from_iterator(_corpus(), trainer=trainer)
+    core.train_from_iterator(corpus(), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
 

@@ -18,7 +18,7 @@ from specialize.memory import estimate_memory
 from specialize.model import add_lora
 from specialize.optim import make_optimizer
 from specialize.train import TrainResult, train
-from conftest import QA8
+from helpers import QA8
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 from specialize.data.formats import load_examples
 from specialize.data.lint import check_examples
 from specialize.data.templates import Template, ours, segments
