@@ -12,6 +12,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
 from pathlib import Path  # noqa: E402
 
@@ -19,11 +20,30 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config  # noqa: E402
 
-from helpers import QA8, corpus, save_llama  # noqa: E402
+from helpers import NETWORK_GUARD, QA8, corpus, save_llama  # noqa: E402
 from specialize.tokenizer import train_bpe  # noqa: E402
 
 # Tiny models gain nothing from a second thread, and lose a lot when other jobs share the cores.
 torch.set_num_threads(1)
+
+# From collection on, any connection beyond this machine (or DNS lookup of a name) is refused.
+NETWORK_GUARD.install()
+
+
+@pytest.fixture(autouse=True)
+def _no_network():
+    """Fail the test that tried the network, even when the library it called swallowed the refusal.
+
+    Checked before the test too: collection and the session fixtures it set up run before this.
+    """
+    _fail_on_attempts()
+    yield
+    _fail_on_attempts()
+
+
+def _fail_on_attempts() -> None:
+    if attempts := NETWORK_GUARD.take_attempts():
+        pytest.fail("tried the network: " + "; ".join(attempts), pytrace=False)
 
 
 @pytest.fixture(scope="session")

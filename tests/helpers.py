@@ -62,3 +62,96 @@ def short_context_gpt2(tokenizer_dir, positions: int = 32):
                         pad_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     return Generator(AutoModelForCausalLM.from_config(config), tokenizer)
+
+
+class NetworkBlocked(ConnectionRefusedError):
+    """What a test gets when it tries to reach anything but this machine."""
+
+
+class NetworkGuard:
+    """Refuses (and records) every connection to a non-loopback address and every DNS lookup of a name.
+
+    Installed for the whole session by conftest: a library that swallows the refusal (the Hub
+    client falls back to its cache) still fails the test, because conftest checks `attempts`
+    after each one. Loopback servers (serve tests on 127.0.0.1) and Unix sockets keep working.
+    """
+
+    LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", ""}
+
+    def __init__(self):
+        self.attempts: list[str] = []
+
+    @staticmethod
+    def _address(host):
+        """The IP address `host` spells, or None for a name (which only a DNS server could resolve)."""
+        import ipaddress
+
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        try:
+            address = ipaddress.ip_address(str(host).split("%")[0])
+        except ValueError:
+            return None
+        return getattr(address, "ipv4_mapped", None) or address
+
+    @classmethod
+    def is_local_name(cls, host) -> bool:
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        return host is None or (isinstance(host, str) and host.lower() in cls.LOCAL_NAMES)
+
+    @classmethod
+    def is_loopback(cls, host) -> bool:
+        if cls.is_local_name(host):
+            return True
+        address = cls._address(host)
+        return address is not None and (address.is_loopback or address.is_unspecified)
+
+    def _refuse(self, what: str):
+        self.attempts.append(what)
+        raise NetworkBlocked(f"network access in a test: {what} (the suite runs offline; only 127.0.0.1 is allowed)")
+
+    def _check_address(self, sock, address) -> None:
+        import socket
+
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
+            if not self.is_loopback(address[0]):
+                self._refuse(f"connect to {address[0]}:{address[1]}")
+
+    def install(self) -> None:
+        import socket
+
+        guard = self
+        real = {name: getattr(socket.socket, name) for name in ("connect", "connect_ex", "sendto")}
+        real_lookup = {name: getattr(socket, name) for name in ("getaddrinfo", "gethostbyname", "gethostbyname_ex")}
+
+        def connect(sock, address):
+            guard._check_address(sock, address)
+            return real["connect"](sock, address)
+
+        def connect_ex(sock, address):
+            guard._check_address(sock, address)
+            return real["connect_ex"](sock, address)
+
+        def sendto(sock, data, *args):
+            guard._check_address(sock, args[-1])  # sendto(data, address) or sendto(data, flags, address)
+            return real["sendto"](sock, data, *args)
+
+        def lookup(name):
+            def checked(host, *args, **kwargs):
+                if not guard.is_local_name(host) and guard._address(host) is None:  # addresses: checked at connect
+                    guard._refuse(f"DNS lookup of {host!r}")
+                return real_lookup[name](host, *args, **kwargs)
+            return checked
+
+        for name, function in (("connect", connect), ("connect_ex", connect_ex), ("sendto", sendto)):
+            setattr(socket.socket, name, function)
+        for name in real_lookup:
+            setattr(socket, name, lookup(name))
+
+    def take_attempts(self) -> list[str]:
+        attempts, self.attempts = self.attempts, []
+        return attempts
+
+
+NETWORK_GUARD = NetworkGuard()
