@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from specialize.config import FinetuneConfig
 from specialize.data.formats import load_examples
 from specialize.finetune import finetune
 from specialize.generate import Generator
-from helpers import QA8
+from helpers import QA8, write_jsonl
 
 QUESTIONS = [json.loads(line)["question"] for line in QA8.read_text(encoding="utf-8").splitlines()]
 ANSWERS = [json.loads(line)["answer"] for line in QA8.read_text(encoding="utf-8").splitlines()]
@@ -189,3 +190,57 @@ def test_an_unwritable_out_is_one_line_and_exit_2(tmp_path, tiny_llama):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {blocker}") and errors[0].endswith(": Not a directory")
+
+
+def test_data_with_lint_errors_is_refused_unless_allowed(tmp_path, tiny_llama):
+    from specialize.errors import UserError
+
+    leaked = write_jsonl(tmp_path / "eval.jsonl", [json.loads(line) for line in QA8.read_text().splitlines()[:2]])
+    common = dict(max_steps=1, eval_data=[str(leaked)])  # eval questions that are training questions: leakage
+    with pytest.raises(UserError, match=r"data has 1 error\(s\), first: 2 eval examples whose prompt is \(nearly\) a "
+                                        r"training prompt.*--allow-data-errors trains anyway\)$"):
+        finetune(_cfg(tiny_llama, tmp_path / "refused", **common))
+    assert not (tmp_path / "refused" / "model").exists()
+    run = Path(finetune(_cfg(tiny_llama, tmp_path / "allowed", allow_data_errors=True, **common)))
+    assert (run / "model" / "model.safetensors").is_file()
+    assert json.loads((run / "train_summary.json").read_text())["eval_loss"] is not None
+
+
+def _split_data(tmp_path, n: int) -> list:
+    """n distinct questions, then three more copies of question 3 (case and spacing changed)."""
+    rows = [{"question": f"What is fact number {i}?", "answer": f"Fact {i}."} for i in range(n)]
+    rows += [{"question": "what is  FACT number 3?", "answer": "Fact 3 again."}] * 3
+    return load_examples([str(write_jsonl(tmp_path / f"split{n}.jsonl", rows))])
+
+
+def test_eval_hold_out_is_seeded_keeps_duplicates_together_and_skips_small_data(tmp_path):
+    from specialize.finetune import split_examples
+
+    examples = _split_data(tmp_path, 40)  # 43 rows, 40 distinct prompts: 5% is 2 prompts
+    train, held = split_examples(examples, 0.05, seed=42)
+    assert [e.source for e in split_examples(examples, 0.05, seed=42)[1]] == [e.source for e in held]  # repeatable
+    assert len({e.messages[0]["content"] for e in held}) == 2
+    assert sorted(e.source for e in train + held) == sorted(e.source for e in examples)  # a partition
+    copies = [e.source for e in examples if " ".join(e.messages[0]["content"].lower().split()) == "what is fact number 3?"]
+    assert len(copies) == 4
+    helds = []
+    for seed in range(40):
+        held_sources = {e.source for e in split_examples(examples, 0.05, seed=seed)[1]}
+        assert len({source in held_sources for source in copies}) == 1  # all four on one side
+        helds.append(frozenset(held_sources))
+    assert len(set(helds)) > 10  # the seed decides which prompts are held out
+    assert any(copies[0] in h for h in helds)  # and the duplicated prompt was held out whole at least once
+
+    assert split_examples(examples[:19], 0.05, seed=42) == (examples[:19], [])  # under 20 examples: all trained
+    assert len(split_examples(examples[:20], 0.05, seed=42)[1]) == 1
+    assert split_examples(examples, 0.0, seed=42) == (examples, [])
+
+
+def test_finetune_holds_out_5_percent_by_default_and_nothing_from_small_data(tmp_path, tiny_llama, capsys):
+    _split_data(tmp_path, 40)
+    run = Path(finetune(_cfg(tiny_llama, tmp_path / "big", data=[str(tmp_path / "split40.jsonl")], max_steps=1)))
+    assert "data: 41 training sequences, 2 eval" in " ".join(capsys.readouterr().err.split())
+    assert json.loads((run / "train_summary.json").read_text())["eval_loss"] is not None
+    run = Path(finetune(_cfg(tiny_llama, tmp_path / "small", max_steps=1)))  # QA8: 8 examples
+    assert "data: 8 training sequences, 0 eval" in " ".join(capsys.readouterr().err.split())
+    assert json.loads((run / "train_summary.json").read_text())["eval_loss"] is None
