@@ -245,6 +245,16 @@ class DemoConfig(StageConfig):
 C = TypeVar("C", bound=StageConfig)
 
 
+class _Null:
+    """A flag's explicit `none`: sets a nullable field to null (a flag left out is plain None)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NULL = _Null()
+
+
 def _describe_error(err: dict[str, Any], cls: type[StageConfig]) -> str:
     key = ".".join(str(p) for p in err.get("loc", ())) or "config"
     if err.get("type") == "extra_forbidden":
@@ -276,7 +286,7 @@ def load_config(cls: type[C], config_file: str | Path | None = None, **flags: An
             field = cls.model_fields.get(key)
             if isinstance(value, str) and field is not None and "list[" in str(field.annotation):
                 values[key] = [value]
-    values.update({k: v for k, v in flags.items() if v is not None and v != [] and v != ()})
+    values.update({k: None if v is NULL else v for k, v in flags.items() if v is not None and v != [] and v != ()})
     try:
         return cls(**values)
     except ValidationError as e:
