@@ -15,7 +15,7 @@ from specialize.data.templates import CHATML_TEMPLATE, install_template, ours
 from specialize.errors import UserError
 from specialize.evaluate.compare import (compare, fewshot_pool, find_base, load_base_generator, parse_predictions,
                                          with_fewshot)
-from specialize.evaluate.run import load_test_examples
+from specialize.evaluate.systems import load_test_examples
 from specialize.generate import Generator
 from specialize.model import load_tokenizer
 from helpers import QA8, write_jsonl
@@ -173,7 +173,7 @@ def test_compare_needs_a_base_it_can_find(tmp_path):
 
 def test_a_rerun_into_the_same_out_leaves_no_stale_predictions(tmp_path):
     from specialize.evaluate import compare as compare_module
-    from specialize.evaluate.run import SystemResult
+    from specialize.evaluate.systems import SystemResult
     from specialize.evaluate.tasks import score
 
     rows = [{"prediction": "Paris", "reference": "Paris", "question": "Capital of France?", "stopped": True}]
@@ -187,3 +187,15 @@ def test_a_rerun_into_the_same_out_leaves_no_stale_predictions(tmp_path):
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["base"]
     assert sorted(p.name for p in out.iterdir()) == ["predictions", "report.html", "scorecard.json"]  # no temp left
     assert json.loads((out / "scorecard.json").read_text())["systems"][0]["name"] == "base"
+
+
+def test_scorecard_json_keys_are_the_typed_scorecards_fields(compared):
+    from specialize.evaluate.scorecard import Recommendation, Scorecard, SystemScore, Training
+
+    run, out, scorecard = compared
+    written = json.loads((out / "scorecard.json").read_text())
+    assert list(written) == [f for f in Scorecard.model_fields if f != "demo"]  # demo: `specialize demo` only
+    assert all(list(s) == list(SystemScore.model_fields) for s in written["systems"])
+    assert all(list(s["training"]) == list(Training.model_fields) for s in written["systems"] if s["training"])
+    assert list(written["recommendation"]) == list(Recommendation.model_fields)
+    assert Scorecard.model_validate(written).to_json() == written

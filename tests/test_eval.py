@@ -17,7 +17,8 @@ from specialize.data.formats import load_examples
 from specialize.errors import UserError
 from specialize.evaluate import load_predictions, score
 from specialize.evaluate.compare import with_fewshot
-from specialize.evaluate.run import build_conversations, evaluate_system, run_eval
+from specialize.evaluate.run import run_eval
+from specialize.evaluate.systems import build_conversations, evaluate_system
 from specialize.generate import Generator
 from specialize.retrieval import Retriever, rag_prompt
 from helpers import ASSETS, QA8, write_jsonl

@@ -189,3 +189,19 @@ def test_eval_with_a_judge_endpoint(judge_server, tmp_path, monkeypatch, capsys)
 def test_judge_url_without_model_is_a_user_error():
     with pytest.raises(UserError, match="judge_model"):
         run_eval(EvalConfig(predictions=str(PREDICTIONS), judge_url="http://127.0.0.1:9/v1"))
+
+
+def test_compare_keeps_the_judges_verdicts_beside_the_predictions(judge_server, tmp_path, monkeypatch):
+    # compare swaps predictions/ in whole at the end; the verdicts written before must move with it
+    from specialize.config import CompareConfig
+    from specialize.evaluate.compare import compare
+    from helpers import QA8
+
+    url, seen = judge_server
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    cfg = CompareConfig(data=[str(QA8)], predictions=[f"other={PREDICTIONS}"], judge_url=url,
+                        judge_model="fake-judge", out=tmp_path / "cmp")
+    scorecard = compare(cfg, progress=False)
+    verdicts = tmp_path / "cmp" / "predictions" / "other" / "qa8.judge.jsonl"
+    assert len(verdicts.read_text().splitlines()) == len(seen) == scorecard["systems"][0]["splits"]["qa8"]["n"]
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["predictions", "report.html", "scorecard.json"]

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from specialize.evaluate import main_metric, recommend, score
-from specialize.report import write_report
+from specialize.evaluate.report import write_report
 
 
 def system(name, splits, tokens, latency, training=None, **extra):

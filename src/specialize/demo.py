@@ -39,7 +39,9 @@ from rich.console import Console
 from specialize.cache import build_into_place, default_cache_dir
 from specialize.config import CompareConfig, DemoConfig, FinetuneConfig, PretrainConfig
 from specialize.data.io import jsonl_lines
+from specialize.evaluate.scorecard import Scorecard
 from specialize.examples.pydocs import PydocsPaths, load_or_build
+from specialize.files import write_json
 
 console = Console(stderr=True, markup=False)  # paths are printed verbatim
 
@@ -362,9 +364,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     lap("evaluate")
 
     hits = retrieval_hits(out)
-    scorecard["demo"] = {"config": cfg.model_dump(mode="json"), "base": str(base), "base_reused": reused,
-                         "finetune_rows": rows, "retrieval_hit_rate": hits, "seconds": timings}
-    (out / "scorecard.json").write_text(json.dumps(scorecard, indent=2) + "\n", encoding="utf-8")
+    card = Scorecard.model_validate(scorecard)
+    card.demo = {"config": cfg.model_dump(mode="json"), "base": str(base), "base_reused": reused,
+                 "finetune_rows": rows, "retrieval_hit_rate": hits, "seconds": timings}
+    scorecard = card.to_json()
+    write_json(out / "scorecard.json", scorecard)
     console.rule("5/5 what the numbers mean")
     print("\n".join(summary_lines(scorecard, hits, timings, out)), flush=True)  # plain: no wrapping, no markup
     return scorecard

@@ -21,9 +21,9 @@ from the run's training data (its `config.yaml` `data`), else from the first `--
 solved example never shares the asked question or (but for `classify`) its answer, normalised
 as exact_match does, so a paraphrase of the same fact cannot hand the base its answer.
 
-Writes to `--out`: `scorecard.json` (shape in report.py), `predictions/<system>/<split>.jsonl`,
+Writes to `--out`: `scorecard.json` (`scorecard.Scorecard`), `predictions/<system>/<split>.jsonl`,
 `report.html`. The summary table is printed on stdout; progress goes to stderr.
-`compare(cfg, progress=True)` returns the scorecard, for the demo and for tests.
+`compare(cfg, progress=True)` returns the scorecard as written, for the demo and for tests.
 """
 
 from __future__ import annotations
@@ -33,24 +33,25 @@ import itertools
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from rich.table import Table
-
 from specialize.config import CompareConfig
 from specialize.data.formats import Example, load_examples
+from specialize.data.io import jsonl_lines
 from specialize.errors import UserError
 from specialize.evaluate.metrics import normalize_answer
-from specialize.evaluate.run import (SystemResult, console, evaluate_system, judge_config, load_test_examples,
-                                     make_progress, output_folder, question_of, run_settings, stdout_console,
-                                     warm_up, write_jsonl)
-from specialize.evaluate.scorecard import main_metric, recommend
+from specialize.evaluate.report import scorecard_table, write_report
+from specialize.evaluate.scorecard import Scorecard, SystemScore, Training, recommend
+from specialize.evaluate.systems import (SystemResult, console, evaluate_system, judge_config, load_test_examples,
+                                         output_folder, question_of, run_settings, stdout_console, warm_up)
 from specialize.evaluate.tasks import load_predictions, score
+from specialize.files import write_json, write_jsonl
+from specialize.progress import progress_bar
 
 GENERATED = ("base", "base+fewshot", "base+rag", "finetuned", "finetuned+rag")
-TABLE_METRICS = ("exact_match", "f1", "field_f1", "accuracy", "macro_f1", "rouge_l", "judge_score",
-                 "hallucination_rate", "stop_rate")
+STAGED = ".predictions.tmp"  # predictions/ of this run (and judge verdicts) until it is swapped in
 
 
 def find_base(run: str) -> str:
@@ -63,13 +64,13 @@ def find_base(run: str) -> str:
     return str(base)
 
 
-def training_cost(run: str) -> dict | None:
-    """{seconds, tokens} of a run's training (train_summary.json), None if unknown."""
+def training_cost(run: str) -> Training | None:
+    """Seconds and tokens of a run's training (train_summary.json), None if unknown."""
     path = Path(run) / "train_summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text(encoding="utf-8"))
-    return {"seconds": summary.get("seconds"), "tokens": summary.get("tokens")}
+    return Training(seconds=summary.get("seconds"), tokens=summary.get("tokens"))
 
 
 def load_base_generator(base: str, run: str | None, trust_remote_code: bool = False):
@@ -169,21 +170,21 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _system(name: str, results: dict[str, SystemResult], training: dict | None) -> dict:
-    """A scorecard system; cost is averaged over the examples of all splits."""
+def _system(name: str, results: dict[str, SystemResult], training: Training | None, measured: bool) -> SystemScore:
+    """A scorecard system; cost is averaged over the examples of all splits (unknown unless `measured`)."""
     n = sum(len(r.rows) for r in results.values())
-    return {"name": name,
-            "latency_s_per_example": sum(r.seconds for r in results.values()) / n,
-            "prompt_tokens_per_example": sum(r.prompt_tokens_per_example * len(r.rows) for r in results.values()) / n,
-            "training": training,
-            "splits": {split: r.metrics for split, r in results.items()}}
+    latency = sum(r.seconds for r in results.values()) / n
+    tokens = sum(r.prompt_tokens_per_example * len(r.rows) for r in results.values()) / n
+    return SystemScore(name=name, latency_s_per_example=latency if measured else None,
+                       prompt_tokens_per_example=tokens if measured else None, training=training,
+                       splits={split: r.metrics for split, r in results.items()})
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     """Run every system on every split, write scorecard.json, predictions and report.html.
 
     Returns:
-        the scorecard: {"task", "base", "model", "splits", "systems": [...], "recommendation"}.
+        the scorecard as written to scorecard.json (`Scorecard.to_json()`).
     """
     if not cfg.data:
         raise UserError("no test data (use --data FILE; repeat it for more splits)")
@@ -202,6 +203,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     shots = fewshot_pool(cfg.model or None, splits) if cfg.fewshot else []
     judged = judge_config(cfg)
     out = output_folder(cfg.out)
+    shutil.rmtree(out / STAGED, ignore_errors=True)  # left by an interrupted run
     console.print(f"compare: splits {', '.join(f'{k} ({len(v)})' for k, v in splits.items())}; "
                   f"base {base or '-'}; run {cfg.model or '-'}" + (f"; docs {cfg.docs}" if cfg.docs else ""),
                   markup=False, highlight=False)
@@ -209,7 +211,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     if not retriever:
         console.print("no --docs: base+rag and finetuned+rag are left out")
     results: dict[str, dict[str, SystemResult]] = {}
-    training: dict[str, dict | None] = {}
+    training: dict[str, Training | None] = {}
     plan = []  # (model kind, system name, retriever, fewshot)
     if base:
         plan += [("base", "base", None, 0)]
@@ -217,7 +219,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
         plan += [("base", "base+rag", retriever, 0)] if retriever else []
     if cfg.model:
         plan += [("run", "finetuned", None, 0)] + ([("run", "finetuned+rag", retriever, 0)] if retriever else [])
-    with make_progress(progress) as bar:
+    with progress_bar(progress) as bar:
         for kind in ("base", "run"):
             steps = [p for p in plan if p[0] == kind]
             if not steps:
@@ -253,36 +255,34 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
         with Judge(*judged) as judge:
             for name, by_split in results.items():
                 for split, r in by_split.items():
-                    verdicts = out / "predictions" / name / f"{split}.judge.jsonl"
+                    verdicts = out / STAGED / name / f"{split}.judge.jsonl"
                     r.metrics.update(judge.judge_rows(cfg.task, r.rows, verdicts))
 
-    systems = [_system(name, by_split, training[name]) for name, by_split in results.items()]
-    for system in systems:
-        if system["name"] in extra:  # cost of an outside system is unknown, not zero
-            system["latency_s_per_example"] = system["prompt_tokens_per_example"] = None
-    scorecard = {"task": cfg.task, "base": base or None, "model": cfg.model or None,
-                 "splits": {name: path for name, path in zip(splits, cfg.data)},
-                 "systems": systems, "recommendation": recommend(systems)}
+    # the cost of an outside system (--predictions) is unknown, not zero
+    systems = [_system(name, by_split, training[name], measured=name not in extra)
+               for name, by_split in results.items()]
+    scorecard = Scorecard(task=cfg.task, base=base or None, model=cfg.model or None,
+                          splits={name: path for name, path in zip(splits, cfg.data)},
+                          systems=systems, recommendation=recommend(systems))
     _write(out, scorecard, results, cfg.model)
     terminal = stdout_console()
     terminal.print(scorecard_table(scorecard))
-    rec = scorecard["recommendation"]
-    terminal.print(f"recommendation: {rec['system']}\n" + "\n".join(f"  - {r}" for r in rec["reasons"]),
+    rec = scorecard.recommendation
+    terminal.print(f"recommendation: {rec.system}\n" + "\n".join(f"  - {r}" for r in rec.reasons),
                    markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out / 'scorecard.json'}, {out / 'report.html'}, {out / 'predictions'}/",
                   markup=False, highlight=False)
-    return scorecard
+    return scorecard.to_json()
 
 
-def _write(out: Path, scorecard: dict, results: dict[str, dict[str, SystemResult]], run: str | None) -> None:
+def _write(out: Path, scorecard: Scorecard | Mapping, results: dict[str, dict[str, SystemResult]],
+           run: str | None) -> None:
     """predictions/, report.html, then scorecard.json, each swapped in whole by a rename: a re-run
     into the same --out never leaves an earlier run's predictions (a system it no longer has)
-    beside the new scorecard, and a crash never leaves a half-written file that looks complete."""
-    from specialize.report import write_report
-
-    out.mkdir(parents=True, exist_ok=True)
-    staged = out / ".predictions.tmp"
-    shutil.rmtree(staged, ignore_errors=True)
+    beside the new scorecard, and a crash never leaves a half-written file that looks complete.
+    The judge's verdicts, already in the staged folder, move with the predictions."""
+    scorecard = Scorecard.model_validate(scorecard)
+    staged = out / STAGED
     for name, by_split in results.items():
         for split, r in by_split.items():
             write_jsonl(staged / name / f"{split}.jsonl", r.rows)
@@ -291,33 +291,9 @@ def _write(out: Path, scorecard: dict, results: dict[str, dict[str, SystemResult
     loss_curve = []
     metrics_path = Path(run) / "metrics.jsonl" if run else None
     if metrics_path and metrics_path.is_file():
-        lines = metrics_path.read_text(encoding="utf-8").splitlines()
-        loss_curve = [json.loads(line) for line in lines if line.strip()]
+        lines = jsonl_lines(metrics_path.read_text(encoding="utf-8"))
+        loss_curve = [json.loads(line) for _, line in lines if line.strip()]
     examples = {name: {split: r.per_example for split, r in by_split.items()} for name, by_split in results.items()}
-    write_report(scorecard, out / ".report.html.tmp", loss_curve=loss_curve, examples=examples)
-    os.replace(out / ".report.html.tmp", out / "report.html")
-    (out / ".scorecard.json.tmp").write_text(json.dumps(scorecard, indent=2) + "\n", encoding="utf-8")
-    os.replace(out / ".scorecard.json.tmp", out / "scorecard.json")  # last: the run is complete
+    write_report(scorecard, out / "report.html", loss_curve=loss_curve, examples=examples)
+    write_json(out / "scorecard.json", scorecard.to_json())  # last: the run is complete
 
-
-def scorecard_table(scorecard: dict) -> Table:
-    """One row per system and split: quality, hallucination, stop rate, cost."""
-    systems = scorecard["systems"]
-    try:
-        first = main_metric(systems)
-    except ValueError:
-        first = None
-    present = {k for s in systems for m in s["splits"].values() for k in m}
-    metrics = [first] * bool(first) + [k for k in TABLE_METRICS if k in present and k != first]
-    table = Table(title=f"compare ({scorecard.get('task')})")
-    for column in ("system", "split", *metrics, "prompt tok/ex", "latency s/ex", "train s"):
-        table.add_column(column, justify="left" if column in ("system", "split") else "right")
-    for s in systems:
-        for split, m in s["splits"].items():
-            cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in metrics]
-            tokens, latency = s.get("prompt_tokens_per_example"), s.get("latency_s_per_example")
-            train_s = (s.get("training") or {}).get("seconds")
-            table.add_row(s["name"], split, *cells, "-" if tokens is None else f"{tokens:.0f}",
-                          "-" if latency is None else f"{latency:.3f}",
-                          "-" if train_s is None else f"{train_s:.0f}")
-    return table

@@ -18,7 +18,6 @@ so it sits on the same scale as the other metrics), over the verdicts that could
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -29,6 +28,7 @@ import httpx
 
 from specialize import untrusted
 from specialize.errors import UserError
+from specialize.files import write_jsonl
 from specialize.untrusted import redact
 
 API_KEY_ENV = "OPENAI_API_KEY"
@@ -188,12 +188,9 @@ class Judge:
             verdicts = list(pool.map(self.verdict, prompts))
         ratings = [parse_score(v) for v in verdicts]
         if out_path is not None:
-            out_path = Path(out_path)
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            with out_path.open("w", encoding="utf-8") as f:
-                for i, (messages, verdict, rating) in enumerate(zip(prompts, verdicts, ratings)):
-                    f.write(json.dumps({"index": i, "judge_model": self.model, "messages": messages,
-                                        "verdict": verdict, "rating": rating}, ensure_ascii=False) + "\n")
+            write_jsonl(out_path, ({"index": i, "judge_model": self.model, "messages": messages, "verdict": verdict,
+                                    "rating": rating} for i, (messages, verdict, rating)
+                                   in enumerate(zip(prompts, verdicts, ratings))))
         parsed = [r for r in ratings if r is not None]
         return {"judge_score": (sum(parsed) / len(parsed) - 1) / 4 if parsed else None,
                 "judge_parse_rate": len(parsed) / len(ratings) if ratings else 0.0}

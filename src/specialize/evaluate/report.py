@@ -1,34 +1,32 @@
-"""report.html: the comparison as one self-contained page (inline CSS and SVG, no script).
+"""The comparison for people: report.html (one self-contained page) and the terminal table.
 
     write_report(scorecard, "runs/compare/report.html", loss_curve=rows_of_metrics_jsonl,
-                 examples={"fine-tuned": {"test": per_example}, ...})
+                 examples={"finetuned": {"test": per_example}, ...})
 
 The page makes no network request (no CDN, no web font, no script), so it opens the same on an
 air-gapped machine and can be mailed around. Every piece of data text is HTML-escaped: model
 outputs are untrusted. Sections: recommendation, cost, per split (metric table, metric bars,
 error categories, confusion matrices), quality vs cost scatter plots, loss curve, and the worst
-examples of each error category with every system's prediction side by side.
-
-Scorecard shape (written by compare):
-
-    {"task": "qa",                                     # optional
-     "systems": [{"name": "fine-tuned+rag", "latency_s_per_example": 0.41,
-                  "prompt_tokens_per_example": 812.0,
-                  "training": {"seconds": 310.0, "tokens": 1200000} | None,
-                  "splits": {"test": {"exact_match": 0.61, "f1": 0.74, "stop_rate": 0.98,
-                                      "n": 200, ...}}}],
-     "recommendation": {"system": "fine-tuned+rag", "reasons": ["...", ...]}}
+examples of each error category with every system's prediction side by side. The scorecard
+is a `scorecard.Scorecard`, or its JSON as read from scorecard.json.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from html import escape
 from pathlib import Path
 
-from specialize.evaluate.error_analysis import CATEGORIES
-from specialize.evaluate.scorecard import common_splits, main_metric
+from rich.table import Table
 
+from specialize.evaluate.error_analysis import CATEGORIES
+from specialize.evaluate.scorecard import Scorecard, SystemScore, common_splits, main_metric
+from specialize.files import write_atomic
+
+# Columns of the terminal table, after the main metric.
+TABLE_METRICS = ("exact_match", "f1", "field_f1", "accuracy", "macro_f1", "rouge_l", "judge_score",
+                 "hallucination_rate", "stop_rate")
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#edc948", "#9c755f")
 # table column order; other numeric metrics follow alphabetically
 METRIC_ORDER = ("exact_match", "f1", "field_f1", "rouge_l", "accuracy", "macro_f1", "json_valid",
@@ -114,7 +112,7 @@ def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: s
     return "\n".join(out) + "</svg>"
 
 
-def _bars(metrics: list[str], systems: list[dict], split: str) -> str:
+def _bars(metrics: list[str], systems: list[SystemScore], split: str) -> str:
     """Grouped horizontal bars on a 0-1 scale: one group per metric, one bar per system."""
     bar, gap, left, bar_max = 12, 10, 140, 360
     group = bar * len(systems) + gap
@@ -124,19 +122,19 @@ def _bars(metrics: list[str], systems: list[dict], split: str) -> str:
     for s_i, system in enumerate(systems):
         out.append(f'<rect x="{legend_x}" y="{10 + 16 * s_i}" width="10" height="10" '
                    f'fill="{COLORS[s_i % len(COLORS)]}"/><text x="{legend_x + 14}" '
-                   f'y="{19 + 16 * s_i}">{escape(system["name"])}</text>')
+                   f'y="{19 + 16 * s_i}">{escape(system.name)}</text>')
     for m_i, metric in enumerate(metrics):
         y0 = 10 + m_i * group
         out.append(f'<text x="{left - 6}" y="{y0 + bar * len(systems) / 2 + 4}" '
                    f'text-anchor="end">{escape(metric)}</text>')
         for s_i, system in enumerate(systems):
-            value = system["splits"].get(split, {}).get(metric)
+            value = system.splits.get(split, {}).get(metric)
             if not isinstance(value, (int, float)):
                 continue
             length = max(0.0, min(1.0, value)) * bar_max
             out.append(f'<rect x="{left}" y="{y0 + s_i * bar}" width="{length:.1f}" '
                        f'height="{bar - 2}" fill="{COLORS[s_i % len(COLORS)]}">'
-                       f'<title>{escape(system["name"])}: {value:.3f}</title></rect>'
+                       f'<title>{escape(system.name)}: {value:.3f}</title></rect>'
                        f'<text x="{left + length + 4:.1f}" y="{y0 + s_i * bar + bar - 3}">'
                        f'{value:.3f}</text>')
     return "\n".join(out) + "</svg>"
@@ -162,13 +160,13 @@ def _text_cell(text: str, tags: list[str] = (), score: float | None = None) -> s
     return f'<td class="text">{escape(text)}{"<br>" + extra if extra else ""}</td>'
 
 
-def _split_section(split: str, systems: list[dict]) -> list[str]:
-    metrics = [s["splits"].get(split, {}) for s in systems]
+def _split_section(split: str, systems: list[SystemScore]) -> list[str]:
+    metrics = [s.splits.get(split, {}) for s in systems]
     numeric = {k for m in metrics for k, v in m.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     keys = [k for k in METRIC_ORDER if k in numeric] + sorted(numeric - set(METRIC_ORDER))
     html = [f"<h2>Split: {escape(split)}</h2>",
-            _table(["system", *keys], [[f"<th>{escape(s['name'])}</th>", *(_cell(m.get(k)) for k in keys)]
+            _table(["system", *keys], [[f"<th>{escape(s.name)}</th>", *(_cell(m.get(k)) for k in keys)]
                                        for s, m in zip(systems, metrics)])]
     rates = [k for k in keys if k not in NOT_RATES]
     if rates:
@@ -176,21 +174,21 @@ def _split_section(split: str, systems: list[dict]) -> list[str]:
     if any("error_counts" in m for m in metrics):
         html.append("<h3>Error categories (examples)</h3>")
         html.append(_table(["system", *CATEGORIES],
-                           [[f"<th>{escape(s['name'])}</th>",
+                           [[f"<th>{escape(s.name)}</th>",
                              *(_cell(m.get("error_counts", {}).get(c)) for c in CATEGORIES)]
                             for s, m in zip(systems, metrics)]))
     for s, m in zip(systems, metrics):
         matrix = m.get("confusion_matrix")
         if matrix:
             labels = list(matrix)
-            html.append(f"<h3>Confusion matrix: {escape(s['name'])} (rows gold, columns predicted)</h3>")
+            html.append(f"<h3>Confusion matrix: {escape(s.name)} (rows gold, columns predicted)</h3>")
             html.append(_table(["gold \\ predicted", *labels],
                                [[f"<th>{escape(g)}</th>", *(_cell(matrix[g].get(p, 0)) for p in labels)]
                                 for g in labels]))
     return html
 
 
-def _cost_scatter(systems: list[dict]) -> list[str]:
+def _cost_scatter(systems: list[SystemScore]) -> list[str]:
     try:
         metric = main_metric(systems)
     except ValueError:
@@ -202,8 +200,8 @@ def _cost_scatter(systems: list[dict]) -> list[str]:
             f"{escape(', '.join(splits))}.</p>"]
     for key, label in (("prompt_tokens_per_example", "prompt tokens per example"),
                        ("latency_s_per_example", "latency per example (s)")):
-        series = {s["name"]: [(float(s[key]), sum(s["splits"][p][metric] for p in splits) / len(splits))]
-                  for s in systems if isinstance(s.get(key), (int, float))}
+        series = {s.name: [(float(getattr(s, key)), sum(s.splits[p][metric] for p in splits) / len(splits))]
+                  for s in systems if isinstance(getattr(s, key), (int, float))}
         html.append(_plot(series, label, metric, lines=False, labels=True, y_range=(0.0, 1.0)))
     return html
 
@@ -252,34 +250,35 @@ def _examples_section(examples: dict, per_category: int) -> list[str]:
     return html if len(html) > 1 else []
 
 
-def write_report(scorecard: dict, out_path: str | Path, loss_curve: list[dict] | None = None,
+def write_report(scorecard: Scorecard | Mapping, out_path: str | Path, loss_curve: list[dict] | None = None,
                  examples: dict | None = None, *, per_category: int = 5) -> Path:
     """Write report.html and return its path.
 
     Args:
-        scorecard: the scorecard (shape in the module docstring).
-        out_path: file to write; parent folders are created.
+        scorecard: a `Scorecard`, or its JSON.
+        out_path: file to write (atomically); parent folders are created.
         loss_curve: rows of metrics.jsonl; every numeric key containing "loss" is plotted
             against "step".
         examples: {system name: {split: per_example list from `evaluate.score`}}.
         per_category: worst examples shown per error category and split.
     """
-    systems = scorecard.get("systems", [])
-    title = "specialize report" + (f": {scorecard['task']}" if scorecard.get("task") else "")
+    scorecard = Scorecard.model_validate(scorecard)
+    systems = scorecard.systems
+    title = "specialize report" + (f": {scorecard.task}" if scorecard.task else "")
     html = [f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}'
             f"</title><style>{CSS}</style></head><body><h1>{escape(title)}</h1>"]
-    rec = scorecard.get("recommendation")
+    rec = scorecard.recommendation
     if rec:
-        reasons = "".join(f"<li>{escape(r)}</li>" for r in rec.get("reasons", []))
-        html.append(f'<div class="rec"><h2>Recommendation: {escape(rec["system"])}</h2>'
+        reasons = "".join(f"<li>{escape(r)}</li>" for r in rec.reasons)
+        html.append(f'<div class="rec"><h2>Recommendation: {escape(rec.system)}</h2>'
                     f"<ul>{reasons}</ul></div>")
     html.append("<h2>Cost</h2>")
     html.append(_table(
         ["system", "prompt tokens / example", "latency s / example", "training s", "training tokens"],
-        [[f"<th>{escape(s['name'])}</th>", _cell(s.get("prompt_tokens_per_example")),
-          _cell(s.get("latency_s_per_example")), _cell((s.get("training") or {}).get("seconds")),
-          _cell((s.get("training") or {}).get("tokens"))] for s in systems]))
-    splits = list(dict.fromkeys(split for s in systems for split in s["splits"]))
+        [[f"<th>{escape(s.name)}</th>", _cell(s.prompt_tokens_per_example), _cell(s.latency_s_per_example),
+          _cell(s.training.seconds if s.training else None), _cell(s.training.tokens if s.training else None)]
+         for s in systems]))
+    splits = list(dict.fromkeys(split for s in systems for split in s.splits))
     for split in splits:
         html.extend(_split_section(split, systems))
     if systems:
@@ -289,7 +288,28 @@ def write_report(scorecard: dict, out_path: str | Path, loss_curve: list[dict] |
     if examples:
         html.extend(_examples_section(examples, per_category))
     html.append("</body></html>\n")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("\n".join(html), encoding="utf-8")
-    return out_path
+    return write_atomic(out_path, "\n".join(html))
+
+
+def scorecard_table(scorecard: Scorecard | Mapping) -> Table:
+    """The terminal summary: one row per system and split with quality, hallucination, stop rate, cost."""
+    scorecard = Scorecard.model_validate(scorecard)
+    systems = scorecard.systems
+    try:
+        first = main_metric(systems)
+    except ValueError:
+        first = None
+    present = {k for s in systems for m in s.splits.values() for k in m}
+    metrics = [first] * bool(first) + [k for k in TABLE_METRICS if k in present and k != first]
+    table = Table(title=f"compare ({scorecard.task})")
+    for column in ("system", "split", *metrics, "prompt tok/ex", "latency s/ex", "train s"):
+        table.add_column(column, justify="left" if column in ("system", "split") else "right")
+    for s in systems:
+        for split, m in s.splits.items():
+            cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in metrics]
+            tokens, latency = s.prompt_tokens_per_example, s.latency_s_per_example
+            train_s = s.training.seconds if s.training else None
+            table.add_row(s.name, split, *cells, "-" if tokens is None else f"{tokens:.0f}",
+                          "-" if latency is None else f"{latency:.3f}",
+                          "-" if train_s is None else f"{train_s:.0f}")
+    return table

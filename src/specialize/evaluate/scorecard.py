@@ -1,4 +1,16 @@
-"""Which system to ship, and why: `recommend(systems)` reads the scorecard's numbers.
+"""The scorecard (what `compare` writes to scorecard.json) and `recommend`: which system to ship, and why.
+
+`Scorecard` is the file's shape: its field names are the JSON keys, so the code that writes the
+file, the report that reads it and this docstring cannot drift apart.
+
+    {"task": "qa", "base": "runs/base", "model": "runs/faq",
+     "splits": {"test": "test.jsonl"},                  # split name → the --data file it came from
+     "systems": [{"name": "finetuned+rag", "latency_s_per_example": 0.41,
+                  "prompt_tokens_per_example": 812.0,
+                  "training": {"seconds": 310.0, "tokens": 1200000},   # null: no training
+                  "splits": {"test": {"exact_match": 0.61, "f1": 0.74, "stop_rate": 0.98, "n": 200, ...}}}],
+     "recommendation": {"system": "finetuned+rag", "metric": "f1", "reasons": ["...", ...]},
+     "demo": {...}}                                     # `specialize demo` only
 
 The decision is lexicographic with tolerances, so that it can be explained in a sentence each:
 
@@ -18,6 +30,61 @@ fine-tuned and RAG systems tie on quality, the shorter prompt wins.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class Training(BaseModel):
+    """What fine-tuning a system cost up front (from its run's train_summary.json)."""
+
+    seconds: float | None = None
+    tokens: int | None = None
+
+
+class SystemScore(BaseModel):
+    """One system of a comparison: its scores per split and its cost per example."""
+
+    name: str
+    latency_s_per_example: float | None = None  # None: unknown (a --predictions system)
+    prompt_tokens_per_example: float | None = None
+    training: Training | None = None  # None: no training
+    splits: dict[str, dict[str, Any]]  # split → metrics of `evaluate.score` (+ judge_* when judged)
+
+
+class Recommendation(BaseModel):
+    """The system to use, the metric that decided it, and the reasons in plain sentences."""
+
+    system: str
+    metric: str
+    reasons: list[str]
+
+
+class Scorecard(BaseModel):
+    """The whole of scorecard.json (see the module docstring)."""
+
+    task: str | None = None
+    base: str | None = None
+    model: str | None = None
+    splits: dict[str, str] = {}
+    systems: list[SystemScore] = []
+    recommendation: Recommendation | None = None
+    demo: dict[str, Any] | None = None  # written by `specialize demo` only
+
+    def to_json(self) -> dict[str, Any]:
+        """The scorecard as written to scorecard.json (`demo` only when set)."""
+        data = self.model_dump()
+        if self.demo is None:
+            del data["demo"]
+        return data
+
+
+def _systems(systems: Sequence[SystemScore | Mapping]) -> list[SystemScore]:
+    """Systems as typed objects; plain dicts (a scorecard.json read back) are validated."""
+    return [SystemScore.model_validate(s) for s in systems]
+
+
 # Main metric of each task, in the order looked for: field_f1 (extract, JSON), f1 (qa, extract),
 # macro_f1 (classify), rouge_l (generate); accuracy / exact_match as fallbacks.
 MAIN_METRICS = ("field_f1", "f1", "macro_f1", "rouge_l", "accuracy", "exact_match")
@@ -26,22 +93,24 @@ HALLUCINATION_MARGIN = 0.02
 COST_TOLERANCE = 0.10
 
 
-def main_metric(systems: list[dict]) -> str:
+def main_metric(systems: Sequence[SystemScore | Mapping]) -> str:
     """The first of MAIN_METRICS that every split of every system reports."""
+    systems = _systems(systems)
     for metric in MAIN_METRICS:
-        if all(metric in split for s in systems for split in s["splits"].values()):
+        if all(metric in split for s in systems for split in s.splits.values()):
             return metric
     raise ValueError(f"no common quality metric (one of {', '.join(MAIN_METRICS)}) in the scorecard")
 
 
-def common_splits(systems: list[dict]) -> list[str]:
+def common_splits(systems: Sequence[SystemScore | Mapping]) -> list[str]:
     """Splits every system was scored on, in the first system's order."""
-    return [name for name in systems[0]["splits"]
-            if all(name in s["splits"] for s in systems[1:])]
+    systems = _systems(systems)
+    return [name for name in systems[0].splits
+            if all(name in s.splits for s in systems[1:])]
 
 
-def _mean_over(system: dict, splits: list[str], key: str) -> float | None:
-    values = [system["splits"][name].get(key) for name in splits]
+def _mean_over(system: SystemScore, splits: list[str], key: str) -> float | None:
+    values = [system.splits[name].get(key) for name in splits]
     if not values or any(v is None for v in values):
         return None
     return sum(values) / len(values)
@@ -70,25 +139,26 @@ def _fmt(x: float) -> str:
     return f"{x:.3f}"
 
 
-def recommend(systems: list[dict], *, quality_margin: float = QUALITY_MARGIN,
+def recommend(systems: Sequence[SystemScore | Mapping], *, quality_margin: float = QUALITY_MARGIN,
               hallucination_margin: float = HALLUCINATION_MARGIN,
               cost_tolerance: float = COST_TOLERANCE) -> dict:
-    """The system to use and the reasons, from scorecard systems (see report.py for the shape).
+    """The system to use and the reasons, from scorecard systems (typed, or as read from JSON).
 
     Returns:
-        {"system": name, "metric": main metric, "reasons": [sentence, ...]}
+        the `Recommendation` as JSON: {"system": name, "metric": main metric, "reasons": [sentence, ...]}
     """
     if not systems:
         raise ValueError("recommend needs at least one system")
+    systems = _systems(systems)
     metric = main_metric(systems)
     splits = common_splits(systems) or list(systems[0]["splits"])
-    by_name = {s["name"]: s for s in systems}
+    by_name = {s.name: s for s in systems}
     names = list(by_name)
     quality = {n: _mean_over(by_name[n], splits, metric) or 0.0 for n in names}
     halluc = {n: _mean_over(by_name[n], splits, "hallucination_rate") for n in names}
-    tokens = {n: by_name[n].get("prompt_tokens_per_example") for n in names}
-    latency = {n: by_name[n].get("latency_s_per_example") for n in names}
-    train_s = {n: float((by_name[n].get("training") or {}).get("seconds") or 0.0) for n in names}
+    tokens = {n: by_name[n].prompt_tokens_per_example for n in names}
+    latency = {n: by_name[n].latency_s_per_example for n in names}
+    train_s = {n: float(by_name[n].training.seconds or 0.0) if by_name[n].training else 0.0 for n in names}
 
     best = max(names, key=lambda n: quality[n])  # first of equals, in the order given
     split_list = ", ".join(splits)
@@ -124,19 +194,19 @@ def recommend(systems: list[dict], *, quality_margin: float = QUALITY_MARGIN,
             text += " (" + "; ".join(f"{n} {tokens[n]:.0f} tokens, {latency[n]:.3f} s"
                                      for n in others) + ")"
         reasons.append(text + ".")
-    training = by_name[chosen].get("training")
+    training = by_name[chosen].training
     if training:
-        reasons.append(f"{chosen} needed fine-tuning up front: {training.get('seconds', 0):.0f} s "
-                       f"on {training.get('tokens', 0):,} tokens.")
+        reasons.append(f"{chosen} needed fine-tuning up front: {training.seconds or 0:.0f} s "
+                       f"on {training.tokens or 0:,} tokens.")
     else:
         reasons.append(f"{chosen} needs no training.")
     # Averages hide splits where another system is clearly better (typically: RAG on questions
     # about documents the model never trained on); say so, the user may care about that split.
     for split in splits:
-        score = {n: by_name[n]["splits"][split].get(metric) for n in names}
+        score = {n: by_name[n].splits[split].get(metric) for n in names}
         rival = max(names, key=lambda n: score[n] if score[n] is not None else float("-inf"))
         if score[chosen] is not None and score[rival] is not None \
                 and score[rival] > score[chosen] + quality_margin:
             reasons.append(f"On split {split}, {rival} is better: {metric} "
                            f"{_fmt(score[rival])} vs {_fmt(score[chosen])}.")
-    return {"system": chosen, "metric": metric, "reasons": reasons}
+    return Recommendation(system=chosen, metric=metric, reasons=reasons).model_dump()
