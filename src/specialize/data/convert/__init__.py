@@ -12,7 +12,8 @@ generated pairs.
 
 The package, in pipeline order:
 - inputs.py: expand folders, tell each input's kind (see its docstring), read text safely;
-- faq.py (the question rules) with faq_html.py / faq_text.py (HTML, Markdown, plain text
+- faq.py (page → pairs) with questions.py (what reads as a question, the item stream),
+  faq_html.py / faq_markup.py / faq_text.py (HTML, its FAQ markup, Markdown and plain text
   readers) on htmltree.py / htmltext.py (HTML tree, boilerplate removal, clean text). Kind
   docs uses the same reader, so without a generator only explicit questions become pairs;
   with `generator` set every docs page goes to the LLM instead, and so does every faq page

@@ -1,15 +1,15 @@
 """FAQ and documentation pages (HTML, Markdown, plain text) → question/answer pairs.
 
-Every reader turns its file into one flat stream of `Item`s in reading order: headings,
-text blocks, "pseudo" questions (a bold question or a `Q:` line opening a paragraph) and
-ready pairs found by structure (`<details>`, `<dt>/<dd>`, accordions, schema.org microdata).
+Every reader (faq_html.py, faq_text.py) turns its file into one flat stream of `Item`s
+(questions.py) in reading order: headings, text blocks, "pseudo" questions (a bold question
+or a `Q:` line opening a paragraph) and ready pairs found by structure (`<details>`,
+`<dt>/<dd>`, accordions, schema.org microdata).
 `pairs_from_items` then cuts the stream: a question's answer is everything after it up to the
 next question or the next heading of the same or a higher level, so an answer never runs
 into the next question or the next section.
 
 Which headings are questions:
-- text that reads as a question: ends with "?", starts with `Q:`/`Question:`, or opens with an
-  interrogative plus verb ("How do I …", "Can I …");
+- text that reads as a question (`questions.looks_like_question`);
 - inside an FAQ scope (the page title / h1 / file name says FAQ, or a heading such as
   "Frequently asked questions" opens a section), headings at level 2 or deeper that hold
   no further questions; a heading that goes straight into sub-questions or accordion items
@@ -27,98 +27,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-# "FAQ", "Frequently asked questions", "Q&A", also in a few other languages' words for questions.
-FAQ_RE = re.compile(r"\b(faqs?|f\.a\.q\.?|frequently[\s-]+asked|questions|q\s*&\s*a|q\s+and\s+a|preguntas|perguntas|"
-                    r"domande|fragen|vragen|pytania)\b", re.I)
-QUESTION_MARKS = ("?", "？", "؟", "\u037e")  # Latin, full-width, Arabic, Greek
-Q_PREFIX = re.compile(r"^\s*(?:Q|Ques|Question)\s*\d{0,3}\s*[:.)]\s*(?=\S)", re.I)
-A_PREFIX = re.compile(r"^\s*(?:A|Ans|Answer)\s*\d{0,3}\s*[:.)]\s+", re.I)
-A_COLON_INLINE = re.compile(r"\s(?:A|Answer)\s*:\s+")
-_NUMBERING = re.compile(r"^\s*(?:\d{1,3}|[ivx]{1,4})\s*[.)]\s+", re.I)
-_INTERROGATIVE = re.compile(
-    r"^(?:(?:how|what|why|when|where|who|whom|whose|which)(?:'s|\s+(?:do|does|did|is|are|was|were|can|could|"
-    r"should|would|will|shall|may|might|must|has|have|to))|(?:can|could|do|does|did|is|are|should|will|would|"
-    r"may|shall|has|have|am|must)\s+(?:i|we|you|my|our|your|it|they|there|this|that|these|those|the|a|an|he|"
-    r"she|one|someone|anyone|anybody|somebody))\b", re.I)
-# Headings that close a section but are never questions, even inside an FAQ scope: page
-# furniture (related articles, comments, widgets) and contact/newsletter sections.
-_NOT_QUESTION = re.compile(
-    r"^((related|recent|latest|popular) (articles|posts|questions|topics|pages|news|comments|courses)|related|"
-    r"recently viewed( articles)?|articles in this section|table of contents|contents|on this page|"
-    r"in this (article|section|page)|navigation|search|comments?|\d+ (comments?|thoughts?|responses?)\b.*|"
-    r"leave a (reply|comment)|categories|tags|see also|archives|footnotes|references|menu|resources|"
-    r"(quick|useful) links|about us|share\b.*|contact\b.*|get in touch\b.*|subscribe\b.*|sign up\b.*|"
-    r"newsletters?\b.*|follow us\b.*)$", re.I)
-# Questions that are page furniture ("Was this article helpful?"), dropped with a reason.
-_BOILERPLATE_QUESTION = re.compile(
-    r"^(was this (article|page|answer|post|information)( \w+)? (helpful|useful)|did (this|we) (answer|help|solve)|"
-    r"(still )?(have|got) (more|other|any|any other|further) questions|still have questions|still need help|"
-    r"need (more|further) help|can'?t find (what|an answer|the answer)|didn'?t find (what|an answer|your answer)|"
-    r"(any|more) questions)\b", re.I)
-_BOILERPLATE_BLOCK = re.compile(
-    r"^(have more questions\?|still have questions\?|was this (article|page|answer) helpful\?|"
-    r"\d+ out of \d+ found this helpful|(back|return) to top)", re.I)
-
-
-@dataclass
-class Item:
-    """One piece of a page in reading order."""
-
-    kind: str  # heading | block | pseudo | pair | category
-    text: str  # heading text, block text, or question text
-    level: int = 0  # heading level; pseudo questions and pairs sit below every heading (7)
-    answer: str = ""  # pair: its answer; pseudo: the rest of its paragraph
-    strong: bool = True  # the markup alone makes it a question; weak ones count only in an FAQ scope
-    line: int | None = None
-    anchor: str | None = None
-    via: str = "heading"  # how the question was found, recorded in the source
-
-
-@dataclass
-class Pair:
-    """A question found on a page, its answer text and where it was found."""
-
-    question: str
-    answer: str
-    line: int | None
-    anchor: str | None
-    via: str
-
-
-def clean_question(text: str) -> str:
-    """Question text without `Q:` prefixes, numbering, permalink marks and extra spaces."""
-    text = " ".join(text.split())
-    # Markdown left unrendered inside raw HTML blocks: "### How to set JAVA\_HOME?"
-    text = re.sub(r"\\([\\`*_{}\[\]()#+\-.!])", r"\1", re.sub(r"^#{1,6}\s+", "", text))
-    text = Q_PREFIX.sub("", text, count=1)
-    text = _NUMBERING.sub("", text, count=1)
-    return re.sub(r"\s*[¶#§]+$", "", text).strip()
-
-
-def looks_like_question(text: str) -> bool:
-    """True for text that reads as a question on its own (no page context needed)."""
-    cleaned = clean_question(text)
-    if not cleaned or len(cleaned) > 300:
-        return False
-    if cleaned.endswith(QUESTION_MARKS) or Q_PREFIX.match(text):
-        return True
-    # "How to fix it:" is a label that introduces the text below, not a question.
-    return bool(_INTERROGATIVE.match(cleaned)) and not cleaned.endswith(":")
-
-
-def is_faq_title(text: str) -> bool:
-    """True when a title, heading or file name announces an FAQ."""
-    return bool(FAQ_RE.search(text.replace("_", " ").replace("-", " ")))
-
-
-def split_q_prefixed(text: str) -> tuple[str, str]:
-    """`Q: question A: answer` in one block → (question, rest of the block)."""
-    first, _, rest = text.partition("\n")
-    inline = A_COLON_INLINE.search(first)
-    if inline:
-        return first[:inline.start()], (first[inline.end():] + "\n" + rest).strip()
-    return first, rest.strip()
-
+from specialize.data.convert import faq_html, faq_text
+from specialize.data.convert.questions import (A_PREFIX, BOILERPLATE_BLOCK, BOILERPLATE_QUESTION, NOT_QUESTION,
+                                               Q_PREFIX, Item, Pair, clean_question, is_faq_title, looks_like_question)
 
 @dataclass
 class _Section:
@@ -184,7 +95,7 @@ def _question_headings(items: list[Item], page_is_faq: bool) -> tuple[set[int], 
             scopes.append(item.level)
             continue
         # Under "How do I cancel?", a heading such as "On mobile" is part of the answer.
-        if not in_scope[i] or item.level < 2 or open_questions or _NOT_QUESTION.match(item.text.strip().rstrip(":")):
+        if not in_scope[i] or item.level < 2 or open_questions or NOT_QUESTION.match(item.text.strip().rstrip(":")):
             continue
         section = _section(items, i)
         sub_questions = sum(looks_like_question(items[j].text) for j in section.subheadings)
@@ -228,7 +139,7 @@ def pairs_from_items(items: list[Item], page_is_faq: bool) -> tuple[list[Pair], 
         if i in questions:
             open_question(item, [])
         elif item.kind in ("heading", "category"):
-            furniture = item.kind == "heading" and _NOT_QUESTION.match(item.text.strip().rstrip(":"))
+            furniture = item.kind == "heading" and NOT_QUESTION.match(item.text.strip().rstrip(":"))
             if current is not None and (item.level <= current.level or furniture):
                 close()  # "Related articles" and the like end an answer at any level
             elif current is not None:
@@ -241,7 +152,7 @@ def pairs_from_items(items: list[Item], page_is_faq: bool) -> tuple[list[Pair], 
                     close()  # a pair's answer is complete; text after it belongs to no question
             elif current is not None:
                 parts.append(f"{item.text}\n{item.answer}".strip())
-        elif current is not None and not _BOILERPLATE_BLOCK.match(item.text):
+        elif current is not None and not BOILERPLATE_BLOCK.match(item.text):
             parts.append(item.text)
     close()
     return pairs, dropped
@@ -253,7 +164,7 @@ def _finish(item: Item, parts: list[str], q_prefixed: bool, pairs: list[Pair], d
     answer = A_PREFIX.sub("", answer, count=1) if (q_prefixed or re.match(r"\s*(A|Answer)\s*:", answer)) else answer
     if not question:
         dropped["empty question"] += 1
-    elif _BOILERPLATE_QUESTION.match(question):
+    elif BOILERPLATE_QUESTION.match(question):
         dropped["boilerplate question"] += 1
     elif not answer.strip():
         dropped["empty answer"] += 1
@@ -273,9 +184,6 @@ def extract_pairs(path: Path, text: str, display: str) -> tuple[list[dict], Coun
         text: its decoded content.
         display: the file name written into each row's `source.file`.
     """
-    # Imported here because the readers build on this module's Item and Pair.
-    from specialize.data.convert import faq_html, faq_text
-
     suffix = path.suffix.lower()
     name_says_faq = is_faq_title(path.stem)
     extra: list[Pair] = []
@@ -299,8 +207,6 @@ def extract_pairs(path: Path, text: str, display: str) -> tuple[list[dict], Coun
 
 def document_text(path: Path, text: str) -> str:
     """The readable text of a whole page (boilerplate removed), for the LLM generator."""
-    from specialize.data.convert import faq_html, faq_text
-
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm", ".xhtml") or (suffix not in faq_text.MARKDOWN and faq_html.looks_like_html(text)):
         return faq_html.page_text(text)

@@ -16,7 +16,8 @@ import re
 
 from markdown_it import MarkdownIt
 
-from specialize.data.convert.faq import A_PREFIX, Q_PREFIX, QUESTION_MARKS, Item, clean_question
+from specialize.data.convert.questions import A_PREFIX, Q_PREFIX, QUESTION_MARKS, Item, clean_question
+from specialize.data.convert.faq_html import read_html
 from specialize.data.convert.htmltext import clean_page, render
 from specialize.data.convert.htmltree import parse_html
 
@@ -53,8 +54,6 @@ def _mark_raw_lines(html: str, first_line: int) -> str:
 
 def read_markdown(text: str, *, name_says_faq: bool = False) -> tuple[list[Item], bool]:
     """FAQ items of a Markdown page, and whether the page is an FAQ (first heading or file name)."""
-    from specialize.data.convert.faq_html import read_html
-
     html = markdown_to_html(text)
     items, page_is_faq, _ = read_html(html, name_says_faq=name_says_faq, parser_lines=False)
     return items, page_is_faq
