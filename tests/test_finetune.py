@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -76,28 +77,71 @@ PLAIN = textwrap.dedent("""
     else:
         model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    out = []
+    out, prompts = [], []
     for q in questions:
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
         gen = model.generate(**ids, max_new_tokens=40, do_sample=False)
         out.append(tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        prompts.append(ids["input_ids"][0].tolist())
     assert "specialize" not in sys.modules
-    print(json.dumps(out))
+    print(json.dumps({"answers": out, "prompts": prompts}))
 """)
 
 
-def _plain(path, kind) -> list[str]:
+def _plain(path, kind, with_prompts: bool = False):
+    """Greedy answers to QUESTIONS (and, with_prompts, the prompt ids) in a process without specialize."""
     proc = subprocess.run([sys.executable, "-c", PLAIN, str(path), kind, json.dumps(QUESTIONS)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (result["answers"], result["prompts"]) if with_prompts else result["answers"]
 
 
 def test_full_run_in_plain_transformers_equals_generate(full_run):
     ours = [c.text for c in Generator.load(full_run).generate([[{"role": "user", "content": q}] for q in QUESTIONS],
                                                               max_new_tokens=40)]
     assert _plain(full_run / "model", "transformers") == ours == ANSWERS
+
+
+OWN_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _parity(run, expected_prompt: str) -> None:
+    """Plain transformers renders exactly the training prompt and answers as `specialize generate` does."""
+    generator = Generator.load(run)
+    ours = [c.text for c in generator.generate([[{"role": "user", "content": q}] for q in QUESTIONS],
+                                               max_new_tokens=40)]
+    answers, prompts = _plain(Path(run) / "model", "transformers", with_prompts=True)
+    assert prompts == [generator.prompt_ids([{"role": "user", "content": q}]) for q in QUESTIONS]
+    assert generator.tokenizer.decode(prompts[0]) == expected_prompt
+    assert answers == ours == ANSWERS
+
+
+def test_a_base_with_its_own_chat_template_trains_and_answers_with_it_in_plain_transformers(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "instruct-base"
+    shutil.copytree(tiny_llama, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = OWN_TEMPLATE
+    tokenizer.save_pretrained(base)
+    run = Path(finetune(_cfg(base, tmp_path / "own")))
+    assert json.loads((run / "train_summary.json").read_text())["template"] == "tokenizer"
+    assert AutoTokenizer.from_pretrained(run / "model").chat_template == OWN_TEMPLATE  # travels unchanged
+    eos = tokenizer.eos_token
+    _parity(run, f"<|user|>\n{QUESTIONS[0]}{eos}\n<|assistant|>\n")
+
+
+def test_a_chatml_run_with_a_system_prompt_answers_the_same_in_plain_transformers(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    run = Path(finetune(_cfg(tiny_llama, tmp_path / "chatml", template="chatml",
+                             system_prompt="You answer short questions.")))
+    end = AutoTokenizer.from_pretrained(tiny_llama).eos_token  # ours ends chatml turns with the model's EOS
+    _parity(run, f"<|im_start|>system\nYou answer short questions.{end}\n"
+                 f"<|im_start|>user\n{QUESTIONS[0]}{end}\n<|im_start|>assistant\n")
 
 
 def test_lora_run_in_plain_peft_equals_generate(lora_run):
