@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from specialize.data.convert.faq import extract_pairs, looks_like_question
-from specialize.data.convert.htmltext import clean_page, render
-from specialize.data.convert.htmltree import parse_html
+from specialize.data.htmltext import clean_page, render
+from specialize.data.htmltree import parse_html
 
 FAQ = Path(__file__).parent / "assets" / "convert" / "faq"
 

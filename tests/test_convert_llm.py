@@ -327,8 +327,8 @@ def test_chat_url(base):
 
 
 def test_chunk_words_keep_line_breaks_and_overlap():
-    assert llm.chunk_words("a b\nc d e\n\nf g", 3, 1) == ["a b\nc", "c d e", "e\n\nf g"]
-    assert llm.chunk_words("a b", 3, 1) == ["a b"] and llm.chunk_words("  ", 3, 1) == []
+    assert llm.chunk_text("a b\nc d e\n\nf g", 3, 1) == ["a b\nc", "c d e", "e\n\nf g"]
+    assert llm.chunk_text("a b", 3, 1) == ["a b"] and llm.chunk_text("  ", 3, 1) == []
 
 
 def test_generator_settings_are_checked(tmp_path):

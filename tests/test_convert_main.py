@@ -116,7 +116,7 @@ def test_output_is_replaced_atomically(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("specialize.data.convert.os.replace", crash)
+    monkeypatch.setattr("specialize.files.os.replace", crash)  # the one atomic write
     with pytest.raises(OSError):
         convert(_cfg(tmp_path, ASSETS / "faq" / "plain_qa.txt"), progress=False)
     assert out.read_text(encoding="utf-8") == "previous\n"

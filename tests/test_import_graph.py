@@ -4,9 +4,11 @@ A cycle hidden in a function-level import still ties the modules together: neith
 read, tested or moved without the other, and the import order decides what works. The graph
 is read from the source with `ast` (nothing is imported): `import a.b`, `from a import b`
 (an edge to the submodule `a.b` when there is one, else to the package `a`), relative imports,
-at module level, inside functions and under `if TYPE_CHECKING:` alike. A package's own
-`__init__` is not counted as imported by its submodules (Python runs it first, but that is
-not a dependency the submodule chose).
+at module level, inside functions and under `if TYPE_CHECKING:` alike. Importing `a.b.c` from
+outside package `a.b` runs `a/b/__init__.py` first, so that is an edge too: `retrieval` importing
+`data.convert.htmltext` would run convert's `__init__`, which imports the LLM converter; were
+the converter to import `retrieval`, that is a cycle. A package's own `__init__` is not counted
+as imported by its submodules (it has already run by then).
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ def imported(module: str, is_package: bool, tree: ast.AST, known: set[str]) -> s
             for alias in node.names:
                 submodule = f"{source}.{alias.name}"
                 targets.add(submodule if submodule in known else source)
-    return {t for t in targets if t in known and t != module}
+    with_packages = set(targets)
+    for target in targets:  # the packages above the target that the importer is not inside
+        parts = target.split(".")
+        with_packages.update(p for p in (".".join(parts[:k]) for k in range(1, len(parts)))
+                             if not (module == p or module.startswith(p + ".")))
+    return {t for t in with_packages if t in known and t != module}
 
 
 def import_graph(src: Path, package: str) -> dict[str, set[str]]:
@@ -118,6 +125,12 @@ def test_the_checker_sees_function_level_relative_and_submodule_imports(tmp_path
     (pkg / "sub" / "b.py").write_text("from .. import c\n")  # two levels up, a module named by `from`
     (pkg / "c.py").write_text("import pkg.a as a\nfrom pkg.sub import VALUE\n")  # a name of a package
     graph = import_graph(tmp_path, "pkg")
-    assert graph == {"pkg": set(), "pkg.sub": set(), "pkg.a": {"pkg.sub.b"}, "pkg.sub.b": {"pkg.c"},
+    assert graph == {"pkg": set(), "pkg.sub": set(), "pkg.a": {"pkg.sub.b", "pkg.sub"}, "pkg.sub.b": {"pkg.c"},
                      "pkg.c": {"pkg.a", "pkg.sub"}}
     assert cycles(graph) == [["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]]
+    # through a package's __init__: importing pkg.sub.b from outside runs pkg/sub/__init__.py
+    (pkg / "sub" / "b.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("from pkg import c\n")
+    (pkg / "d.py").write_text("def f():\n    from pkg.sub.b import x\n")
+    (pkg / "c.py").write_text("import pkg.d\n")
+    assert cycles(import_graph(tmp_path, "pkg")) == [["pkg.c", "pkg.d", "pkg.sub", "pkg.c"]]

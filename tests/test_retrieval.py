@@ -28,8 +28,30 @@ def test_chunk_boundaries_and_overlap():
 def test_html_to_text_drops_scripts():
     title, text = html_to_text((DOCS / "billing.html").read_text())
     assert title == "Billing & Invoices"
-    assert text == ("Invoices\nInvoices are issued monthly on the first business day.\n"
-                    "Refunds take five working days.\nCard payments only.")
+    assert text == ("Invoices\n\nInvoices are issued monthly on the first business day.\n\n"
+                    "- Refunds take five working days.\n- Card payments only.")
+
+
+
+PAGE = """<!DOCTYPE html><html><head><title>Refunds | Shop</title><script>var t = "track";</script></head>
+<body><header><a href="/">Shop home</a> <a href="/login">Log in</a></header>
+<nav><ul><li><a href="/faq">FAQ</a></li><li><a href="/contact">Contact sales</a></li></ul></nav>
+<main><h1>Refunds</h1><p>Refunds are paid back to the original card within five working days.</p>
+<aside class="toc">On this page</aside></main>
+<footer>Copyright 2024 Shop Inc. Privacy policy.</footer></body></html>"""
+
+
+def test_rag_reads_an_html_page_as_convert_does(tmp_path):
+    # one HTML-to-text: navigation, page header and footer are not passages RAG can retrieve
+    from specialize.data.convert.faq import document_text
+
+    page = tmp_path / "refunds.html"
+    page.write_text(PAGE)
+    title, text = html_to_text(PAGE)
+    assert (title, text) == ("Refunds | Shop",
+                             "Refunds\n\nRefunds are paid back to the original card within five working days.")
+    assert text == document_text(page, PAGE)
+    assert [p.text for p in load_passages(tmp_path)] == [f"{title}\n{text}"]
 
 
 def test_load_passages_from_folder():
@@ -40,7 +62,7 @@ def test_load_passages_from_folder():
         "shipping.rst#1", "shipping.rst#2",
         "sub/passwords.txt#1", "sub/passwords.txt#2", "sub/passwords.txt#3", "sub/passwords.txt#4",
         "sub/passwords.txt#5"]  # .hidden.md and ignored.csv are skipped
-    assert passages[1].text == "Billing & Invoices\nthe first business day.\nRefunds take five working"
+    assert passages[1].text == "Billing & Invoices\nthe first business day.\n\n- Refunds take five"
     assert passages[3].text == "# Installing Widgetron\n\nRun `pip install widgetron` inside"
     assert passages[4].text.startswith("widgetron` inside")  # 2 words of overlap
 

@@ -41,7 +41,7 @@ from specialize.config import CompareConfig, DemoConfig, FinetuneConfig, Pretrai
 from specialize.data.io import jsonl_lines
 from specialize.evaluate.scorecard import Scorecard
 from specialize.examples.pydocs import PydocsPaths, load_or_build
-from specialize.files import write_json
+from specialize.files import write_atomic, write_json, write_jsonl
 
 console = Console(stderr=True, markup=False)  # paths are printed verbatim
 
@@ -87,9 +87,7 @@ def write_passages(corpus_dir: Path, path: Path, chunk_words: int, overlap_words
             for n, chunk in enumerate(chunks, start=1):
                 source = f"{file.name}:{title}" + (f"#{n}" if len(chunks) > 1 else "")
                 rows.append({"text": chunk, "title": title, "source": source})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_jsonl(path, rows)
     return len(rows)
 
 
@@ -153,9 +151,8 @@ def load_or_pretrain_base(cfg: DemoConfig, data: PydocsPaths, cache_dir: Path) -
         shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # nothing resumes a cached base
         for record_name in ("config.yaml", "train_summary.json"):  # written naming the temporary folder
             record = tmp / record_name
-            record.write_text(record.read_text(encoding="utf-8").replace(str(tmp), str(final)), encoding="utf-8")
-        marker = {"inputs": inputs, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (tmp / BASE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+            write_atomic(record, record.read_text(encoding="utf-8").replace(str(tmp), str(final)))
+        write_json(tmp / BASE_MARKER, {"inputs": inputs, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     build_into_place(final, build, lambda folder: _is_complete(folder, inputs))
     return final, False
@@ -224,9 +221,7 @@ def write_training_data(cfg: DemoConfig, data: PydocsPaths, passages: Path, path
             rows.append({"question": rag_prompt(question, hits), "answer": fact["purpose"], "id": fact["id"],
                          "module": fact["module"], "kind": "reading"})
             reading += 1
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_jsonl(path, rows)
     return {"closed_book": len(closed) - len(with_context), "context": len(with_context), "reading": reading}
 
 

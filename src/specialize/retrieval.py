@@ -10,7 +10,9 @@ files skipped) or a JSONL file of passages (`text`, optional `id`, `title`, `sou
 document is cut into chunks of `chunk_words` white-space words, neighbours sharing
 `overlap_words`, so an answer that straddles a boundary is whole in one chunk. A chunk keeps its
 original text (line breaks, code indentation); a title (JSONL `title`, HTML `<title>`) heads
-every chunk of its document, because the title often names what the chunk is about.
+every chunk of its document, because the title often names what the chunk is about. HTML is
+read by `data.htmltext.html_to_text`, the reader `convert` uses: navigation, page header and
+footer, sidebars and scripts are left out. `chunk_text` is also the chunker of the LLM converter.
 `Passage.source` is the file's path relative to the folder (JSONL: `source`, else `id`, else
 `file:line`), with `#n` added when the document was cut into several chunks.
 
@@ -31,13 +33,14 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 
+from specialize.data.htmltext import html_to_text
 from specialize.data.io import jsonl_lines, read_text
 from specialize.errors import UserError
+from specialize.files import write_json, write_jsonl
 
 # The RAG prompt: what every RAG system is asked at eval time, and what fine-tuning with
 # retrieved context (rag_docs) trains on, so that both see the same shape. It is the user's
@@ -66,50 +69,6 @@ def rag_prompt(question: str, passages: list[Passage] | list[str]) -> str:
     texts = [p.text if isinstance(p, Passage) else p for p in passages]
     context = "\n".join(PASSAGE_TEMPLATE.format(number=i, text=t) for i, t in enumerate(texts, 1))
     return RAG_TEMPLATE.format(context=context, question=question)
-
-
-class _HTMLText(HTMLParser):
-    """Visible text of an HTML page (no scripts, styles), block elements on their own lines."""
-
-    SKIP = {"script", "style", "noscript", "template", "svg"}
-    BLOCK = {"p", "div", "br", "li", "tr", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "table",
-             "section", "article", "blockquote", "dt", "dd", "hr", "header", "footer"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.title: list[str] = []
-        self._skip_depth = 0
-        self._in_title = False
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self._skip_depth += 1
-        elif tag == "title":
-            self._in_title = True
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP:
-            self._skip_depth = max(0, self._skip_depth - 1)
-        elif tag == "title":
-            self._in_title = False
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data):
-        if not self._skip_depth:
-            (self.title if self._in_title else self.parts).append(data)
-
-
-def html_to_text(html: str) -> tuple[str, str]:
-    """(title, text) of an HTML page; text lines stripped, empty lines dropped."""
-    parser = _HTMLText()
-    parser.feed(html)
-    parser.close()
-    lines = (" ".join(line.split()) for line in "".join(parser.parts).splitlines())
-    return " ".join("".join(parser.title).split()), "\n".join(line for line in lines if line)
 
 
 def chunk_text(text: str, chunk_words: int, overlap_words: int) -> list[str]:
@@ -233,13 +192,10 @@ class _Index:
         return [self._top_k(s, k, positive_only) for s in self._scores(queries)]
 
     def _save_common(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / "passages.jsonl").open("w", encoding="utf-8") as f:
-            for p in self.passages:
-                f.write(json.dumps({"text": p.text, "source": p.source}, ensure_ascii=False) + "\n")
+        write_jsonl(folder / "passages.jsonl", ({"text": p.text, "source": p.source} for p in self.passages))
         meta = {"format": INDEX_FORMAT, "kind": self.kind, "num_passages": len(self.passages),
                 **self.settings}
-        (folder / "retriever.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_json(folder / "retriever.json", meta)
 
     @staticmethod
     def _load_passages(folder: Path) -> list[Passage]:

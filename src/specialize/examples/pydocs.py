@@ -28,14 +28,13 @@ import sys
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 from specialize.cache import build_into_place, default_cache_dir
 from specialize.errors import UserError
 from specialize.examples.stdlib_docs import Entry, read_library, render_module, stdlib_modules
-
-if TYPE_CHECKING:
-    from rich.progress import Progress
+from specialize.files import write_json, write_jsonl
+from specialize.progress import progress_bar
 
 BUILD_VERSION = 1  # bump whenever a build's output changes for the same Python: it invalidates caches
 
@@ -243,11 +242,11 @@ def _keyword_rows(facts: list[Fact], split: str, limit: int | None = None) -> li
 # --- writing, caching ----------------------------------------------------------------------------
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> int:
-    lines = [json.dumps(row, ensure_ascii=False) + "\n" for row in rows]
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        fh.writelines(lines)
-    return len(lines)
+def _write_rows(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSONL; return how many (for the manifest's counts)."""
+    rows = list(rows)
+    write_jsonl(path, rows)
+    return len(rows)
 
 
 def _content_hash(root: Path) -> str:
@@ -259,15 +258,6 @@ def _content_hash(root: Path) -> str:
 
 def _python_tag() -> str:
     return f"{sys.implementation.name}-{platform.python_version()}-{sys.platform}"
-
-
-def _progress(enabled: bool) -> Progress:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), transient=True,
-                    disable=not enabled)
 
 
 def _write_corpus(corpus_dir: Path, module_docs: dict[str, str], entries: list[Entry]) -> dict[str, str]:
@@ -302,7 +292,7 @@ def build_pydocs(out_dir: Path, facts: int = 600, eval_examples: int = 200, seed
     paths.corpus_dir.mkdir(parents=True)
     names = sorted(set(modules)) if modules is not None else stdlib_modules()
 
-    with _progress(progress) as bar:
+    with progress_bar(progress, transient=True) as bar:
         task = bar.add_task("pydocs", total=len(names) + 1)
         module_docs, entries = read_library(names, modules is not None, bar, task)
         bar.update(task, description="pydocs: writing")
@@ -316,26 +306,26 @@ def build_pydocs(out_dir: Path, facts: int = 600, eval_examples: int = 200, seed
         for f in all_facts:  # the RAG store must hold every answer, word for word
             if " ".join(f.purpose.split()) not in normalised[f.module]:
                 raise AssertionError(f"purpose of {f.id} is missing from corpus/{f.module}.txt")
-        _write_jsonl(paths.facts, (asdict(f) for f in all_facts))
+        _write_rows(paths.facts, (asdict(f) for f in all_facts))
         qa = _qa_rows(all_facts, eval_examples, seed)
         routing_train, routing_test = _routing_rows(all_facts, module_docs, eval_examples, seed)
         counts = {
             "modules": len(corpus), "corpus_chars": sum(map(len, corpus.values())),
             "facts": len(all_facts), "train_facts": train_facts,
             "unseen_facts": sum(f.split == "unseen" for f in all_facts),
-            "train": _write_jsonl(paths.train, qa["train"]),
-            "seen": _write_jsonl(paths.seen, qa["seen"]),
-            "unseen": _write_jsonl(paths.unseen, qa["unseen"]),
-            "routing_train": _write_jsonl(paths.routing_train, routing_train),
-            "routing_test": _write_jsonl(paths.routing_test, routing_test),
-            "keywords_train": _write_jsonl(paths.keywords_train, _keyword_rows(all_facts, "train")),
-            "keywords_test": _write_jsonl(paths.keywords_test,
+            "train": _write_rows(paths.train, qa["train"]),
+            "seen": _write_rows(paths.seen, qa["seen"]),
+            "unseen": _write_rows(paths.unseen, qa["unseen"]),
+            "routing_train": _write_rows(paths.routing_train, routing_train),
+            "routing_test": _write_rows(paths.routing_test, routing_test),
+            "keywords_train": _write_rows(paths.keywords_train, _keyword_rows(all_facts, "train")),
+            "keywords_test": _write_rows(paths.keywords_test,
                                           _keyword_rows(all_facts, "unseen", eval_examples)),
         }
         manifest = {"build_version": BUILD_VERSION, "python": _python_tag(),
                     "parameters": _parameters(facts, eval_examples, seed, modules),
                     "counts": counts, "modules": sorted(corpus), "content_sha256": _content_hash(out_dir)}
-        paths.manifest.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8", newline="\n")
+        write_json(paths.manifest, manifest)
         bar.advance(task)
     return paths
 

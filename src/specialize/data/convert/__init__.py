@@ -14,7 +14,8 @@ The package, in pipeline order:
 - inputs.py: expand folders, tell each input's kind (see its docstring), read text safely;
 - faq.py (page → pairs) with questions.py (what reads as a question, the item stream),
   faq_html.py / faq_markup.py / faq_text.py (HTML, its FAQ markup, Markdown and plain text
-  readers) on htmltree.py / htmltext.py (HTML tree, boilerplate removal, clean text). Kind
+  readers) on data/htmltree.py / data/htmltext.py (HTML tree, boilerplate removal, clean text,
+  shared with RAG). Kind
   docs uses the same reader, so without a generator only explicit questions become pairs;
   with `generator` set every docs page goes to the LLM instead, and so does every faq page
   that holds no question;
@@ -22,15 +23,12 @@ The package, in pipeline order:
 - chat.py: JSONL `messages` validated and passed through, or CSV transcripts;
 - slack.py: answered threads of a workspace export;
 - dedup.py: exact and near-duplicate removal.
-The output is written atomically: a temp file in the same folder, fsynced, then renamed over
-`to`, so an interrupted run never leaves a complete-looking file.
+The output is written atomically (`files.write_jsonl`: a temp file in the same folder, fsynced,
+then renamed over `to`), so an interrupted run never leaves a complete-looking file.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ from specialize.data.convert.dedup import dedup_rows
 from specialize.data.convert.inputs import Input, find_inputs
 from specialize.data.io import read_text
 from specialize.errors import UserError
+from specialize.files import write_jsonl
 
 __all__ = ["ConvertSummary", "convert", "default_cache_path"]
 
@@ -160,7 +159,7 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertSummary:
         hint = f"; {GENERATOR_HINT}" if pages and not cfg.generator else ""
         raise UserError(f"nothing to write: no examples came out of {len(inputs)} input(s) "
                         f"({reasons or 'no content'}){hint}")
-    write_jsonl_atomic(cfg.to, kept)
+    write_jsonl(cfg.to, kept)
     summary.produced = len(kept)
     summary.conversations = sum("messages" in row for row in kept)
     summary.pairs = summary.produced - summary.conversations
@@ -187,19 +186,3 @@ def _add_notes(summary: ConvertSummary, cfg: ConvertConfig) -> None:
         summary.notes.append(f"{summary.dropped['page without questions']} page(s) had no question headings; "
                              f"{GENERATOR_HINT} to write Q&A from them")
 
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write rows as JSONL so that `path` is either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a dataset is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -30,6 +30,7 @@ from pathlib import Path
 from specialize.data.convert import faq_html, faq_text
 from specialize.data.convert.questions import (A_PREFIX, BOILERPLATE_BLOCK, BOILERPLATE_QUESTION, NOT_QUESTION,
                                                Q_PREFIX, Item, Pair, clean_question, is_faq_title, looks_like_question)
+from specialize.data.htmltext import html_to_text
 
 @dataclass
 class _Section:
@@ -209,7 +210,7 @@ def document_text(path: Path, text: str) -> str:
     """The readable text of a whole page (boilerplate removed), for the LLM generator."""
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm", ".xhtml") or (suffix not in faq_text.MARKDOWN and faq_html.looks_like_html(text)):
-        return faq_html.page_text(text)
+        return html_to_text(text)[1]
     if suffix in faq_text.MARKDOWN:
         return faq_text.markdown_text(text)
     return text.strip()

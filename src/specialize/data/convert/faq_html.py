@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 
 from specialize.data.convert.faq_markup import anchor_of, candidates, jsonld_pairs, resolve
-from specialize.data.convert.htmltext import BLOCK, SKIP, clean_page, heading_text, render, render_element
-from specialize.data.convert.htmltree import HEADINGS, Node, parse_html
 from specialize.data.convert.questions import (Q_PREFIX, QUESTION_MARKS, Item, Pair, is_faq_title, looks_like_question,
                                                split_q_prefixed)
+from specialize.data.htmltext import BLOCK, SKIP, clean_page, heading_text, render, render_element
+from specialize.data.htmltree import HEADINGS, Node, parse_html
 
 _PSEUDO_PARENTS = {"p", "li", "div", "dd", "section", "article", "td", "blockquote", "main", "body", "#document"}
 
@@ -22,11 +22,6 @@ _PSEUDO_PARENTS = {"p", "li", "div", "dd", "section", "article", "td", "blockquo
 def looks_like_html(text: str) -> bool:
     """True when a file without an HTML suffix is still an HTML page."""
     return bool(re.match(r"\s*(<!doctype html|<html|<\?xml[^>]*>\s*<html)", text[:1000], re.I))
-
-
-def page_text(text: str) -> str:
-    """Readable text of a whole page, boilerplate removed."""
-    return render(clean_page(parse_html(text)))
 
 
 def read_html(text: str, *, name_says_faq: bool = False,

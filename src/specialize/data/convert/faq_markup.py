@@ -20,9 +20,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from specialize.data.convert.htmltext import BLOCK, SKIP, heading_text, render
-from specialize.data.convert.htmltree import HEADINGS, INLINE, VOID, Node, parse_html
 from specialize.data.convert.questions import A_PREFIX, Pair, clean_question, looks_like_question
+from specialize.data.htmltext import BLOCK, SKIP, heading_text, render
+from specialize.data.htmltree import HEADINGS, INLINE, VOID, Node, parse_html
 
 _Q_CLASS = re.compile(r"(^|[-_])(question|faq[-_]?q|faq[-_]?(title|header|heading|toggle|trigger)|"
                       r"(toggle|accordion|collapsible)[-_]?(title|header|heading|trigger))$")

@@ -16,10 +16,10 @@ import re
 
 from markdown_it import MarkdownIt
 
-from specialize.data.convert.questions import A_PREFIX, Q_PREFIX, QUESTION_MARKS, Item, clean_question
 from specialize.data.convert.faq_html import read_html
-from specialize.data.convert.htmltext import clean_page, render
-from specialize.data.convert.htmltree import parse_html
+from specialize.data.convert.questions import A_PREFIX, Q_PREFIX, QUESTION_MARKS, Item, clean_question
+from specialize.data.htmltext import clean_page, render
+from specialize.data.htmltree import parse_html
 
 MARKDOWN = {".md", ".markdown", ".mdown", ".mkd"}
 _KEEP_LINE = re.compile(r"^(\s*([-*•+]|\d{1,3}[.)])\s|\s{4}|\t|\s*\|)")

@@ -1,7 +1,8 @@
 """Any text → question/answer pairs with an LLM behind an OpenAI-compatible endpoint.
 
 Each document is cut into chunks of `chunk_tokens` words that share `chunk_overlap` words with
-their neighbour, so a fact on a chunk border is seen whole at least once. Each chunk is sent
+their neighbour (`retrieval.chunk_text`, the chunker RAG uses), so a fact on a chunk border is
+seen whole at least once. Each chunk is sent
 as one request to `POST {generator}/chat/completions` (a `/v1` is added when the URL lacks
 it), `concurrency` requests at a time, retried with exponential backoff on 429, 5xx and
 connection errors. The API key comes from the environment variable named by `api_key_env`
@@ -41,6 +42,9 @@ import httpx
 from specialize.config import ConvertConfig
 from specialize.data.io import jsonl_lines
 from specialize.errors import UserError
+from specialize.files import jsonl_line
+from specialize.progress import progress_bar
+from specialize.retrieval import chunk_text
 from specialize.untrusted import fence, redact
 
 SYSTEM_PROMPT = """You write question-answer pairs for training a customer support assistant.
@@ -69,24 +73,6 @@ class Chunk:
 
 class _ChunkFailed(Exception):
     """A chunk that got no usable reply after all retries (the run goes on without it)."""
-
-
-def chunk_words(text: str, size: int, overlap: int) -> list[str]:
-    """Split text into chunks of `size` words, neighbours sharing `overlap` words.
-
-    Words keep the whitespace that follows them, so line breaks and code survive.
-    """
-    words = re.findall(r"\S+\s*", text)
-    if not words:
-        return []
-    step = size - overlap
-    chunks = []
-    start = 0
-    while True:
-        chunks.append("".join(words[start:start + size]).strip())
-        if start + size >= len(words):
-            return chunks
-        start += step
 
 
 def build_messages(name: str, chunk: str) -> list[dict]:
@@ -201,8 +187,7 @@ class Cache:
         self.replies[key] = content
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
-            entry = {"key": key, "file": file, "chunk": index, "content": content}
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.write(jsonl_line({"key": key, "file": file, "chunk": index, "content": content}))
             f.flush()
             os.fsync(f.fileno())  # on disk before the next chunk starts: a crash loses nothing done
 
@@ -273,7 +258,7 @@ def generate(documents: list[tuple[str, str]], cfg: ConvertConfig, cache_path: P
     model = cfg.generator_model or ""
     chunks: list[Chunk] = []
     for name, text in documents:
-        for index, piece in enumerate(chunk_words(text, cfg.chunk_tokens, cfg.chunk_overlap)):
+        for index, piece in enumerate(chunk_text(text, cfg.chunk_tokens, cfg.chunk_overlap)):
             messages = build_messages(Path(name).name, piece)
             chunks.append(Chunk(name, index, messages, cache_key(model, messages)))
     cache = Cache(cache_path)
@@ -284,7 +269,8 @@ def generate(documents: list[tuple[str, str]], cfg: ConvertConfig, cache_path: P
                          cfg.api_key_env, threading.Event())
     pool = ThreadPoolExecutor(max_workers=cfg.concurrency)
     try:
-        with _Progress(progress, len(todo)) as advance:
+        with progress_bar(progress and bool(todo), transient=True) as bar:
+            task = bar.add_task("generating Q&A", total=len(todo))
             futures = {pool.submit(_request, endpoint, {"model": model, "messages": c.messages, "temperature": 0,
                                                         "max_tokens": cfg.generator_max_tokens}): c
                        for c in todo}
@@ -294,7 +280,7 @@ def generate(documents: list[tuple[str, str]], cfg: ConvertConfig, cache_path: P
                     cache.add(chunk.key, future.result(), chunk.file, chunk.index)
                 except _ChunkFailed as e:
                     failures.append(f"{chunk.file} chunk {chunk.index}: {e}")
-                advance()
+                bar.advance(task)
     finally:
         # On Ctrl-C or a fatal error: drop what has not started, stop retries, and close the
         # client so requests in flight end now instead of after their timeout. Finished chunks
@@ -329,24 +315,3 @@ def _rows(chunks: list[Chunk], cache: Cache, model: str, failures: list[str]) ->
                      f"cached); last error: {failures[-1]}")
     return rows, dropped, notes
 
-
-class _Progress:
-    """A stderr progress bar over generator requests, or nothing."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total, self.bar = enabled and total > 0, total, None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.console import Console
-        from rich.progress import Progress
-
-        self.bar = Progress(console=Console(stderr=True), transient=True)
-        self.bar.start()
-        task = self.bar.add_task("generating Q&A", total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()

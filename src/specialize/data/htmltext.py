@@ -1,5 +1,7 @@
 """Clean readable text from an HTML tree: boilerplate removed, lists and code kept readable.
 
+The one HTML-to-text of specialize: `convert` (FAQ pages, docs for the generator) and RAG
+(`retrieval`, HTML documents) read a page through `html_to_text`, so both see the same text.
 `clean_page` removes what is not content (navigation, page header and footer, sidebars,
 scripts, forms, cookie banners, "back to top" and permalink anchors) and returns the content
 root (the page's single `<main>` when there is one). `render` turns any element into plain
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from specialize.data.convert.htmltree import HEADINGS, Node
+from specialize.data.htmltree import HEADINGS, Node, parse_html
 
 SKIP = {"script", "style", "noscript", "template", "head", "title", "svg", "iframe", "object", "canvas",
         "select", "input", "textarea", "img", "picture", "video", "audio", "map", "meta", "link"}
@@ -51,6 +53,13 @@ def _is_junk(node: Node) -> bool:
         if _JUMP_LINK.match(text) or (node.get("href").startswith("#") and _PERMALINK.match(text or "#")):
             return True
     return False
+
+
+def html_to_text(html: str) -> tuple[str, str]:
+    """(title, readable text) of an HTML page: its `<title>`, and its content without boilerplate."""
+    root = parse_html(html)
+    title = next((heading_text(n) for n in root.find_all("title")), "")  # before clean_page drops <head>
+    return title, render(clean_page(root))
 
 
 def clean_page(root: Node) -> Node:
