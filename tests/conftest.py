@@ -6,13 +6,21 @@ pass as `--base`. Plain helpers (asset paths, builders, writers) are in helpers.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Before anything imports transformers or huggingface_hub: they read these once, at import.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# An empty Hugging Face home: a test that loads a hub id must not pass on one machine because
+# that model happens to be in its user's cache; shipped model code (trust_remote_code tests) lands here too.
+_HF_HOME = tempfile.mkdtemp(prefix="specialize-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 from pathlib import Path  # noqa: E402
 

@@ -93,3 +93,43 @@ def test_a_mistyped_local_folder_says_it_was_looked_up_on_the_hub(tmp_path, monk
     with pytest.raises(UserError, match=r"cannot load tokenizer 'models/mine' \(no local folder of that name, "
                                         r"so it was looked up as a Hugging Face Hub id\)"):
         load_tokenizer("models/mine")
+
+
+def _remote_code_base(tiny_llama, folder: Path) -> Path:
+    """A base whose config.json asks for model code shipped with it; that code leaves a marker file when run."""
+    shutil.copytree(tiny_llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": "shipped", "auto_map": {"AutoConfig": "shipped.ShippedConfig",
+                                                     "AutoModelForCausalLM": "shipped.ShippedModel"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "shipped.py").write_text(
+        f"open({str(folder / 'code-ran')!r}, 'w').close()\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class ShippedConfig(LlamaConfig):\n    model_type = 'shipped'\n"
+        "class ShippedModel(LlamaForCausalLM):\n    config_class = ShippedConfig\n")
+    return folder
+
+
+def test_remote_code_is_never_run_unless_asked(tmp_path, tiny_llama):
+    from specialize import config as configs
+
+    for stage in vars(configs).values():
+        if isinstance(stage, type) and "trust_remote_code" in getattr(stage, "model_fields", {}):
+            assert stage.model_fields["trust_remote_code"].default is False, stage.__name__
+    base = _remote_code_base(tiny_llama, tmp_path / "shipped")
+    with pytest.raises(UserError, match="contains custom code which must be executed"):
+        finetune(FinetuneConfig(base=str(base), data=[str(QA8)], out=tmp_path / "run", max_steps=1, progress=False))
+    with pytest.raises(UserError, match="contains custom code which must be executed"):
+        load_model(base)
+    assert not (base / "code-ran").exists() and not (tmp_path / "run" / "model").exists()
+    assert type(load_model(base, trust_remote_code=True)).__name__ == "ShippedModel"  # asked: it runs
+    assert (base / "code-ran").exists()
+
+
+def test_qlora_without_cuda_is_one_clear_error(tmp_path, tiny_llama, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match=r"^--method qlora needs a CUDA GPU \(4-bit bitsandbytes kernels\); "
+                                        r"use --method lora on this machine$"):
+        finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=tmp_path / "run", method="qlora",
+                                max_steps=1, progress=False))
+    assert not (tmp_path / "run" / "model").exists()
