@@ -39,8 +39,31 @@ class Completion:
         return self.finish_reason == "stop"
 
 
+# Below this temperature, sampling is greedy: at 1e-5 the most likely token already wins all but
+# exact ties, and far smaller ones (1e-300) overflow the logits to inf, whose softmax is nan: a
+# RuntimeError on CPU and a device-side assert on CUDA that leaves the GPU unusable.
+GREEDY_BELOW = 1e-5
+SEED_SPACE = 2**64  # torch seeds are 64-bit; -1 and 2**64 - 1 are the same seed to torch
+
+
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA, then Apple's MPS, then CPU: the order training (accelerate) picks devices in."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def is_greedy(temperature: float | None) -> bool:
+    """Whether `temperature` means greedy decoding: 0, None, or too small to sample safely."""
+    return not temperature or temperature < GREEDY_BELOW
+
+
+def seed_sampling(seed: int) -> None:
+    """Seed torch (every device) for sampling; any int works: beyond 64 bits it wraps around instead of raising."""
+    torch.manual_seed(seed % SEED_SPACE)
 
 
 def template_of(tokenizer) -> Template:
@@ -141,9 +164,16 @@ class Generator:
         if context is not None and prompt_tokens + max_new_tokens > context:
             raise ContextOverflow(prompt_tokens, max_new_tokens, context, index)
 
+    def prompt_text(self, messages: list[dict[str, str]]) -> str:
+        """The conversation rendered by the run's template, ready for the answer."""
+        return self.template.render(self.tokenizer, messages, add_generation_prompt=True)
+
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The conversation rendered by the run's template, ready for the answer, as token ids."""
-        text = self.template.render(self.tokenizer, messages, add_generation_prompt=True)
+        return self.text_ids(self.prompt_text(messages))
+
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of an already rendered prompt (the template put in any special tokens)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 128,
@@ -161,7 +191,7 @@ class Generator:
                 whose prompt plus `max_new_tokens` does not fit the context window.
         """
         if seed is not None:
-            torch.manual_seed(seed)
+            seed_sampling(seed)
         encoded = [self.prompt_ids(c) for c in conversations]
         for i, ids in enumerate(encoded):  # all checked first: no hour of answers lost to the last prompt
             self.check_fits(len(ids), max_new_tokens, index=i)
@@ -210,7 +240,7 @@ class Generator:
         self.check_fits(width, max(budgets))
         stop = _stops(stop)
         if seed is not None:
-            torch.manual_seed(seed)
+            seed_sampling(seed)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (B, T)
         attention = torch.zeros((len(prompts), width), dtype=torch.long)  # (B, T)
         for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
@@ -267,7 +297,7 @@ class Generator:
                 shown = text[:end]
 
         if seed is not None:
-            torch.manual_seed(seed)
+            seed_sampling(seed)
         kwargs = self._sampling(max_new_tokens, temperature, top_p, stop)
         if cancelled is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled([cancelled])])
@@ -281,10 +311,11 @@ class Generator:
         return completion
 
     def _sampling(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> dict:
-        """`model.generate` arguments: greedy at temperature 0, else sampling with nucleus `top_p`."""
+        """`model.generate` arguments: greedy at temperature 0 (or below `GREEDY_BELOW`), else sampling
+        with nucleus `top_p`."""
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                       use_cache=True)
-        if temperature > 0:
+        if not is_greedy(temperature):
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)

@@ -10,11 +10,14 @@ run's own template, so answers equal `specialize generate`; greedy unless `tempe
 
 One worker thread owns the model: requests wait in a bounded queue, and waiting requests with
 equal sampling settings are generated together in one batch. A full queue answers 503 at once
-rather than letting latency grow without bound. Errors use OpenAI's shape,
+rather than letting latency grow without bound. A body over --max-body-bytes is refused (413)
+before it is read, a request whose headers or body arrive too slowly is cut off (408), and
+parsing, rendering and tokenising run off the event loop, so /health stays fast. Errors use OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`; tracebacks stay in the server log.
 
     schema.py   request bodies, response and stream-chunk shapes, `APIError` (OpenAI's error shape)
     worker.py   `Worker`: the one thread that owns the model, a bounded queue drained in batches
+    limits.py   what one client may cost: body-size cap (413), deadlines for receiving a request (408)
     app.py      FastAPI routes, API key and request-log middleware, `serve()`
 """
 

@@ -1,8 +1,10 @@
 """The HTTP side of `specialize serve`: FastAPI routes, API key check, request log, `serve()`.
 
-Routes render chat prompts with the run's own template, check the token budget against the
-server's cap and the context window, and hand a `Job` to the one model `Worker`; a streamed
-answer's pieces travel from the worker thread to the event loop through an asyncio queue.
+Routes parse the body, render chat prompts with the run's own template and tokenise them in a
+worker thread, never in the event loop (a large body would otherwise stall every client and
+/health), check the token budget against the server's cap and the context window, and hand a
+`Job` to the one model `Worker`; a streamed answer's pieces travel from the worker thread to the
+event loop through an asyncio queue.
 While a request waits, its connection is polled: a client that goes away has its job dropped
 from the queue, or stopped if it runs. Tracebacks stay in the server log; clients only ever
 see OpenAI-shaped errors.
@@ -25,11 +27,13 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specialize.config import ServeConfig
 from specialize.errors import UserError
 from specialize.generate import Completion, Generator
+from specialize.serve.limits import BodyLimit, deadline_protocol
 from specialize.serve.schema import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                                      completion_body, error_chunk, stream_chunk, usage_chunk, usage_of)
 from specialize.serve.worker import Job, QueueFull, Sampling, Worker, WorkerFailed
@@ -38,6 +42,14 @@ logger = logging.getLogger("specialize.serve")
 DEFAULT_MAX_TOKENS = 256  # answer budget when a request sets none (clipped to the cap and the context window)
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
 CLIENT_GONE = 499  # nginx's "client closed request": only ever seen in our log
+# A prompt longer than this many characters per token of context cannot fit: it is refused before
+# tokenising (which would cost seconds and gigabytes for megabytes of text). Real text averages
+# 3-5 characters per token; no tokenizer averages 32 over a whole prompt.
+MAX_CHARS_PER_TOKEN = 32
+# Settings that ServeConfig may not have yet (read with getattr, these defaults otherwise).
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 128k-token context, JSON-escaped, fits
+HEADER_TIMEOUT_S = 10.0
+READ_TIMEOUT_S = 30.0
 
 
 class _ClientGone(Exception):
@@ -78,8 +90,8 @@ class _Gate:
     with `log_contents`, and never the key.
     """
 
-    def __init__(self, app, key: str | None):
-        self.app, self.key = app, key.encode() if key else None
+    def __init__(self, app, key: str | None, health_open: bool = False):
+        self.app, self.key, self.health_open = app, key.encode() if key else None, health_open
 
     def _authorised(self, scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
@@ -100,6 +112,9 @@ class _Gate:
 
         try:
             if self.key is not None and not self._authorised(scope):
+                if self.health_open and scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
+                    state["anonymous"] = True  # answered, but with the status alone
+                    return await self.app(scope, receive, send_and_note)
                 await APIError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)",
                                code="invalid_api_key").response()(scope, receive, send_and_note)
             else:
@@ -110,6 +125,7 @@ class _Gate:
                 await APIError(500, "internal server error", "server_error").response()(scope, receive, send_and_note)
             status = status or 500
         finally:
+            status = status or CLIENT_GONE  # nothing sent: the client left before its request was in
             usage = state.get("usage")
             tokens = f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']}" if usage else ""
             logger.info("%s %s %d%s %.3fs", scope["method"], scope["path"], status, tokens,
@@ -121,12 +137,30 @@ def served_name(ref: str) -> str:
     return Path(ref).resolve().name if Path(ref).exists() else ref
 
 
+def invalid_request(errors: list[dict]) -> APIError:
+    """The first of pydantic's validation errors as a 400, naming the field (`messages.0.content`)."""
+    err = errors[0]
+    param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {err.get('msg', '')}")
+    message = f"{param}: {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid request")
+    return APIError(400, message, param=param)
+
+
+def _parsed(model: type[BaseModel], raw: bytes):
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise invalid_request(e.errors(include_input=False)) from None
+
+
 def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
     """The FastAPI app serving `generator`; starts its worker thread (stopped at app shutdown)."""
     name = cfg.model_name or served_name(cfg.model or "model")
     key = cfg.api_key or os.environ.get("SPECIALIZE_API_KEY") or None
     context = generator.context_length
     worker = Worker(generator, cfg.max_batch_size, cfg.max_queue)
+    max_chars = context * MAX_CHARS_PER_TOKEN if context is not None else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -135,20 +169,16 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="specialize", lifespan=lifespan)
     app.state.worker = worker
-    app.add_middleware(_Gate, key=key)
+    app.add_middleware(BodyLimit, max_bytes=getattr(cfg, "max_body_bytes", MAX_BODY_BYTES))
+    app.add_middleware(_Gate, key=key, health_open=getattr(cfg, "health_open", False))  # outermost: runs first
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
-        if err.get("type") == "json_invalid":
-            return APIError(400, f"request body is not valid JSON: {err.get('msg', '')}").response()
-        message = f"{param}: {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid request")
-        return APIError(400, message, param=param).response()
+    async def invalid(request: Request, exc: RequestValidationError):
+        return invalid_request(exc.errors()).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -241,12 +271,16 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/health")
-    async def health():
-        """200 while the worker can answer; 503 once it cannot (a poisoned device, a dead thread)."""
+    async def health(request: Request):
+        """200 while the worker can answer; 503 once it cannot (a poisoned device, a dead thread).
+
+        Asked without the key (--health-open), the answer is the status alone: no model, queue or reason.
+        """
+        anonymous = getattr(request.state, "anonymous", False)
         if not worker.healthy:
-            return JSONResponse({"status": "unusable", "model": name, "reason": worker.failure or "worker stopped"},
-                                status_code=503)
-        return {"status": "ok", "model": name, "waiting": worker.waiting}
+            details = {} if anonymous else {"model": name, "reason": worker.failure or "worker stopped"}
+            return JSONResponse({"status": "unusable"} | details, status_code=503)
+        return {"status": "ok"} | ({} if anonymous else {"model": name, "waiting": worker.waiting})
 
     @app.get("/v1/models")
     async def list_models():
@@ -257,21 +291,42 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
         check_model(model_id)
         return {"id": name, "object": "model", "created": 0, "owned_by": "specialize"}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    def check_chars(text: str, param: str) -> None:
+        if max_chars is not None and len(text) > max_chars:
+            raise APIError(400, f"the prompt has {len(text):,} characters, more than the model's context of "
+                                f"{context} tokens can hold (at most {MAX_CHARS_PER_TOKEN} characters per token)",
+                           param=param, code="context_length_exceeded")
+
+    def chat_prompt(raw: bytes) -> tuple[ChatCompletionRequest, list[dict[str, str]], list[int]]:
+        """Parse, render and tokenise a chat request: runs in a worker thread, never in the event loop."""
+        body = _parsed(ChatCompletionRequest, raw)
         check_model(body.model)
         messages = [m.as_dict() for m in body.messages]
         try:
-            ids = generator.prompt_ids(messages)
+            text = generator.prompt_text(messages)
         except jinja2.TemplateError as e:
             raise APIError(400, f"the run's chat template rejects these messages: {e}", param="messages") from None
+        check_chars(text, "messages")
+        return body, messages, generator.text_ids(text)
+
+    def text_prompt(raw: bytes) -> tuple[CompletionRequest, str, list[int]]:
+        """Parse and tokenise a completion request (raw text, with the special tokens the tokenizer adds)."""
+        body = _parsed(CompletionRequest, raw)
+        check_model(body.model)
+        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+        check_chars(prompt, "prompt")
+        return body, prompt, generator.tokenizer(prompt)["input_ids"]
+
+    # The bodies are read by hand (BodyLimit has them in memory already) so that parsing, like
+    # rendering and tokenising, happens off the event loop: 4 MB of tiny messages take a second.
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body, messages, ids = await asyncio.to_thread(chat_prompt, await request.body())
         return await answer(request, body, "chat", ids, body.max_tokens or body.max_completion_tokens, messages)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-        ids = generator.tokenizer(prompt)["input_ids"]  # raw text, with the special tokens the tokenizer adds
+    async def completions(request: Request):
+        body, prompt, ids = await asyncio.to_thread(text_prompt, await request.body())
         return await answer(request, body, "text", ids, body.max_tokens, prompt)
 
     return app
@@ -305,5 +360,18 @@ def serve(cfg: ServeConfig) -> None:
                        "(set --api-key or SPECIALIZE_API_KEY)", cfg.host)
     print(f"serving '{cfg.model_name or served_name(cfg.model)}' at http://{cfg.host}:{cfg.port}/v1 "
           f"(API key {'required' if keyed else 'not required'}); Ctrl-C stops", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_config=_log_config(), access_log=False))
+    server = uvicorn.Server(server_config(app, cfg, log_config=_log_config()))
     server.run(sockets=[sock])
+
+
+def server_config(app: FastAPI, cfg: ServeConfig, **options):
+    """uvicorn's settings for `app`: its HTTP protocol with our request deadlines, no websockets.
+
+    `options` go to `uvicorn.Config` as they are (tests pass `log_config=None`).
+    """
+    import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # httptools when installed, else h11
+
+    protocol = deadline_protocol(AutoHTTPProtocol, getattr(cfg, "header_timeout_s", HEADER_TIMEOUT_S),
+                                 getattr(cfg, "read_timeout_s", READ_TIMEOUT_S))
+    return uvicorn.Config(app, http=protocol, ws="none", access_log=False, **options)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from specialize.generate import Generator
+from specialize.generate import Generator, is_greedy
 
 
 class Sampling(NamedTuple):
@@ -38,7 +38,7 @@ class Sampling(NamedTuple):
     @classmethod
     def of(cls, temperature: float | None, top_p: float | None, stop: list[str], seed: int | None) -> "Sampling":
         """Normalised so that equal means batchable: greedy ignores top_p and seed, so all greedy jobs match."""
-        if not temperature:
+        if is_greedy(temperature):
             return cls(0.0, 1.0, tuple(stop), None)
         return cls(temperature, top_p or 1.0, tuple(stop), seed)
 
