@@ -9,6 +9,8 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,6 +65,31 @@ def short_context_gpt2(tokenizer_dir, positions: int = 32):
     torch.manual_seed(0)
     return Generator(AutoModelForCausalLM.from_config(config), tokenizer)
 
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """A real uvicorn server for `app` in a background thread, on a free port of 127.0.0.1; yields its URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
 
 class NetworkBlocked(ConnectionRefusedError):
     """What a test gets when it tries to reach anything but this machine."""

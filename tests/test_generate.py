@@ -187,3 +187,24 @@ def test_a_cancelled_row_stops_while_its_neighbours_go_on(generator, prompts):
     assert done[1:] == alone
     with pytest.raises(ValueError, match="cancel flags"):
         generator.generate_ids(prompts[:3], max_new_tokens=TOKENS, cancelled=[lambda: True])
+
+
+def test_sampling_follows_temperature_top_p_and_seed(tiny_llama):
+    """An untrained model spreads its probability: sampling that ignored its settings could not pass."""
+    generator = Generator(AutoModelForCausalLM.from_pretrained(tiny_llama), load_tokenizer(tiny_llama))
+    prompt = [generator.tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]]
+
+    def ids(**settings) -> tuple[str, int]:
+        done = generator.generate_ids(prompt, max_new_tokens=12, **settings)[0]
+        return done.text, done.completion_tokens
+
+    greedy = ids()
+    samples = [ids(temperature=1.0, seed=seed) for seed in range(4)]
+    assert ids(temperature=1.0, seed=0) == samples[0]  # a seed reproduces its sample
+    assert len(set(samples)) == 4  # different seeds, different samples
+    assert greedy not in samples and ids(seed=3) == greedy  # greedy ignores the seed
+    assert ids(temperature=1.0, top_p=1e-6, seed=1) == greedy  # top_p keeps only the likeliest token
+    assert ids(temperature=1e-4, seed=2) == greedy  # near-zero temperature is as good as greedy
+    # the generate() and stream_ids paths take the same settings
+    streamed = generator.stream_ids(prompt[0], max_new_tokens=12, temperature=1.0, seed=0)
+    assert (streamed.text, streamed.completion_tokens) == samples[0]
