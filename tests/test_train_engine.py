@@ -18,7 +18,7 @@ from specialize.memory import estimate_memory
 from specialize.model import add_lora
 from specialize.optim import make_optimizer
 from specialize.train import TrainResult, train
-from helpers import QA8
+from helpers import QA8, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,16 +138,63 @@ def test_fused_adamw_on_cpu_matches_the_reference_loop(tiny_llama):
 
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path, tiny_llama):
     items, pad = _items(tiny_llama)
-    weights = []
+    weights, layer_calls = [], []
     for checkpointing in (False, True):
         cfg = FinetuneConfig(max_steps=3, micro_batch_size=4, learning_rate=3e-3, warmup_steps=0, progress=False,
                              gradient_checkpointing=checkpointing)
-        model, result = train(AutoModelForCausalLM.from_pretrained(tiny_llama), items, [], cfg,
-                              tmp_path / str(checkpointing), pad_id=pad)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+        calls = []
+        # A pre-hook inside the layer: the layer's own hooks stay outside the checkpoint, and a recompute
+        # stops as soon as backward has what it needs (so post-hooks may never see it finish).
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+        model, result = train(model, items, [], cfg, tmp_path / str(checkpointing), pad_id=pad)
         weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        layer_calls.append(calls)
         assert result.packed
         json.dumps(result.summary())  # what train_summary.json gets
     assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) <= 1e-6
+    # Really on: each of the 3 micro-steps runs the layer once more, recomputing it in backward.
+    assert layer_calls[1].count(True) == 2 * layer_calls[0].count(True) == 2 * 3
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_one_sgd_step_follows_the_token_mean_of_the_whole_step(tmp_path, tiny_llama, monkeypatch, packing):
+    """An independent reference for loss normalisation: micro-batches of unequal length, one plain SGD
+    step at lr 1, against autograd of `model(labels=...)`'s token mean over all of the step's targets."""
+    import specialize.train
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    rows = [{"question": "Q" + "x" * (5 * i) + "?", "answer": "A" + " word" * (3 * i + 1) + "."} for i in range(8)]
+    examples = load_examples([str(write_jsonl(tmp_path / "varied.jsonl", rows))])
+    items = encode_examples(examples, tokenizer, resolve_template("qa", tokenizer), 512)[0]
+    assert len({item.target_tokens for item in items}) == 8
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    width = max(len(item.input_ids) for item in items)
+    pad = pad_token_id(tokenizer)
+    ids = torch.tensor([i.input_ids + [pad] * (width - len(i.input_ids)) for i in items])  # (8, T)
+    labels = torch.tensor([i.labels + [-100] * (width - len(i.input_ids)) for i in items])  # (8, T)
+    mask = torch.tensor([[1] * len(i.input_ids) + [0] * (width - len(i.input_ids)) for i in items])  # (8, T)
+    reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    expected = {name: p.grad for name, p in reference.named_parameters()}
+
+    # What a mean of per-sequence means would give instead: the test must tell the two apart.
+    per_sequence = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    torch.stack([per_sequence(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1],
+                              labels=labels[i: i + 1]).loss for i in range(8)]).mean().backward()
+    other = dict(per_sequence.named_parameters())
+    assert max((other[n].grad - g).abs().max().item() for n, g in expected.items()) > 1e-3
+
+    monkeypatch.setattr(specialize.train, "make_optimizer", lambda model, cfg: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate))
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    cfg = FinetuneConfig(max_steps=1, micro_batch_size=2, grad_accum_steps=4, learning_rate=1.0, warmup_steps=0,
+                         lr_schedule="constant", max_grad_norm=None, packing=packing, progress=False)
+    model, result = train(model, items, [], cfg, tmp_path / "run", pad_id=pad)
+    assert result.packed == packing
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(before[name] - p.detach(), expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_train_result_summary_leaves_out_the_state_dict():
