@@ -6,7 +6,6 @@ Weights are read from safetensors only, and `trust_remote_code` is off unless as
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 from specialize.errors import UserError
+from specialize.rundir import RunDir, save_pretrained
 
 # Llama-shaped sizes for pre-training from scratch; parameter counts exclude embeddings.
 SIZES: dict[str, dict[str, int]] = {
@@ -26,10 +26,8 @@ SIZES: dict[str, dict[str, int]] = {
 
 def model_dir(ref: str | Path) -> str:
     """A run folder means its `model/`; anything else (folder or hub id) is used as is."""
-    path = Path(ref)
-    if (path / "model").is_dir() and (path / "config.yaml").is_file():
-        return str(path / "model")
-    return str(ref)
+    run = RunDir.find(ref)
+    return str(run.model) if run is not None else str(ref)
 
 
 def is_adapter(ref: str | Path) -> bool:
@@ -62,7 +60,29 @@ def load_tokenizer(ref: str | Path, trust_remote_code: bool = False):
         raise UserError(f"cannot load tokenizer {_where(ref)}: {str(e).splitlines()[0]}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{ref}' has no EOS token; set eos_token in its tokenizer_config.json")
+    _record_end_of_turn(tokenizer, ref)
     return tokenizer
+
+
+def _record_end_of_turn(tokenizer, ref: str) -> None:
+    """Note the end-of-turn tokens of the folder's generation_config.json on the tokenizer.
+
+    Instruct models end a turn with a token of their own that only generation_config.json names
+    (Gemma `<end_of_turn>`, Phi-3 `<|end|>`); templates.segments then trains the turn to end there
+    instead of appending the tokenizer's EOS after it. Saved with the tokenizer, so a run keeps them.
+    """
+    from specialize.data.templates import END_OF_TURN_KEY
+
+    path = Path(ref) / "generation_config.json"
+    try:
+        ids = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id") if path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        ids = None
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    tokens = [tokenizer.convert_ids_to_tokens(i) for i in ids if isinstance(i, int) and 0 <= i < len(tokenizer)]
+    tokens = [t for t in tokens if t and t != tokenizer.eos_token]
+    if tokens:
+        tokenizer.init_kwargs[END_OF_TURN_KEY] = tokens
 
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -242,22 +262,5 @@ def set_generation_ids(model, tokenizer) -> None:
 
 
 def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
-    """Write model/ atomically: into a temporary sibling, then one rename.
-
-    A crash leaves no `model/` that looks complete. LoRA models write their adapter files and
-    a pointer (`base_model_name_or_path`) to the base.
-    """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    # state_dict: the gathered full weights under FSDP/DeepSpeed, where the local module holds shards.
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    """Write a model folder atomically (see `rundir.save_pretrained`, the one implementation)."""
+    save_pretrained(model, tokenizer, out, state_dict=state_dict)

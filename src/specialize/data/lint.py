@@ -8,9 +8,10 @@ finetune trains on, so lint cannot disagree with training.
 | code                     | severity | finds                                                                  |
 | ------------------------ | -------- | ---------------------------------------------------------------------- |
 | `no_trained_tokens`      | error    | labels all -100: nothing to learn                                      |
-| `eos_not_trained`        | error    | a final answer not ending in a trained EOS: the model never learns to stop |
+| `eos_not_trained`        | error    | a final answer not ending in a trained EOS or end-of-turn token: the model never learns to stop |
 | `empty_answer`           | error    | only whitespace/punctuation in an answer, in the data or as templated  |
 | `template_roundtrip`     | error    | prompt tokens in training ≠ at inference, or no turn-by-turn rendering |
+| `template_error`         | error    | the template refuses the conversation (Gemma 2 on a system message)    |
 | `leakage`                | error    | an eval prompt that is (nearly) a training prompt                      |
 | `too_long`               | error*   | longer than `max_seq_tokens`                                           |
 | `duplicate`              | error*   | the same conversation again, after folding case and whitespace         |
@@ -36,12 +37,13 @@ from rich.text import Text
 from specialize.config import LintConfig
 from specialize.data.formats import Example, load_examples
 from specialize.data.similarity import duplicates, matches, normalise
-from specialize.data.templates import Template, resolve_template
+from specialize.data.templates import Template, TemplateRaised, end_of_turn_tokens, resolve_template
 from specialize.data.tokenize import IGNORE, Encoded, encode_chat, encode_text
 from specialize.errors import UserError
 from specialize.model import load_tokenizer
 
-CODES = ("no_trained_tokens", "eos_not_trained", "empty_answer", "template_roundtrip", "leakage", "too_long",
+CODES = ("no_trained_tokens", "eos_not_trained", "empty_answer", "template_roundtrip", "template_error", "leakage",
+         "too_long",
          "duplicate", "near_duplicate", "special_tokens_in_data")
 LINT_ONLY_ERRORS = {"too_long", "duplicate", "near_duplicate"}
 WARNINGS = {"special_tokens_in_data"}
@@ -90,10 +92,11 @@ def _runs(labels: list[int]) -> list[tuple[int, int]]:
 
 
 def _ends_with_eos(ids: list[int], tokenizer) -> bool:
-    """True when the last token that is not whitespace is EOS (chatml-style turns end in EOS + newline)."""
-    eos = tokenizer.eos_token_id
+    """True when the last token that is not whitespace is EOS or an end-of-turn token (chatml-style
+    turns end in EOS + newline, Gemma's in `<end_of_turn>` + newline)."""
+    ends = set(tokenizer.convert_tokens_to_ids(end_of_turn_tokens(tokenizer))) | {tokenizer.eos_token_id}
     for token in reversed(ids):
-        if token == eos:
+        if token in ends:
             return True
         if tokenizer.decode([token]).strip():
             return False
@@ -142,6 +145,7 @@ class _Conversation:
     runs: list[tuple[int, int]] = field(default_factory=list)
     prompt: str = ""  # the prompt rendered as at inference
     failure: str = ""  # why the template cannot render it turn by turn
+    failure_code: str = "template_roundtrip"
 
 
 def _encode_conversation(example: Example, tokenizer, template: Template, max_seq_tokens: int | None,
@@ -150,7 +154,9 @@ def _encode_conversation(example: Example, tokenizer, template: Template, max_se
     try:
         item = encode_chat(example, tokenizer, template)
         prompt = template.render(tokenizer, example.prompt_messages, add_generation_prompt=True)
-    except (UserError, TemplateError) as e:  # a template that cannot render this conversation turn by turn
+    except (TemplateRaised, TemplateError) as e:  # the template refuses this conversation
+        return _Conversation(example, failure=f"{example.source}: {e}", failure_code="template_error")
+    except UserError as e:  # a template that cannot render this conversation turn by turn
         return _Conversation(example, failure=f"{example.source}: {e}")
     if max_seq_tokens is not None and len(item.input_ids) > max_seq_tokens:
         found.add("too_long", example.source)
@@ -176,7 +182,7 @@ def _check_conversations(batch: list[_Conversation], tokenizer, found: _Found) -
     for c in batch:
         source = c.example.source
         if c.item is None:
-            found.add("template_roundtrip", source, c.failure)
+            found.add(c.failure_code, source, c.failure)
             continue
         detail = _roundtrip_detail(c.item.input_ids, next(inference), tokenizer, source)
         if detail:
@@ -226,6 +232,7 @@ def _message(code: str, n: int, found: _Found, max_seq_tokens: int | None, thres
         "eos_not_trained": f"{rows} where an answer does not end in a trained EOS: the model won't learn to stop",
         "empty_answer": f"{rows} with an empty answer after templating (only whitespace or punctuation)",
         "template_roundtrip": f"{rows} tokenised differently in training than at inference{detail}",
+        "template_error": f"{rows} that the template cannot render{detail}",
         "leakage": f"{_plural(n, 'eval example')} whose prompt is (nearly) a training prompt: eval measures recall",
         "too_long": f"{rows} longer than --max-seq-tokens {max_seq_tokens} (longest {found.longest} tokens); "
                     "finetune drops them",

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from specialize.errors import UserError
 
 # A system message, when present, is put first as plain text.
@@ -56,10 +58,32 @@ class Template:
 
     name: str
     jinja: str
+    origin: str = ""  # where a tokenizer's own template came from (its folder or hub id), for messages
+
+    @property
+    def label(self) -> str:
+        """How messages name the template: `'tokenizer' (the chat template of models/gemma-2)`."""
+        return f"'{self.name}'" + (f" (the chat template of {self.origin})" if self.origin else "")
 
     def render(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
+
+
+class TemplateRaised(UserError):
+    """The template itself refused the conversation (`raise_exception` in its Jinja): e.g. Gemma 2 on a
+    system message, Mistral on roles that do not alternate."""
+
+
+END_OF_TURN_KEY = "specialize_end_of_turn"  # tokenizer_config.json key: the model's end-of-turn tokens
+
+
+def end_of_turn_tokens(tokenizer) -> list[str]:
+    """The tokens that end an assistant turn: the tokenizer's EOS, then the end-of-turn tokens of the
+    model's generation_config.json (`<end_of_turn>` for Gemma, `<|eot_id|>` for Llama 3), which
+    `model.load_tokenizer` records on the tokenizer."""
+    tokens = [tokenizer.eos_token] if tokenizer.eos_token else []
+    return tokens + [t for t in tokenizer.init_kwargs.get(END_OF_TURN_KEY) or [] if t not in tokens]
 
 
 def _adds_bos(tokenizer) -> bool:
@@ -91,7 +115,7 @@ def resolve_template(name: str, tokenizer, shapes: set[str] | None = None) -> Te
     if name == "tokenizer" or (name == "auto" and own):
         if not own:
             raise UserError("--template tokenizer: this tokenizer has no chat template (use qa, alpaca or chatml)")
-        return Template("tokenizer", own)
+        return Template("tokenizer", own, str(getattr(tokenizer, "name_or_path", "") or ""))
     if name == "auto":
         shapes = shapes or set()
         if "alpaca" in shapes:
@@ -153,22 +177,54 @@ def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> l
     messages = [{k: v for k, v in message.items() if k != "weight"} for message in messages]
     pieces: list[tuple[str, bool]] = []
     done = ""
+    ends = end_of_turn_tokens(tokenizer)
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = template.render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
+        try:
+            prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
+            full = template.render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        except TemplateError as e:
+            raise TemplateRaised(f"template {template.label} cannot render this conversation: {e}") from None
+        last_turn = i == max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        if prompt.startswith(done) and full.startswith(prompt):
+            answer = full[len(prompt):]
+        elif not done and last_turn and (answer := _rendered_answer(prompt, full, messages[i - 1] if i else None,
+                                                                     message["content"])):
+            # The only assistant turn, rendered differently once it is answered: Mistral's template
+            # puts the system text into the user turn only while that turn is the last message.
+            # Training sees the inference prompt followed by the turn as the template ends it.
+            pass
+        else:
             raise UserError(f"template '{template.name}' does not render turn {i} as an extension of the "
                             "previous turns; use --template qa/chatml")
-        answer = full[len(prompt):]
         eos = tokenizer.eos_token
-        last_turn = i == max(j for j, m in enumerate(messages) if m["role"] == "assistant")
-        if eos and eos not in answer and last_turn:
-            # A template whose turns don't end in EOS: append it after the final answer only, so the
-            # model learns to stop, and earlier turns stay exactly as inference renders them.
+        if eos and last_turn and not any(end in answer for end in ends):
+            # A template whose turns end in no end-of-turn token: append EOS after the final answer
+            # only, so the model learns to stop, and earlier turns stay exactly as inference renders them.
             answer += eos
         pieces.append((prompt[len(done):], False))
         pieces.append((answer, weights[i] != 0))
         done = full
     return [(text, trained) for text, trained in pieces if text]
+
+
+def _rendered_answer(prompt: str, full: str, question: dict | None, content: str) -> str | None:
+    """The last assistant turn as `full` renders it (its content and end of turn), when `full` and the
+    inference `prompt` lead into it the same way after the question; else None.
+
+    Both must end in the same text after the user's question (Mistral: `[/INST]`): a template whose
+    generation prompt never appears in training (`A: ` at inference, `Answer: ` in training) stays an
+    error, and so does one that rewrites the answer's content.
+    """
+    content = content.strip()
+    start = full.rfind(content) if content else -1
+    if start < 0 or question is None or question["role"] != "user" or not question["content"].strip():
+        return None
+    asked = question["content"].strip()
+    before, at_inference = full[:start], prompt
+    if asked not in before or asked not in at_inference:
+        return None
+    if before[before.rfind(asked) + len(asked):] != at_inference[at_inference.rfind(asked) + len(asked):]:
+        return None
+    return full[start:]
