@@ -8,24 +8,35 @@
 - `trainer_state.json`      step, tokens seen, elapsed time, data fingerprint
 
 It is written into `.step-N.tmp/` and renamed into place in one `os.replace`, so a kill at any
-moment leaves either a complete checkpoint or a temporary folder that is never picked.
+moment leaves either a complete checkpoint or a temporary folder that is never picked. A write
+that fails (a full disk) removes the temporary folder and is one `UserError` line; the earlier
+checkpoints are untouched, so `--resume` continues from the newest of them.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from specialize.errors import UserError
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
+TEMP_DIR = re.compile(r"^\.step-(\d+)\.tmp$")
+OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an I/O error
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -48,7 +59,14 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors' save_file, then its data forced to disk: the rename that completes a checkpoint
     must never reach the disk before the tensors it points to (a power loss would leave a
     checkpoint that looks complete and holds truncated files)."""
-    save_file(tensors, str(path))
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:  # "I/O error: No space left on device (os error 28)": an OSError in disguise
+        found = OS_ERROR.search(str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from e
     _fsync_file(path)
 
 
@@ -119,39 +137,63 @@ def temp_dir(root: Path, step: int) -> Path:
     return root / f".step-{step}.tmp"
 
 
+@contextmanager
+def _writing(tmp: Path) -> Iterator[None]:
+    """Turn a failed write into `tmp` into one clear line, leaving no temporary folder behind.
+
+    Raises:
+        UserError: naming the checkpoint that was not written, why (the disk is full, ...), and
+            the newest complete checkpoint, which is untouched.
+    """
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root, step = tmp.parent, TEMP_DIR.match(tmp.name).group(1)
+        why = "the disk is full" if e.errno in DISK_FULL else (e.strerror or str(e))
+        kept = latest(root)
+        after = (f"the earlier checkpoint {kept.name} is intact (resume from it with --resume)" if kept
+                 else "there is no earlier checkpoint")
+        raise UserError(f"checkpoint step-{step} was not written: {why}; {after}", path=root) from None
+
+
 def begin(root: Path, step: int) -> Path:
     """Create an empty temporary folder for checkpoint `step` (main process only)."""
     tmp = temp_dir(root, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with _writing(tmp):
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     return tmp
 
 
 def write_rank_files(tmp: Path, rank: int) -> None:
     """Every process writes its own RNG state into the temporary folder."""
     tensors, meta = rng_state()
-    _save_tensors(tensors, tmp / f"rng-{rank}.safetensors")
-    _write_json(tmp / f"rng-{rank}.json", meta)
+    with _writing(tmp):
+        _save_tensors(tensors, tmp / f"rng-{rank}.safetensors")
+        _write_json(tmp / f"rng-{rank}.json", meta)
 
 
 def write_main_files(tmp: Path, model, optimizer, scheduler, trainer_state: dict[str, Any]) -> None:
-    _save_tensors(trainable_state(model), tmp / "trainable.safetensors")
-    tensors, meta = optimizer_state(optimizer)
-    _save_tensors(tensors, tmp / "optimizer.safetensors")
-    _write_json(tmp / "optimizer.json", meta)
-    _write_json(tmp / "scheduler.json", scheduler.state_dict())
-    _write_json(tmp / "trainer_state.json", trainer_state)
+    with _writing(tmp):
+        _save_tensors(trainable_state(model), tmp / "trainable.safetensors")
+        tensors, meta = optimizer_state(optimizer)
+        _save_tensors(tensors, tmp / "optimizer.safetensors")
+        _write_json(tmp / "optimizer.json", meta)
+        _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        _write_json(tmp / "trainer_state.json", trainer_state)
 
 
 def commit(root: Path, step: int, keep: int) -> Path:
     """Rename the finished temporary folder into place, then prune old checkpoints."""
     tmp = temp_dir(root, step)
     final = root / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    _fsync_dir(tmp)
-    os.replace(tmp, final)
+    with _writing(tmp):
+        if final.exists():
+            shutil.rmtree(final)
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
     _fsync_dir(root)
     for old in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
