@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,29 @@ def append_jsonl(path: str | Path, row: Any) -> None:
     """Append one row (logs such as metrics.jsonl, where each row is complete on its own)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(jsonl_line(row))
+
+
+def write_dir_atomic(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Make folder `path` by `fill(tmp)` in a temporary sibling, then swap it in with renames.
+
+    A crash while filling leaves the old folder (or none) and a `.NAME.tmp` that the next
+    write replaces, never a half-written `path` that looks complete.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+    return path

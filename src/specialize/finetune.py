@@ -9,24 +9,22 @@ PEFT adapter pointing at its base, with the tokenizer and the chat template used
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
-from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from rich.console import Console
 from rich.text import Text
 
-from specialize.config import FinetuneConfig, save_config
+from specialize.config import FinetuneConfig
 from specialize.data.formats import Example, load_examples
 from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
 from specialize.memory import estimate_memory
 from specialize.model import (add_lora, context_length, count_parameters, load_model, load_tokenizer, model_dir,
-                              pick_dtype, save_model, set_generation_ids)
+                              pick_dtype, set_generation_ids)
+from specialize.rundir import RunDir
 from specialize.train import make_accelerator, train
 
 console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
@@ -82,12 +80,18 @@ def _weights_dtype(cfg: FinetuneConfig, device):
     return pick_dtype(cfg.precision, device)
 
 
-def finetune(cfg: FinetuneConfig) -> Path:
-    """Fine-tune and write the run folder; returns its path."""
+def finetune(cfg: FinetuneConfig) -> RunDir:
+    """Fine-tune and write the run folder; returns it."""
     if not cfg.base:
         raise UserError("no base model given (use --base HUB_ID_OR_FOLDER)")
-    out = Path(cfg.out)
     accelerator = make_accelerator(cfg.precision)
+    main = accelerator.is_main_process
+    # First, before minutes of loading: a folder we may not write is refused at once.
+    with RunDir.start(cfg, inputs=[model_dir(cfg.base), *cfg.data, *cfg.eval_data, cfg.rag_docs], main=main) as run:
+        return _finetune(cfg, run, accelerator)
+
+
+def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
     main = accelerator.is_main_process
     tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
     examples = load_examples(cfg.data, cfg.system_prompt)
@@ -125,25 +129,22 @@ def finetune(cfg: FinetuneConfig) -> Path:
     if main:
         console.print(f"model: {total:,} parameters, {trainable:,} trainable ({cfg.method})")
         console.print(str(estimate_memory(model, cfg, cfg.method)))
-        out.mkdir(parents=True, exist_ok=True)
-        if (out / "model").exists() and not cfg.resume:
-            shutil.rmtree(out / "model")  # a stale model/ must not pass for this run's result
-        save_config(cfg, out / "config.yaml")
+    run.begin(cfg, kind="finetune", main=main, say=console.print)
+    accelerator.wait_for_everyone()  # the old run's outputs are gone before anyone writes
 
-    model, result = train(model, train_items, eval_items, cfg, out, pad_id=pad_token_id(tokenizer),
+    model, result = train(model, train_items, eval_items, cfg, run.path, pad_id=pad_token_id(tokenizer),
                           accelerator=accelerator)
     if main:
         install_template(tokenizer, template, cfg.system_prompt)
         set_generation_ids(model, tokenizer)
-        save_model(model, tokenizer, out / "model", state_dict=result.full_state_dict)
         summary = result.summary() | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
                                     "template": template.name, "trainable_parameters": trainable,
                                     "total_parameters": total, "dropped": dict(report.dropped)}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        run.finish(model, tokenizer, summary, state_dict=result.full_state_dict)
         console.print(f"done: {result.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s, "
-                      f"final loss {result.train_loss:.4f} → {out / 'model'}")
+                      f"final loss {result.train_loss:.4f} → {run.model}")
     accelerator.wait_for_everyone()
-    return out
+    return run
 
 
 def _warn(message: str) -> None:

@@ -6,7 +6,6 @@ Weights are read from safetensors only, and `trust_remote_code` is off unless as
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedModel
 
 from specialize.errors import UserError
+from specialize.rundir import RunDir, save_pretrained
 
 # Llama-shaped sizes for pre-training from scratch; parameter counts exclude embeddings.
 SIZES: dict[str, dict[str, int]] = {
@@ -26,10 +26,8 @@ SIZES: dict[str, dict[str, int]] = {
 
 def model_dir(ref: str | Path) -> str:
     """A run folder means its `model/`; anything else (folder or hub id) is used as is."""
-    path = Path(ref)
-    if (path / "model").is_dir() and (path / "config.yaml").is_file():
-        return str(path / "model")
-    return str(ref)
+    run = RunDir.find(ref)
+    return str(run.model) if run is not None else str(ref)
 
 
 def is_adapter(ref: str | Path) -> bool:
@@ -264,22 +262,5 @@ def set_generation_ids(model, tokenizer) -> None:
 
 
 def save_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> None:
-    """Write model/ atomically: into a temporary sibling, then one rename.
-
-    A crash leaves no `model/` that looks complete. LoRA models write their adapter files and
-    a pointer (`base_model_name_or_path`) to the base.
-    """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    # state_dict: the gathered full weights under FSDP/DeepSpeed, where the local module holds shards.
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    """Write a model folder atomically (see `rundir.save_pretrained`, the one implementation)."""
+    save_pretrained(model, tokenizer, out, state_dict=state_dict)

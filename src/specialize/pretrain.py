@@ -20,10 +20,8 @@ A locally trained tokenizer is also kept in `tokenizer/`, so `--resume` uses the
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -32,12 +30,14 @@ from pathlib import Path
 from rich.console import Console
 from transformers import AutoTokenizer
 
-from specialize.config import PretrainConfig, save_config
+from specialize.config import PretrainConfig
 from specialize.data.io import read_source
 from specialize.data.tokenize import IGNORE, Encoded, pad_token_id
 from specialize.errors import UserError
+from specialize.files import write_dir_atomic
 from specialize.model import (SIZES, build_config, build_model, context_length, count_parameters, load_tokenizer,
-                              model_dir, save_model, set_generation_ids)
+                              model_dir, set_generation_ids)
+from specialize.rundir import TOKENIZER, RunDir
 from specialize.tokenizer import train_bpe
 from specialize.train import evaluate_loss, make_accelerator, train
 
@@ -107,9 +107,7 @@ def prepare_tokenizer(cfg: PretrainConfig, documents: list[str], out: Path, acce
                                      f"on {chars / 1e6:.1f}M characters…") if cfg.progress else nullcontext())
             with status:
                 trained = train_bpe(documents, vocab_size=cfg.vocab_size)
-            if saved.exists():
-                shutil.rmtree(saved)
-            trained.save_pretrained(saved)
+            write_dir_atomic(saved, trained.save_pretrained)
             console.print(f"tokenizer: byte-level BPE, {len(trained):,} tokens, trained in "
                           f"{time.perf_counter() - started:.1f}s → {saved}")
         accelerator.wait_for_everyone()
@@ -247,9 +245,8 @@ def _build_model(cfg: PretrainConfig, tokenizer):
         raise UserError(f"cannot build a causal LM from it: {str(e).splitlines()[0]}", path=cfg.size) from None
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
-    """Pre-train a model from random weights and write the run folder; returns its path."""
-    out = Path(cfg.out)
+def pretrain(cfg: PretrainConfig) -> RunDir:
+    """Pre-train a model from random weights and write the run folder; returns it."""
     if cfg.size not in SIZES and not Path(cfg.size).is_file():  # fail before minutes of tokenising
         raise UserError(f"unknown size '{cfg.size}' (use {', '.join(SIZES)}, or a path to a config.json)")
     # Every block has the same length, so padded batches hold no padding and are plain (B, T)
@@ -257,8 +254,13 @@ def pretrain(cfg: PretrainConfig) -> Path:
     run_cfg = cfg.model_copy(update={"packing": False})
     accelerator = make_accelerator(cfg.precision)
     main = accelerator.is_main_process
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    with RunDir.start(cfg, inputs=[*cfg.data, cfg.tokenizer, None if cfg.size in SIZES else cfg.size],
+                      main=main) as run:
+        return _pretrain(cfg, run_cfg, run, accelerator)
+
+
+def _pretrain(cfg: PretrainConfig, run_cfg: PretrainConfig, run: RunDir, accelerator) -> RunDir:
+    main, out = accelerator.is_main_process, run.path
 
     show = main and cfg.progress
     with console.status("reading text…") if show else nullcontext():
@@ -282,6 +284,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
             console.print(f"warning: no held-out perplexity: fewer than {MIN_BLOCKS_FOR_EVAL} blocks "
                           "or eval_fraction 0")
 
+    run.begin(run_cfg, kind="pretrain", main=main, keep=[TOKENIZER], say=console.print)  # tokenizer/: this run's
+    accelerator.wait_for_everyone()
     model = _build_model(cfg, tokenizer).to(accelerator.device)
     _, parameters = count_parameters(model)
     pad_id = pad_token_id(tokenizer)
@@ -290,16 +294,11 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if main:
         console.print(f"model: {cfg.size}, {parameters:,} parameters, vocab {len(tokenizer):,}"
                       + (f"; random-init eval loss {initial_eval_loss:.3f}" if initial_eval_loss is not None else ""))
-        if (out / "model").exists() and not cfg.resume:
-            shutil.rmtree(out / "model")  # a stale model/ must not pass for this run's result
-        save_config(run_cfg, out / "config.yaml")
-
     model, result = train(model, train_items, eval_items, run_cfg, out, pad_id=pad_id, accelerator=accelerator)
     if eval_items and result.eval_loss is None:  # resumed after the last step: nothing ran, still report
         result.eval_loss = evaluate_loss(model, eval_items, run_cfg, accelerator, pad_id)
     if main:
         set_generation_ids(model, tokenizer)
-        save_model(model, tokenizer, out / "model", state_dict=result.full_state_dict)
         summary = result.summary() | {
             "eval_perplexity": perplexity(result.eval_loss), "initial_eval_loss": initial_eval_loss,
             "initial_eval_perplexity": perplexity(initial_eval_loss), "parameters": parameters,
@@ -308,10 +307,10 @@ def pretrain(cfg: PretrainConfig) -> Path:
             "block_tokens": cfg.max_seq_tokens, "documents": packed.documents,
             "corpus_tokens": packed.stream_tokens, "train_blocks": len(train_blocks),
             "eval_blocks": len(eval_blocks), "held_out_by": packed.by, "dropped_tokens": packed.dropped_tokens}
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        run.finish(model, tokenizer, summary, state_dict=result.full_state_dict)
         held_out = (f", held-out perplexity {summary['eval_perplexity']:.2f} (eval loss {result.eval_loss:.3f}, "
                     f"random init {initial_eval_loss:.3f})" if result.eval_loss is not None else "")
         console.print(f"done: {result.steps} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
-                      f"({summary['tokens_per_s']:,.0f} tok/s){held_out} → {out / 'model'}")
+                      f"({summary['tokens_per_s']:,.0f} tok/s){held_out} → {run.model}")
     accelerator.wait_for_everyone()
-    return out
+    return run

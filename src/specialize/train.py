@@ -6,6 +6,11 @@ update. The loss of an optimizer step is the sum of token losses over all of its
 on all processes, divided by the number of target tokens in the whole step — not a mean of
 micro-batch means, which would weigh a short answer's tokens more than a long one's.
 
+The loop's parts are injectable, as in mlx-lm's trainer: the objective (`loss`), where the
+micro-batches come from (`batches`, see batches.py) and what happens after each logged step
+(`callback`), so a preference or reward objective runs on this same loop. Inside, one run is
+`_start` (prepare, resume), then per step `_optimizer_step` and `_after_step` (log, eval, checkpoint).
+
 Full fine-tuning vs LoRA is decided before this loop (model preparation), not in it. The same
 loop runs on one CPU, one GPU, `torchrun`/`accelerate launch` DDP, FSDP and DeepSpeed: the
 data plan depends only on (seed, epoch), so 2 processes x accum a equal 1 process x accum 2a.
@@ -22,31 +27,31 @@ Speed, without changing the result:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from specialize import checkpoint
+from specialize.batches import BatchSource, PlannedBatches, batch_weight, blank, even_share, plan_epoch  # noqa: F401
 from specialize.config import TrainConfig
 from specialize.data.tokenize import IGNORE, Batch, Encoded
 from specialize.errors import UserError
 from specialize.optim import make_optimizer, make_schedule
 from specialize.packing import Collator, attention_cost, packing_is_exact
+from specialize.progress import progress_bar
+from specialize.rundir import MetricsLog
 
 
 @dataclass
@@ -88,24 +93,6 @@ def is_sharded(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def plan_epoch(n_items: int, epoch: int, cfg: TrainConfig, world: int) -> list[list[list[int]]]:
-    """The item indices of every micro-batch of every optimizer step of one epoch (all processes).
-
-    The order depends only on (seed, epoch), not on batch sizes or process count, so
-    batch 8 x accum 1 and batch 2 x accum 4 (or 2 processes x accum 2) see the same examples
-    in the same optimizer step, and a resumed run finds its place by step number alone.
-    """
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    order = torch.randperm(n_items, generator=generator).tolist()
-    size = cfg.micro_batch_size
-    micro = [order[i: i + size] for i in range(0, n_items, size)]
-    per_step = cfg.grad_accum_steps * world
-    steps = [micro[i: i + per_step] for i in range(0, len(micro), per_step)]
-    if world > 1 and steps and len(steps[-1]) < world:
-        steps.pop()  # every process needs at least one micro-batch in a step
-    return steps
-
-
 # ---------------------------------------------------------------------------------------------
 # Loss, metrics, evaluation.
 
@@ -131,38 +118,6 @@ def token_loss_sum(model, batch: Batch, only_targets: bool = False) -> torch.Ten
     return F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
 
 
-def data_fingerprint(items: list[Encoded]) -> str:
-    digest = hashlib.sha256()
-    for item in items:
-        digest.update(json.dumps(item.input_ids).encode())
-    return digest.hexdigest()[:16]
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=False)
-
-
-class MetricsLog:
-    """Append-only metrics.jsonl: one JSON object per logged step or eval."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def write(self, row: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def truncate_after(self, step: int) -> None:
-        """Drop rows logged after `step` (a killed run logged steps its last checkpoint lacks)."""
-        if self.enabled and self.path.is_file():
-            rows = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-            self.path.write_text("".join(row + "\n" for row in rows), encoding="utf-8")
-
-
 def evaluate_loss(model, items: list[Encoded], cfg: TrainConfig, accelerator: Accelerator, pad_id: int,
                   collate: Callable[[list[Encoded]], Batch] | None = None, only_targets: bool | None = None) -> float:
     """Mean loss per target token over `items`, sharded across processes.
@@ -183,8 +138,8 @@ def evaluate_loss(model, items: list[Encoded], cfg: TrainConfig, accelerator: Ac
     shard = items[accelerator.process_index:: world]
     own = [collate(shard[start: start + size]) for start in range(0, len(shard), size)]
     if not own and items and world > 1:  # fewer items than processes: this one only keeps the others company
-        own = [_blank(collate(items[:1]))]
-    batches = _even_share(own, math.ceil(len(items) / world / size) * world, world)
+        own = [blank(collate(items[:1]))]
+    batches = even_share(own, math.ceil(len(items) / world / size) * world, world)
     with torch.no_grad():
         for batch in batches:
             tokens = batch.target_tokens
@@ -197,46 +152,99 @@ def evaluate_loss(model, items: list[Encoded], cfg: TrainConfig, accelerator: Ac
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _even_share(batches: list[Batch], n_batches: int, world: int) -> list[Batch]:
-    """This process's micro-batches, topped up to ceil(n_batches / world) with target-free copies.
-
-    When a step's micro-batches do not divide evenly between processes, the processes with one
-    fewer run one more forward and backward on a copy whose targets are all ignored: it adds
-    exactly zero to loss and gradients, but under FSDP and DeepSpeed ZeRO-3, where every forward
-    gathers parameters from all processes, nobody waits for a forward that never comes.
-    """
-    if world == 1 or not batches:
-        return batches
-    return batches + [_blank(batches[-1])] * (math.ceil(n_batches / world) - len(batches))
-
-
-def _blank(batch: Batch) -> Batch:
-    return replace(batch, targets=torch.full_like(batch.targets, IGNORE))
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
 
+LossFn = Callable[[torch.nn.Module, Any, bool], torch.Tensor]
+"""(model, batch, only_targets) -> the batch's loss summed over its weight units (`batches.batch_weight`)."""
+Callback = Callable[[int, dict], None]
+"""(optimizer step, the metrics row just logged): called on the main process after each logged step."""
+
+
+@dataclass
+class _Loop:
+    """What one run of the loop carries from step to step."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    batches: BatchSource
+    cfg: TrainConfig
+    out: Path
+    steps_per_epoch: int
+    total_steps: int
+    examples_per_step: int
+    only_targets: bool
+    packed: bool
+    collate: Collator | None
+    metrics: MetricsLog
+    start_step: int = 0
+    tokens_done: int = 0  # weight units trained on (target tokens for SFT and pre-training)
+    elapsed_before: float = 0.0  # seconds of the run before a resume
+    started: float = field(default_factory=time.perf_counter)
+    window_tokens: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    last_loss: float | None = None
+    eval_loss: float | None = None
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+
 def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: TrainConfig, out: Path, *,
-          pad_id: int, accelerator: Accelerator | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> tuple[torch.nn.Module, TrainResult]:
+          pad_id: int, accelerator: Accelerator | None = None, on_step: Callback | None = None,
+          loss: LossFn = token_loss_sum, batches: BatchSource | None = None,
+          callback: Callback | None = None) -> tuple[torch.nn.Module, TrainResult]:
     """Train `model` in place; returns the unwrapped model and a summary.
 
-    Writes `out/metrics.jsonl` and `out/checkpoints/step-N/`; resumes from the newest complete
-    checkpoint when `cfg.resume`. Under FSDP/DeepSpeed, `result.full_state_dict` holds the
-    gathered weights to save (intermediate checkpoints are not written there, see below).
+    Args:
+        train_items, eval_items: encoded examples; the default batch source plans and collates
+            `train_items`, and the eval loss is measured on `eval_items` (none: no eval).
+        out: the run folder, prepared by its caller (`RunDir.start`): metrics.jsonl and
+            checkpoints/step-N/ are written there; `cfg.resume` continues from its newest checkpoint.
+        loss: the objective, summed over a batch's weight units (default: next-token cross-entropy
+            over target tokens); a preference or reward objective brings it with its own `batches`.
+        callback: called with (step, metrics row) after every logged step (`on_step`: its old name).
+
+    Under FSDP/DeepSpeed, `result.full_state_dict` holds the gathered weights to save.
     """
+    loop = _start(model, train_items, cfg, Path(out), pad_id, accelerator, batches)
+    callback = callback or on_step
+    with progress_bar(cfg.progress and loop.accelerator.is_main_process, info=True) as bar:
+        task = bar.add_task("train", total=loop.total_steps, completed=loop.start_step, info="")
+        for step in range(loop.start_step, loop.total_steps):
+            loss_value, grad_norm, weight = _optimizer_step(loop, step, loss)
+            _after_step(loop, step + 1, loss_value, grad_norm, weight, eval_items, pad_id, callback)
+            rate = loop.window_tokens / max(time.perf_counter() - loop.window_start, 1e-9)
+            bar.update(task, completed=step + 1, info=f"loss {loop.last_loss:.4f}  {rate:,.0f} tok/s")
+
+    accelerator = loop.accelerator
+    accelerator.wait_for_everyone()
+    result = TrainResult(loop.total_steps, loop.tokens_done, loop.elapsed(), loop.last_loss, loop.eval_loss,
+                         loop.packed)
+    if is_sharded(accelerator):
+        # Every process takes part in gathering; the main process gets the full weights.
+        result.full_state_dict = accelerator.get_state_dict(loop.model)
+    return accelerator.unwrap_model(loop.model), result
+
+
+def _start(model, train_items: list[Encoded], cfg: TrainConfig, out: Path, pad_id: int,
+           accelerator: Accelerator | None, batches: BatchSource | None) -> _Loop:
+    """Prepare model and optimizer, pick the batch source, and resume from a checkpoint if asked."""
     accelerator = accelerator or make_accelerator(cfg.precision)
-    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
-    sharded = is_sharded(accelerator)
+    world, sharded = accelerator.num_processes, is_sharded(accelerator)
     if cfg.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     model.train()
     cost = attention_cost(model)
     only_targets = accepts_logits_to_keep(model)
     optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = len(plan_epoch(len(train_items), 0, cfg, world))
+    collate = None
+    if batches is None:  # placeholder until packing is checked on the prepared model, below
+        batches = PlannedBatches(train_items, cfg, collate=lambda items: None)
+    steps_per_epoch = batches.steps_per_epoch(world)
     if steps_per_epoch == 0:
         raise UserError(f"{len(train_items)} examples make no optimizer step with {world} processes")
     total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
@@ -246,128 +254,121 @@ def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: Tra
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    packed = cfg.packing and packing_is_exact(model, train_items, accelerator.unwrap_model(model))
-    if cfg.packing and not packed:
-        accelerator.print(f"packing is off: {type(accelerator.unwrap_model(model)).__name__} does not keep packed "
-                          "examples apart (it ignores restarting position_ids); using padded batches")
-    collate = Collator(packed, pad_id, cost)
+    packed = False
+    if isinstance(batches, PlannedBatches):
+        packed = cfg.packing and packing_is_exact(model, train_items, accelerator.unwrap_model(model))
+        if cfg.packing and not packed:
+            accelerator.print(f"packing is off: {type(accelerator.unwrap_model(model)).__name__} does not keep "
+                              "packed examples apart (it ignores restarting position_ids); using padded batches")
+        collate = batches.collate = Collator(packed, pad_id, cost)
     if cfg.compile:
         # In place (nn.Module.compile): no wrapper, so unwrapping, checkpoints and no_sync see the same module.
         model.compile()
 
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    metrics = MetricsLog(out / "metrics.jsonl", main)
-    fingerprint = data_fingerprint(train_items)
-    examples_per_step = cfg.micro_batch_size * cfg.grad_accum_steps * world
-    start_step, tokens_done, elapsed_before = 0, 0, 0.0
+    loop = _Loop(accelerator, model, optimizer, scheduler, batches, cfg, out, steps_per_epoch, total_steps,
+                 cfg.micro_batch_size * cfg.grad_accum_steps * world, only_targets, packed, collate,
+                 MetricsLog(out / "metrics.jsonl", accelerator.is_main_process))
     # Dropout draws from here on: seeded per process, and restored from the checkpoint on resume.
-    set_seed(cfg.seed + rank)
-    if cfg.resume and sharded:
-        raise UserError("--resume is not supported under FSDP/DeepSpeed yet (checkpoints are not written there); "
-                        "resume with DDP or one process")
-    if cfg.resume and (found := checkpoint.latest(ckpt_root)) is not None:
-        state = checkpoint.load(found, accelerator.unwrap_model(model), optimizer, scheduler, rank)
-        if state["data_fingerprint"] != fingerprint:
-            raise UserError(f"cannot resume from {found}: the training data or its tokenisation changed")
-        if state.get("examples_per_step", examples_per_step) != examples_per_step:
-            raise UserError(f"cannot resume from {found}: it was trained with {state['examples_per_step']} examples per "
-                            f"optimizer step, this run has {examples_per_step} (micro_batch_size x grad_accum_steps x "
-                            "processes must stay the same, or the data position would be wrong)")
-        start_step, tokens_done, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-        metrics.truncate_after(start_step)
-        accelerator.print(f"resuming from {found} (step {start_step}/{total_steps})")
-    elif main and not cfg.resume:
-        # A fresh run into a used folder: an earlier run's checkpoints would outrank this run's
-        # in pruning and in a later --resume, and its metrics would mix with these.
-        if checkpoint.latest(ckpt_root) is not None or (out / "metrics.jsonl").exists():
-            accelerator.print(f"starting afresh in {out}: the earlier run's checkpoints and metrics there are "
-                              "removed (--resume continues a run instead)")
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-
-    eval_every = cfg.eval_every or steps_per_epoch
-    save_every = cfg.save_every or steps_per_epoch
+    set_seed(cfg.seed + accelerator.process_index)
     if sharded and cfg.save_every:
         warnings.warn("checkpoints are not written under FSDP/DeepSpeed (no exact resume there yet); "
-                      "only the final model is saved", stacklevel=2)
-    device = accelerator.device
-    plan: list[list[list[int]]] = []
-    plan_epoch_index = -1
-    started = time.perf_counter()
-    last_loss: float | None = None
-    eval_loss: float | None = None
-    window_tokens, window_start = 0, time.perf_counter()
+                      "only the final model is saved", stacklevel=3)
+    if cfg.resume:
+        _resume(loop, sharded)
+    return loop
 
-    with _progress(cfg.progress and main) as bar:
-        task = bar.add_task("train", total=total_steps, completed=start_step, info="")
-        for step in range(start_step, total_steps):
-            epoch, index = divmod(step, steps_per_epoch)
-            if epoch != plan_epoch_index:
-                plan, plan_epoch_index = plan_epoch(len(train_items), epoch, cfg, world), epoch
-            collated = _even_share([collate([train_items[i] for i in mb]) for mb in plan[index][rank::world]],
-                                   len(plan[index]), world)
-            # The step's target tokens over every process: the one denominator of this step's loss.
-            step_tokens = sum(b.target_tokens for b in collated)
-            if world > 1:
-                step_tokens = int(accelerator.reduce(torch.tensor(step_tokens, device=device), reduction="sum"))
-            # DDP and FSDP average gradients over processes; scaling by `world` turns that into a sum.
-            scale = world / max(step_tokens, 1)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for i, batch in enumerate(collated):
-                sync = i == len(collated) - 1
-                # DeepSpeed steps inside backward at the accumulation boundary; this tells it where that is.
-                accelerator.sync_gradients = sync
-                context = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
-                with context, accelerator.autocast():
-                    summed = token_loss_sum(model, batch.to(device), only_targets)
-                    accelerator.backward(summed * scale)
-                loss_sum += summed.detach()
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                if hasattr(grad_norm, "full_tensor"):
-                    grad_norm = grad_norm.full_tensor()  # FSDP2 returns a replicated DTensor
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
 
-            if world > 1:
-                loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-            # One device-to-host copy per step for both numbers.
-            stats = torch.stack([loss_sum, torch.as_tensor(grad_norm if grad_norm is not None else float("nan"),
-                                                           dtype=torch.float64, device=device)]).tolist()
-            last_loss = stats[0] / max(step_tokens, 1)
-            grad_norm = None if math.isnan(stats[1]) else stats[1]
-            tokens_done += step_tokens
-            window_tokens += step_tokens
-            done = step + 1
-            rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            bar.update(task, completed=done, info=f"loss {last_loss:.4f}  {rate:,.0f} tok/s")
-            if done % cfg.log_every == 0 or done == total_steps:
-                row = {"step": done, "epoch": round(done / steps_per_epoch, 4), "loss": last_loss,
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": tokens_done,
-                       "tokens_per_s": rate, "elapsed_s": elapsed_before + time.perf_counter() - started}
-                metrics.write(row)
-                if on_step:
-                    on_step(done, row)
-                window_tokens, window_start = 0, time.perf_counter()
-            if eval_items and (done % eval_every == 0 or done == total_steps):
-                eval_loss = evaluate_loss(model, eval_items, cfg, accelerator, pad_id, collate, only_targets)
-                metrics.write({"step": done, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50))})
-            if done % save_every == 0 and done < total_steps and not sharded:
-                _save_checkpoint(accelerator, model, optimizer, scheduler, ckpt_root, cfg, {
-                    "step": done, "epoch": epoch, "index_in_epoch": index + 1, "tokens": tokens_done,
-                    "examples_per_step": examples_per_step, "data_fingerprint": fingerprint,
-                    "elapsed_s": elapsed_before + time.perf_counter() - started})
-
-    accelerator.wait_for_everyone()
-    seconds = elapsed_before + time.perf_counter() - started
-    result = TrainResult(total_steps, tokens_done, seconds, last_loss, eval_loss, packed)
+def _resume(loop: _Loop, sharded: bool) -> None:
+    """Continue from the newest complete checkpoint (weights, optimizer, schedule, RNG, data position)."""
     if sharded:
-        # Every process takes part in gathering; the main process gets the full weights.
-        result.full_state_dict = accelerator.get_state_dict(model)
-    return accelerator.unwrap_model(model), result
+        raise UserError("--resume is not supported under FSDP/DeepSpeed yet (checkpoints are not written there); "
+                        "resume with DDP or one process")
+    accelerator = loop.accelerator
+    found = checkpoint.latest(loop.out / "checkpoints")
+    if found is None:
+        return
+    state = checkpoint.load(found, accelerator.unwrap_model(loop.model), loop.optimizer, loop.scheduler,
+                            accelerator.process_index)
+    if loop.batches.fingerprint is not None and state["data_fingerprint"] != loop.batches.fingerprint:
+        raise UserError(f"cannot resume from {found}: the training data or its tokenisation changed")
+    if state.get("examples_per_step", loop.examples_per_step) != loop.examples_per_step:
+        raise UserError(f"cannot resume from {found}: it was trained with {state['examples_per_step']} examples per "
+                        f"optimizer step, this run has {loop.examples_per_step} (micro_batch_size x grad_accum_steps "
+                        "x processes must stay the same, or the data position would be wrong)")
+    loop.start_step, loop.tokens_done, loop.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+    loop.metrics.truncate_after(loop.start_step)
+    accelerator.print(f"resuming from {found} (step {loop.start_step}/{loop.total_steps})")
+
+
+def _optimizer_step(loop: _Loop, step: int, loss: LossFn) -> tuple[float, float | None, int]:
+    """One optimizer step: every micro-batch forward and backward, clip, update.
+
+    Returns (loss per weight unit, gradient norm before clipping, the step's weight over all processes).
+    """
+    accelerator, model, device = loop.accelerator, loop.model, loop.accelerator.device
+    world = accelerator.num_processes
+    micro_batches = loop.batches.step(step, accelerator.process_index, world)
+    # The step's weight (target tokens) over every process: the one denominator of this step's loss.
+    weight = sum(batch_weight(b) for b in micro_batches)
+    if world > 1:
+        weight = int(accelerator.reduce(torch.tensor(weight, device=device), reduction="sum"))
+    # DDP and FSDP average gradients over processes; scaling by `world` turns that into a sum.
+    scale = world / max(weight, 1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro_batches):
+        sync = i == len(micro_batches) - 1
+        # DeepSpeed steps inside backward at the accumulation boundary; this tells it where that is.
+        accelerator.sync_gradients = sync
+        context = accelerator.no_sync(model) if not sync and world > 1 else nullcontext()
+        with context, accelerator.autocast():
+            summed = loss(model, batch.to(device), loop.only_targets)
+            accelerator.backward(summed * scale)
+        loss_sum += summed.detach()
+    grad_norm = None
+    if loop.cfg.max_grad_norm is not None:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), loop.cfg.max_grad_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()  # FSDP2 returns a replicated DTensor
+    loop.optimizer.step()
+    loop.scheduler.step()
+    loop.optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    # One device-to-host copy per step for both numbers.
+    stats = torch.stack([loss_sum, torch.as_tensor(grad_norm if grad_norm is not None else float("nan"),
+                                                   dtype=torch.float64, device=device)]).tolist()
+    return stats[0] / max(weight, 1), None if math.isnan(stats[1]) else stats[1], weight
+
+
+def _after_step(loop: _Loop, done: int, loss_value: float, grad_norm: float | None, weight: int,
+                eval_items: list[Encoded], pad_id: int, callback: Callback | None) -> None:
+    """Log the step, run the eval loss and write a checkpoint when they are due."""
+    cfg, accelerator = loop.cfg, loop.accelerator
+    loop.last_loss = loss_value
+    loop.tokens_done += weight
+    loop.window_tokens += weight
+    if done % cfg.log_every == 0 or done == loop.total_steps:
+        rate = loop.window_tokens / max(time.perf_counter() - loop.window_start, 1e-9)
+        row = {"step": done, "epoch": round(done / loop.steps_per_epoch, 4), "loss": loss_value,
+               "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": loop.tokens_done,
+               "tokens_per_s": rate, "elapsed_s": loop.elapsed()}
+        loop.metrics.write(row)
+        if callback and accelerator.is_main_process:
+            callback(done, row)
+        loop.window_tokens, loop.window_start = 0, time.perf_counter()
+    eval_every = cfg.eval_every or loop.steps_per_epoch
+    if eval_items and (done % eval_every == 0 or done == loop.total_steps):
+        loop.eval_loss = evaluate_loss(loop.model, eval_items, cfg, accelerator, pad_id, loop.collate,
+                                       loop.only_targets)
+        loop.metrics.write({"step": done, "eval_loss": loop.eval_loss, "eval_ppl": math.exp(min(loop.eval_loss, 50))})
+    save_every = cfg.save_every or loop.steps_per_epoch
+    if done % save_every == 0 and done < loop.total_steps and not is_sharded(accelerator):
+        epoch, index = divmod(done - 1, loop.steps_per_epoch)
+        _save_checkpoint(accelerator, loop.model, loop.optimizer, loop.scheduler, loop.out / "checkpoints", cfg, {
+            "step": done, "epoch": epoch, "index_in_epoch": index + 1, "tokens": loop.tokens_done,
+            "examples_per_step": loop.examples_per_step, "data_fingerprint": loop.batches.fingerprint,
+            "elapsed_s": loop.elapsed()})
 
 
 def _enable_activation_checkpointing(model) -> None:
