@@ -133,3 +133,14 @@ def test_qlora_without_cuda_is_one_clear_error(tmp_path, tiny_llama, monkeypatch
         finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=tmp_path / "run", method="qlora",
                                 max_steps=1, progress=False))
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_loaded_models_never_swap_in_hub_kernels(tiny_llama, lora_run):
+    """transformers >= 5.2x turns on Hugging Face Hub kernels by default when the `kernels` package is
+    installed (transformers requires it): on CUDA, every train()/eval() then fetches compiled layer code
+    from the Hub (kernels-community/rotary, ...), which is remote code nobody asked for and, offline, a
+    crash ("not available in the local cache"). Loading must turn them off."""
+    for model in (load_model(tiny_llama), load_model(lora_run), load_model(lora_run, merge_adapter=True)):
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        assert base.use_kernels is False
+        assert getattr(base, "kernels_mode", None) is None
