@@ -37,3 +37,18 @@ def test_a_mac_loads_the_model_on_mps_in_float32(monkeypatch, tiny_llama):
     # models trained in bf16. --precision bf16/fp16 remain the user's choice.
     assert next(generator.model.parameters()).dtype == torch.float32
     assert pick_dtype("auto", torch.device("mps")) == torch.float32
+
+
+def test_checkpoints_on_a_mac_keep_the_mps_generator_state(monkeypatch, tmp_path):
+    from specialize import checkpoint
+
+    state = {"mps": torch.tensor([7, 8, 9], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: state["mps"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda new: state.update(mps=new))
+    tmp_path.joinpath(".step-1.tmp").mkdir()
+    checkpoint.write_rank_files(tmp_path / ".step-1.tmp", 0)
+    state["mps"] = torch.tensor([0, 0, 0], dtype=torch.uint8)  # training went on
+    checkpoint.set_rng_state(tmp_path / ".step-1.tmp", 0)
+    assert state["mps"].tolist() == [7, 8, 9]  # resumed: dropout masks on the Apple GPU continue as before

@@ -107,11 +107,17 @@ def load_optimizer_state(optimizer, folder: Path) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def _on_mps() -> bool:
+    return not torch.cuda.is_available() and torch.backends.mps.is_available()
+
+
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
+    if _on_mps():  # dropout on an Apple GPU draws from its own generator
+        tensors["mps"] = torch.mps.get_rng_state()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     py_version, py_state, py_gauss = random.getstate()
     meta = {"numpy": [kind, keys.tolist(), pos, has_gauss, cached],
@@ -127,6 +133,8 @@ def set_rng_state(folder: Path, rank: int) -> None:
         cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
+    if "mps" in tensors and _on_mps():
+        torch.mps.set_rng_state(tensors["mps"])
     kind, keys, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, state, gauss = meta["python"]
