@@ -376,7 +376,9 @@ def serve(cfg: ServeConfig) -> None:
         logger.warning("listening on %s without an API key: anyone who can reach it can use the model "
                        "(set --api-key or SPECIALIZE_API_KEY)", cfg.host)
     print(f"serving '{cfg.model_name or served_name(cfg.model)}' at http://{cfg.host}:{cfg.port}/v1 "
-          f"(API key {'required' if keyed else 'not required'}); Ctrl-C stops", flush=True)
+          f"(API key {'required' if keyed else 'not required'}"
+          f"{', except for /health' if keyed and getattr(cfg, 'health_open', False) else ''}); Ctrl-C stops",
+          flush=True)
     server = uvicorn.Server(server_config(app, cfg, log_config=_log_config()))
     server.run(sockets=[sock])
 
