@@ -7,6 +7,7 @@ a flag without help, or a default that `--help` hides fails here.
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import pytest
@@ -87,7 +88,8 @@ def test_training_loop_flags_are_the_same_on_pretrain_and_finetune():
 def _config_from(args: list[str], monkeypatch, tmp_path) -> FinetuneConfig:
     """The FinetuneConfig that `specialize finetune ARGS` would run (the stage itself is stubbed)."""
     seen = {}
-    monkeypatch.setattr("specialize.finetune.finetune", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(importlib.import_module("specialize.finetune"), "finetune",
+                        lambda cfg: seen.setdefault("cfg", cfg))
     result = CliRunner().invoke(app, ["finetune", *args])
     assert result.exit_code == 0, result.output
     return seen["cfg"]
@@ -114,7 +116,8 @@ def test_flags_left_out_do_not_override_yaml(monkeypatch, tmp_path):
 
 def test_json_alias_and_bad_choice(monkeypatch):
     seen = {}
-    monkeypatch.setattr("specialize.evaluate.run.run_eval", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(importlib.import_module("specialize.evaluate.run"), "run_eval",
+                        lambda cfg: seen.setdefault("cfg", cfg))
     assert CliRunner().invoke(app, ["eval", "--json", "--predictions", "p.jsonl"]).exit_code == 0
     assert seen["cfg"].json_output is True
     bad = CliRunner().invoke(app, ["finetune", "--method", "adapter"])

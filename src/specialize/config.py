@@ -60,7 +60,9 @@ class FinetuneConfig(TrainConfig):
     data: list[str] = Field(default_factory=list, description="training files/folders or HF dataset names")
     eval_data: list[str] = Field(default_factory=list, description="held-out files; default: eval_fraction of data")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="share of data held out for eval loss when eval_data is empty")
-    method: Literal["full", "lora", "qlora"] = Field("full", description="full weights, LoRA adapters, or LoRA on a 4-bit base (CUDA)")
+    method: Literal["auto", "full", "lora", "qlora"] = Field(
+        "auto", description="full weights, LoRA adapters, or LoRA on a 4-bit base (CUDA); auto: LoRA for models of "
+                            "100M parameters and more, full below")
     template: Literal["auto", "qa", "alpaca", "chatml", "tokenizer"] = Field(
         "auto", description="prompt template; auto: the tokenizer's chat template if it has one, else qa/alpaca/chatml by data shape")
     system_prompt: str | None = Field(None, description="system message added to every example that has none")
@@ -73,7 +75,11 @@ class FinetuneConfig(TrainConfig):
     rag_fraction: float = Field(0.5, ge=0, le=1, description="share of training prompts that get retrieved context")
     rag_top_k: int = Field(3, gt=0, description="passages put into each RAG prompt")
     allow_data_errors: bool = Field(False, description="train even when lint finds errors in the data")
-    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate after warmup (full fine-tuning usually wants ~1e-5..1e-4)")
+    learning_rate: float | None = Field(None, gt=0, description="peak learning rate after warmup; default: 2e-4 for "
+                                        "LoRA, 2e-5 for full fine-tuning of 100M+ parameters, 2e-4 below")
+    max_seq_tokens: int | None = Field(None, gt=1, description="longest sequence in tokens; longer examples are dropped "
+                                       "and reported; default: the smaller of the model's context and the longest "
+                                       "example")
 
 
 class PretrainConfig(TrainConfig):
@@ -172,7 +178,8 @@ class LintConfig(StageConfig):
     eval_data: list[str] = Field(default_factory=list, description="eval data checked for leakage")
     base: str | None = Field(None, description="tokenizer/model whose template and tokens are checked")
     template: Literal["auto", "qa", "alpaca", "chatml", "tokenizer"] = Field("auto", description="prompt template")
-    max_seq_tokens: int = Field(512, gt=1, description="longest sequence allowed")
+    max_seq_tokens: int | None = Field(None, gt=1, description="longest sequence allowed; default: the model's "
+                                       "context with --base, else 512")
     show: int = Field(2, ge=0, description="examples rendered with trained tokens marked")
     system_prompt: str | None = Field(None, description="system message added to every example that has none (as finetune)")
     train_on_prompt: bool = Field(False, description="show prompt tokens as trained too (as finetune --train-on-prompt)")

@@ -16,13 +16,14 @@ from accelerate.utils import set_seed
 from rich.console import Console
 from rich.text import Text
 
+from specialize import defaults
 from specialize.config import FinetuneConfig
 from specialize.data.formats import Example, load_examples
 from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
 from specialize.memory import estimate_memory
-from specialize.model import (add_lora, context_length, count_parameters, load_model, load_tokenizer, model_dir,
+from specialize.model import (add_lora, count_parameters, load_model, load_tokenizer, model_dir,
                               pick_dtype, set_generation_ids)
 from specialize.rundir import RunDir
 from specialize.train import make_accelerator, train
@@ -74,8 +75,8 @@ def _add_retrieved_context(examples: list[Example], cfg: FinetuneConfig) -> list
 def _weights_dtype(cfg: FinetuneConfig, device):
     """Full fine-tuning keeps fp32 master weights (bf16 comes from autocast): in bf16 weights, most
     updates at fine-tuning learning rates (~1e-5) are below the format's resolution and vanish.
-    Frozen LoRA bases can be stored in the compute dtype."""
-    if cfg.method == "full" and cfg.precision == "auto":
+    Frozen LoRA bases can be stored in the compute dtype (`auto` decides after loading, in fp32)."""
+    if cfg.method in ("full", "auto") and cfg.precision == "auto":
         return torch.float32
     return pick_dtype(cfg.precision, device)
 
@@ -100,12 +101,26 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
     else:
         train_examples, eval_examples = split_examples(examples, cfg.eval_fraction, cfg.seed)
     template = resolve_template(cfg.template, tokenizer, {e.shape for e in examples})
-    _lint(cfg, train_examples, eval_examples, tokenizer, template)
+    context = defaults.model_context(cfg.base, cfg.trust_remote_code)
+    if context is not None and cfg.max_seq_tokens is not None and context < cfg.max_seq_tokens:
+        raise UserError(f"--max-seq-tokens {cfg.max_seq_tokens} is longer than the {context} positions "
+                        f"'{cfg.base}' holds; lower it to at most {context}, or leave it unset")
+    limit = cfg.max_seq_tokens or context or defaults.TEXT_WINDOW * 64  # unset: the data decides, below
+    _lint(cfg, train_examples, eval_examples, tokenizer, template, limit)
     if cfg.rag_docs:
         train_examples = _add_retrieved_context(train_examples, cfg)
-    train_items, report = encode_examples(train_examples, tokenizer, template, cfg.max_seq_tokens, cfg.train_on_prompt)
-    eval_items, eval_report = encode_examples(eval_examples, tokenizer, template, cfg.max_seq_tokens,
+    if cfg.max_seq_tokens is None and any(e.text is not None for e in train_examples):
+        limit = min(limit, defaults.TEXT_WINDOW)  # raw text is cut into windows of the limit
+    train_items, report = encode_examples(train_examples, tokenizer, template, limit, cfg.train_on_prompt)
+    eval_items, eval_report = encode_examples(eval_examples, tokenizer, template, limit,
                                               cfg.train_on_prompt, required=False)
+    choices = []
+    if cfg.max_seq_tokens is None:
+        longest = max((len(i.input_ids) for i in train_items + eval_items), default=0)
+        if any("--max-seq-tokens" in reason for r in (report, eval_report) for reason in r.dropped):
+            longest = limit  # an example did not fit even the model's context: that is the binding limit
+        choices.append(defaults.max_seq_tokens(context, longest, any(e.text is not None for e in train_examples)))
+        cfg = cfg.model_copy(update={"max_seq_tokens": choices[-1].value})
     if main:
         for line in report.lines():
             _warn(line)
@@ -115,12 +130,21 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
             _warn("no eval example is left, so this run reports no eval loss")
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
-    model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, quantize_4bit=cfg.method == "qlora",
+    method = cfg.method
+    model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, quantize_4bit=method == "qlora",
                        dtype=_weights_dtype(cfg, accelerator.device), merge_adapter=True)  # a LoRA run: merged
-    positions = context_length(model.config)
-    if positions is not None and positions < cfg.max_seq_tokens:
-        raise UserError(f"--max-seq-tokens {cfg.max_seq_tokens} is longer than the {positions} positions "
-                        f"'{cfg.base}' holds; lower it to at most {positions}")
+    parameters = count_parameters(model)[1]
+    if method == "auto":
+        choices.append(defaults.method(parameters))
+        method = choices[-1].value
+        if method == "lora" and (dtype := pick_dtype(cfg.precision, accelerator.device)) != model.dtype:
+            model = model.to(dtype)  # a frozen base may live in the compute dtype (bf16 on GPUs)
+    if cfg.learning_rate is None:
+        choices.append(defaults.learning_rate(method, parameters))
+    cfg = cfg.model_copy(update={"method": method, "learning_rate": cfg.learning_rate or choices[-1].value})
+    if main:
+        for choice in choices:
+            console.print(str(choice))
     set_seed(cfg.seed)  # LoRA's initial weights are drawn here
     if cfg.method in ("lora", "qlora"):
         model = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules,
@@ -151,11 +175,11 @@ def _warn(message: str) -> None:
     console.print(Text.assemble(("warning:", "yellow"), " ", message), highlight=False)
 
 
-def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, template) -> None:
+def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, template, max_seq_tokens: int) -> None:
     """Refuse data that lint finds errors in, unless told otherwise."""
     from specialize.data.lint import check_examples
 
-    findings = check_examples(train_examples, eval_examples, tokenizer, template, cfg.max_seq_tokens,
+    findings = check_examples(train_examples, eval_examples, tokenizer, template, max_seq_tokens,
                               for_training=True)
     for finding in findings:
         if finding.severity == "warning" and finding.code != "too_long":  # too_long: reported when dropped

@@ -24,6 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from specialize.data.templates import Template, ours
 from specialize.data.tokenize import pad_token_id
+from specialize.errors import UserError
 from specialize.model import context_length, load_model, load_tokenizer, pick_dtype, stop_token_ids
 
 
@@ -178,12 +179,15 @@ class Generator:
 
     def generate(self, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                 batch_size: int = 16, seed: int | None = None,
+                 batch_size: int = 16, seed: int | None = None, fit_context: bool = False,
                  on_batch: Callable[[int, int], None] | None = None) -> list[Completion]:
         """Answer each conversation, in its order. Prompts of similar length are batched together.
 
         Args:
             seed: seeds sampling once, before the first batch (greedy ignores it).
+            fit_context: shorten `max_new_tokens` to the room the context leaves after the prompt
+                (the answer then ends with finish_reason "length"), instead of raising; for default
+                budgets on short-context models. A prompt that fills the context still raises.
             on_batch: called as `on_batch(done, total)` after each batch, for progress bars.
 
         Raises:
@@ -193,14 +197,18 @@ class Generator:
         if seed is not None:
             seed_sampling(seed)
         encoded = [self.prompt_ids(c) for c in conversations]
+        context = self.context_length
         for i, ids in enumerate(encoded):  # all checked first: no hour of answers lost to the last prompt
-            self.check_fits(len(ids), max_new_tokens, index=i)
+            self.check_fits(len(ids), 1 if fit_context else max_new_tokens, index=i)
         # Sorting by length keeps padding (wasted compute) small; answers go back in input order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[Completion | None] = [None] * len(encoded)
         for start in range(0, len(order), batch_size):
             chunk = order[start: start + batch_size]
-            done = self.generate_ids([encoded[i] for i in chunk], max_new_tokens=max_new_tokens,
+            budget = max_new_tokens
+            if fit_context and context is not None:  # the batch is as wide as its longest prompt
+                budget = min(max_new_tokens, context - max(len(encoded[i]) for i in chunk))
+            done = self.generate_ids([encoded[i] for i in chunk], max_new_tokens=budget,
                                      temperature=temperature, top_p=top_p, stop=stop)
             for i, completion in zip(chunk, done):
                 results[i] = completion
@@ -353,5 +361,8 @@ def generate_answers(ref: str, prompts: list[str], *, max_new_tokens: int = 128,
     generator = Generator.load(ref, trust_remote_code=trust_remote_code)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     conversations = [system + [{"role": "user", "content": p}] for p in prompts]
-    return generator.generate(conversations, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              batch_size=batch_size, seed=seed)
+    try:
+        return generator.generate(conversations, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, batch_size=batch_size, seed=seed, fit_context=True)
+    except ContextOverflow as e:  # the prompt alone fills the context
+        raise UserError(f"prompt {e.index + 1}: {e}") from None

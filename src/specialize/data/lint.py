@@ -39,6 +39,7 @@ from specialize.data.formats import Example, load_examples
 from specialize.data.similarity import duplicates, matches, normalise
 from specialize.data.templates import Template, TemplateRaised, end_of_turn_tokens, resolve_template
 from specialize.data.tokenize import IGNORE, Encoded, encode_chat, encode_text
+from specialize.defaults import model_context
 from specialize.errors import UserError
 from specialize.model import load_tokenizer
 
@@ -370,7 +371,9 @@ def lint(cfg: LintConfig) -> int:
     console = Console(highlight=False, emoji=False, markup=False, soft_wrap=True)
     plain = not console.is_terminal or console.no_color
     if cfg.base:
-        tokenizer, max_seq_tokens, unit = load_tokenizer(cfg.base, cfg.trust_remote_code), cfg.max_seq_tokens, "tokens"
+        # unset: the limit finetune would use (the model's context)
+        max_seq_tokens = cfg.max_seq_tokens or model_context(cfg.base, cfg.trust_remote_code) or 512
+        tokenizer, unit = load_tokenizer(cfg.base, cfg.trust_remote_code), "tokens"
     elif cfg.template == "tokenizer":
         raise UserError("--template tokenizer needs --base MODEL (the tokenizer whose chat template to use)")
     else:
