@@ -118,7 +118,9 @@ def estimate_memory(model, cfg: TrainConfig, method: str) -> MemoryEstimate:
         optimizer = sum(2 * p.numel() * p.element_size() for p in trainable)
 
     element = compute_bytes(model, cfg.precision)
-    tokens = cfg.micro_batch_size * cfg.max_seq_tokens
+    # finetune resolves an unset max_seq_tokens from the data first; other callers get 512's estimate
+    seq_tokens = cfg.max_seq_tokens or 512
+    tokens = cfg.micro_batch_size * seq_tokens
     shape = activation_elements_per_token(model)
     if shape is None:
         return MemoryEstimate(method=method, weights=weights, gradients=gradients, optimizer=optimizer,
@@ -136,7 +138,7 @@ def estimate_memory(model, cfg: TrainConfig, method: str) -> MemoryEstimate:
     # (before and after dropout, plus the mask) for rows of up to max_seq_tokens.
     if _config_value(model.config, "attention_dropout", "attn_pdrop", default=0.0) and not cfg.gradient_checkpointing:
         heads = _config_value(model.config, "num_attention_heads", "n_head")
-        body += layers * heads * cfg.micro_batch_size * cfg.max_seq_tokens ** 2 * (2 * element + 1)
+        body += layers * heads * cfg.micro_batch_size * seq_tokens ** 2 * (2 * element + 1)
     logits = tokens * vocab * (element + 4)  # logits, and their fp32 log-probabilities
     return MemoryEstimate(method=method, weights=weights, gradients=gradients, optimizer=optimizer,
                           activations=body + logits, tokens=tokens,

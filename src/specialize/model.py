@@ -126,7 +126,9 @@ def load_model(ref: str | Path, *, trust_remote_code: bool = False, dtype: torch
         # An absolute path, so a LoRA adapter's pointer to its base works from any working directory.
         ref = str(Path(ref).resolve())
     if not is_adapter(ref):
-        kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True)
+        # use_kernels=False: transformers 5 otherwise swaps in compiled layer code fetched from the
+        # Hub on CUDA (remote code nobody asked for, and a crash when offline).
+        kwargs = dict(trust_remote_code=trust_remote_code, dtype=dtype, use_safetensors=True, use_kernels=False)
         if quantize_4bit:
             kwargs["quantization_config"] = _bnb_config()
         try:
