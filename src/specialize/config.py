@@ -101,7 +101,8 @@ class GenerateConfig(StageConfig):
 
     model: str = Field("", description="run folder, model folder or hub id")
     max_new_tokens: int = Field(128, gt=0, description="most tokens generated per answer")
-    temperature: float = Field(0.0, ge=0, description="0 is greedy")
+    temperature: float = Field(0.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy (as are values "
+                               "below 1e-5); up to 2, as OpenAI's API")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass when temperature > 0")
     batch_size: int = Field(16, gt=0, description="prompts per batch")
     system_prompt: str | None = Field(None, description="system message for every prompt")
@@ -200,6 +201,14 @@ class ServeConfig(StageConfig):
                                 "gets a 400 (the model's context window limits it too)")
     model_name: str | None = Field(None, description="name shown in /v1/models; default: the run folder's name")
     log_contents: bool = Field(False, description="log message contents (off: only sizes and timings)")
+    max_body_bytes: int = Field(4_194_304, gt=0, description="largest request body in bytes; a larger one gets 413 "
+                                "before it is read")
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds a client has to send a request's line and "
+                                    "headers; then 408 and the connection is closed")
+    read_timeout_s: float = Field(30.0, gt=0, description="seconds a client has to send the body after the "
+                                  "headers; then 408 and the connection is closed")
+    health_open: bool = Field(False, description="answer GET /health without the API key (the status only), for "
+                              "load balancers and supervisors")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
 
 

@@ -48,9 +48,6 @@ CLIENT_GONE = 499  # nginx's "client closed request": only ever seen in our log
 # 3-5 characters per token; no tokenizer averages 32 over a whole prompt.
 MAX_CHARS_PER_TOKEN = 32
 # Settings that ServeConfig may not have yet (read with getattr, these defaults otherwise).
-MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 128k-token context, JSON-escaped, fits
-HEADER_TIMEOUT_S = 10.0
-READ_TIMEOUT_S = 30.0
 
 
 class _ClientGone(Exception):
@@ -179,8 +176,8 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
 
     app = FastAPI(title="specialize", lifespan=lifespan)
     app.state.worker = worker
-    app.add_middleware(BodyLimit, max_bytes=getattr(cfg, "max_body_bytes", MAX_BODY_BYTES))
-    app.add_middleware(_Gate, key=key, health_open=getattr(cfg, "health_open", False))  # outermost: runs first
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(_Gate, key=key, health_open=cfg.health_open)  # outermost: runs first
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -377,7 +374,7 @@ def serve(cfg: ServeConfig) -> None:
                        "(set --api-key or SPECIALIZE_API_KEY)", cfg.host)
     print(f"serving '{cfg.model_name or served_name(cfg.model)}' at http://{cfg.host}:{cfg.port}/v1 "
           f"(API key {'required' if keyed else 'not required'}"
-          f"{', except for /health' if keyed and getattr(cfg, 'health_open', False) else ''}); Ctrl-C stops",
+          f"{', except for /health' if keyed and cfg.health_open else ''}); Ctrl-C stops",
           flush=True)
     server = uvicorn.Server(server_config(app, cfg, log_config=_log_config()))
     server.run(sockets=[sock])
@@ -391,6 +388,6 @@ def server_config(app: FastAPI, cfg: ServeConfig, **options):
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol  # httptools when installed, else h11
 
-    protocol = deadline_protocol(AutoHTTPProtocol, getattr(cfg, "header_timeout_s", HEADER_TIMEOUT_S),
-                                 getattr(cfg, "read_timeout_s", READ_TIMEOUT_S))
+    protocol = deadline_protocol(AutoHTTPProtocol, cfg.header_timeout_s,
+                                 cfg.read_timeout_s)
     return uvicorn.Config(app, http=protocol, ws="none", access_log=False, **options)
