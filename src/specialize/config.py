@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from specialize.errors import UserError
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 class StageConfig(BaseModel):
@@ -51,6 +54,22 @@ class TrainConfig(StageConfig):
     log_every: int = Field(1, gt=0, description="optimizer steps between metrics.jsonl rows")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo (only for repos you trust)")
     progress: bool = Field(True, description="show a progress bar")
+    report_to: list[str] = Field(
+        default_factory=list, description="experiment trackers to log to, repeated or comma-separated: tensorboard, "
+                                          "wandb, mlflow, trackio (files go into the run folder; wandb and mlflow also "
+                                          "work offline)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        names = [value] if isinstance(value, str) else value
+        if not isinstance(names, list):
+            return value
+        names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
+        unknown = [n for n in names if n not in TRACKERS]
+        if unknown:
+            raise ValueError(f"unknown tracker {unknown[0]!r} (use {', '.join(TRACKERS)})")
+        return list(dict.fromkeys(names))
 
 
 class FinetuneConfig(TrainConfig):
@@ -225,6 +244,8 @@ class ExportConfig(StageConfig):
     out: Path = Field(Path("export"), description="folder to write")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="weights dtype of the export")
     parity_prompts: int = Field(8, ge=0, description="prompts whose greedy outputs are compared before/after export")
+    gguf: bool = Field(False, description="also convert to GGUF with llama.cpp's converter when it is installed "
+                       "(else print the exact command)")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
 
 
