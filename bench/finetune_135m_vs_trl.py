@@ -96,7 +96,7 @@ def run_specialize(ws: dict, out: Path, env: dict, method: str, device: str) -> 
     config.write_text(json.dumps(values), encoding="utf-8")  # JSON is YAML
     seconds, rss, output = timed([sys.executable, "-m", "specialize", "finetune", "--config", str(config)], env,
                                  f"specialize ({method})")
-    estimate = re.search(r"=\s+([\d.,]+)\s+(KB|MB|GB) \(±", output)
+    estimate = re.search(r"=\s+([\d.,]+)\s+(KB|MB|GB)\s+\(±", output)  # rich wraps lines anywhere
     scale = {"KB": 1 / 1024, "MB": 1, "GB": 1024}
     return {"process_s": seconds, "rss_mib": rss, "model": out / "model",
             "estimate_mib": float(estimate.group(1).replace(",", "")) * scale[estimate.group(2)] if estimate else None}
