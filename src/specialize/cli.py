@@ -19,7 +19,7 @@ from rich.text import Text
 
 from specialize.config import (ChatConfig, CompareConfig, ConvertConfig, DemoConfig, EvalConfig, ExportConfig,
                                FinetuneConfig, GenerateConfig, LintConfig, PretrainConfig, ServeConfig)
-from specialize.errors import UserError
+from specialize.errors import Stopped, UserError
 from specialize.flags import config_command
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
@@ -136,6 +136,9 @@ def main() -> None:
         # Text, not markup: a message quoting user data ("messages[0]") must print verbatim.
         err.print(Text.assemble(("error:", "bold red"), " ", str(e)), highlight=False, soft_wrap=True)
         sys.exit(2)
+    except Stopped as e:  # a signal ended training at a step boundary, after a checkpoint
+        err.print(str(e), highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

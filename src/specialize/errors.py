@@ -26,3 +26,19 @@ class UserError(Exception):
         self.path = path
         self.line = line
         self.field = field
+
+
+class Stopped(Exception):
+    """Training stopped on a signal (SIGTERM from a scheduler, Ctrl-C) after writing a checkpoint.
+
+    The CLI prints the message and exits with 128 + the signal number (143 for SIGTERM, 130 for
+    SIGINT), as a process killed by that signal would, so schedulers read it as a preemption.
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

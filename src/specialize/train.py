@@ -27,9 +27,9 @@ Speed, without changing the result:
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
+import signal
 import time
 import warnings
 from collections.abc import Callable
@@ -39,17 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
-from specialize import checkpoint
+from specialize import checkpoint, defaults
 from specialize.batches import BatchSource, PlannedBatches, batch_weight, blank, even_share, plan_epoch  # noqa: F401
 from specialize.config import TrainConfig
-from specialize.data.tokenize import IGNORE, Batch, Encoded
-from specialize.errors import UserError
+from specialize.data.tokenize import Encoded
+from specialize.errors import Stopped, UserError
+from specialize.loss import accepts_logits_to_keep, evaluate_loss, token_loss_sum  # noqa: F401 (re-exported)
 from specialize.optim import make_optimizer, make_schedule
 from specialize.packing import Collator, attention_cost, packing_is_exact
+from specialize.preemption import StopSignals
 from specialize.progress import progress_bar
 from specialize.rundir import MetricsLog
 
@@ -91,65 +92,6 @@ def make_accelerator(precision: str) -> Accelerator:
 def is_sharded(accelerator: Accelerator) -> bool:
     """FSDP and DeepSpeed hold parameters (and optimizer state) in shards across processes."""
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss, metrics, evaluation.
-
-
-def accepts_logits_to_keep(model) -> bool:
-    """transformers >= 5 causal LMs take `logits_to_keep` (a boolean (B, T) mask keeps those positions)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
-
-
-def token_loss_sum(model, batch: Batch, only_targets: bool = False) -> torch.Tensor:
-    """Sum of cross-entropy over the batch's target tokens (a scalar).
-
-    With `only_targets`, the model projects only target positions to the vocabulary
-    (logits (N, V) instead of (B, T, V)); the loss is the same, minus the wasted work.
-    """
-    keep = batch.targets != IGNORE  # (B, T)
-    extra = {"logits_to_keep": keep} if only_targets else {}
-    logits = model(**batch.model_inputs(), use_cache=False, **extra).logits
-    if logits.ndim == 3:
-        logits = logits[keep]  # (N, V)
-    # Upcast for a stable log-softmax under bf16 autocast; a no-op in fp32.
-    return F.cross_entropy(logits.float(), batch.targets[keep], reduction="sum")
-
-
-def evaluate_loss(model, items: list[Encoded], cfg: TrainConfig, accelerator: Accelerator, pad_id: int,
-                  collate: Callable[[list[Encoded]], Batch] | None = None, only_targets: bool | None = None) -> float:
-    """Mean loss per target token over `items`, sharded across processes.
-
-    `collate` defaults to packed rows when `cfg.packing` and the model keeps packed examples
-    apart (checked here, as `train` does), else padded batches; `only_targets` to whether the
-    model takes `logits_to_keep`.
-    """
-    unwrapped = accelerator.unwrap_model(model)
-    if collate is None:
-        packed = cfg.packing and bool(items) and packing_is_exact(model, items, unwrapped)
-        collate = Collator(packed, pad_id, attention_cost(unwrapped))
-    if only_targets is None:
-        only_targets = accepts_logits_to_keep(unwrapped)
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    world, size = accelerator.num_processes, cfg.micro_batch_size
-    shard = items[accelerator.process_index:: world]
-    own = [collate(shard[start: start + size]) for start in range(0, len(shard), size)]
-    if not own and items and world > 1:  # fewer items than processes: this one only keeps the others company
-        own = [blank(collate(items[:1]))]
-    batches = even_share(own, math.ceil(len(items) / world / size) * world, world)
-    with torch.no_grad():
-        for batch in batches:
-            tokens = batch.target_tokens
-            with accelerator.autocast():
-                total[0] += token_loss_sum(model, batch.to(accelerator.device), only_targets).double()
-            total[1] += tokens
-    if accelerator.num_processes > 1:
-        total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    return float(total[0] / total[1].clamp(min=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +154,15 @@ def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: Tra
     """
     loop = _start(model, train_items, cfg, Path(out), pad_id, accelerator, batches)
     callback = callback or on_step
-    with progress_bar(cfg.progress and loop.accelerator.is_main_process, info=True) as bar:
+    with StopSignals() as signals, progress_bar(cfg.progress and loop.accelerator.is_main_process, info=True) as bar:
         task = bar.add_task("train", total=loop.total_steps, completed=loop.start_step, info="")
         for step in range(loop.start_step, loop.total_steps):
             loss_value, grad_norm, weight = _optimizer_step(loop, step, loss)
             _after_step(loop, step + 1, loss_value, grad_norm, weight, eval_items, pad_id, callback)
             rate = loop.window_tokens / max(time.perf_counter() - loop.window_start, 1e-9)
             bar.update(task, completed=step + 1, info=f"loss {loop.last_loss:.4f}  {rate:,.0f} tok/s")
+            if step + 1 < loop.total_steps and (signum := signals.agreed(loop.accelerator)) is not None:
+                _stop(loop, step + 1, signum)
 
     accelerator = loop.accelerator
     accelerator.wait_for_everyone()
@@ -240,6 +184,11 @@ def _start(model, train_items: list[Encoded], cfg: TrainConfig, out: Path, pad_i
     model.train()
     cost = attention_cost(model)
     only_targets = accepts_logits_to_keep(model)
+    if cfg.learning_rate is None:  # finetune resolves it; a direct caller gets the same default
+        trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                            sum(p.numel() for p in model.parameters()))
+        chosen = defaults.learning_rate("full" if trainable == total else "lora", total)
+        cfg = cfg.model_copy(update={"learning_rate": chosen.value})
     optimizer = make_optimizer(model, cfg)
     collate = None
     if batches is None:  # placeholder until packing is checked on the prepared model, below
@@ -364,11 +313,29 @@ def _after_step(loop: _Loop, done: int, loss_value: float, grad_norm: float | No
         loop.metrics.write({"step": done, "eval_loss": loop.eval_loss, "eval_ppl": math.exp(min(loop.eval_loss, 50))})
     save_every = cfg.save_every or loop.steps_per_epoch
     if done % save_every == 0 and done < loop.total_steps and not is_sharded(accelerator):
-        epoch, index = divmod(done - 1, loop.steps_per_epoch)
-        _save_checkpoint(accelerator, loop.model, loop.optimizer, loop.scheduler, loop.out / "checkpoints", cfg, {
-            "step": done, "epoch": epoch, "index_in_epoch": index + 1, "tokens": loop.tokens_done,
+        _save_checkpoint(accelerator, loop.model, loop.optimizer, loop.scheduler, loop.out / "checkpoints", cfg,
+                         _checkpoint_state(loop, done))
+
+
+def _stop(loop: _Loop, done: int, signum: int) -> None:
+    """A stop signal arrived: checkpoint this step (unless it just was) and raise `Stopped`."""
+    accelerator, root = loop.accelerator, loop.out / "checkpoints"
+    name = signal.Signals(signum).name
+    if is_sharded(accelerator):
+        raise Stopped(f"stopped by {name} at step {done}/{loop.total_steps}; no checkpoint under FSDP/DeepSpeed, "
+                      "so a new run starts from the beginning", signum)
+    if checkpoint.latest(root) is None or checkpoint.latest(root).name != f"step-{done}":
+        _save_checkpoint(accelerator, loop.model, loop.optimizer, loop.scheduler, root, loop.cfg,
+                         _checkpoint_state(loop, done))
+    raise Stopped(f"stopped by {name} at step {done}/{loop.total_steps}: checkpoint {root / f'step-{done}'} "
+                  "written; continue with the same command and --resume", signum)
+
+
+def _checkpoint_state(loop: _Loop, done: int) -> dict:
+    epoch, index = divmod(done - 1, loop.steps_per_epoch)
+    return {"step": done, "epoch": epoch, "index_in_epoch": index + 1, "tokens": loop.tokens_done,
             "examples_per_step": loop.examples_per_step, "data_fingerprint": loop.batches.fingerprint,
-            "elapsed_s": loop.elapsed()})
+            "elapsed_s": loop.elapsed()}
 
 
 def _enable_activation_checkpointing(model) -> None:
