@@ -99,6 +99,13 @@ class FinetuneConfig(TrainConfig):
     max_seq_tokens: int | None = Field(None, gt=1, description="longest sequence in tokens; longer examples are dropped "
                                        "and reported; default: the smaller of the model's context and the longest "
                                        "example")
+    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+        "sft", description="sft: next-token loss on answers; dpo, orpo: prompt/chosen/rejected pairs; kto: "
+                           "prompt/completion/label rows (or pairs); same loop, full or LoRA")
+    beta: float = Field(0.1, gt=0, description="dpo/kto: strength of the pull toward the reference model; orpo: "
+                        "weight (lambda) of the odds-ratio term")
+    dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (Rafailov et al. 2023) or ipo "
+                                                "(Azar et al. 2023, on per-token mean log-ratios as TRL)")
 
 
 class PretrainConfig(TrainConfig):
