@@ -140,10 +140,16 @@ def test_seeded_sampling_is_reproducible(client):
     assert sample() == sample()
 
 
+def prefilling(kwargs) -> bool:
+    """Whether a model call starts rows (its cache is empty) rather than decoding one more token."""
+    return kwargs["cache"].get_seq_length() == 0
+
+
 def test_64_concurrent_clients_all_get_their_answers_in_batches(client, generator, monkeypatch):
-    calls = []
-    original = generator.model.generate
-    monkeypatch.setattr(generator.model, "generate", lambda **kw: calls.append(len(kw["input_ids"])) or original(**kw))
+    calls = []  # (rows, prefilling) of every model call
+    original = generator.model.forward
+    monkeypatch.setattr(generator.model, "forward",
+                        lambda **kw: calls.append((len(kw["input_ids"]), prefilling(kw))) or original(**kw))
 
     def one(i: int) -> str:
         messages = ask(QUESTIONS[i % 8])
@@ -155,12 +161,13 @@ def test_64_concurrent_clients_all_get_their_answers_in_batches(client, generato
     with ThreadPoolExecutor(64) as pool:
         answers = list(pool.map(one, range(64)))
     assert answers == [ANSWERS[i % 8] for i in range(64)]
-    assert max(calls) > 1 and len(calls) < 64  # waiting requests were generated together
+    assert max(rows for rows, _ in calls) > 1  # requests were generated together
+    assert sum(prefill for _, prefill in calls) < 64  # and waiting ones joined the batch together
 
 
 def test_a_full_queue_answers_503_in_openai_shape_and_the_server_recovers(generator, run, monkeypatch):
-    original = generator.model.generate
-    monkeypatch.setattr(generator.model, "generate", lambda **kw: time.sleep(0.5) or original(**kw))
+    original = generator.model.forward  # each request's prefill takes 0.5 s
+    monkeypatch.setattr(generator.model, "forward", lambda **kw: (prefilling(kw) and time.sleep(0.5)) or original(**kw))
     app = create_app(generator, ServeConfig(model=str(run), max_queue=1, max_batch_size=1))
     together = threading.Barrier(8)
     with running(app) as url:
@@ -220,7 +227,7 @@ def test_internal_errors_reach_clients_as_generic_500_and_the_log_as_tracebacks(
     def broken(**kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(generator.model, "generate", broken)
+    monkeypatch.setattr(generator.model, "forward", broken)
     with running(create_app(generator, ServeConfig(model=str(run)))) as url:
         response = httpx.post(url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0])})
         streamed = httpx.post(url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0]), "stream": True})
@@ -296,27 +303,29 @@ def wait_until(condition, seconds: float = 10) -> None:
 
 @contextmanager
 def held_worker(generator, monkeypatch):
-    """Make the first `model.generate` call wait until the test releases it (so others can queue up).
+    """Make the first model call wait until the test releases it (so others can queue up).
 
-    Yields (calls, entered, release): calls are (width, max_new_tokens) of every generate call.
+    Yields (calls, entered, release): calls are (width, rows) of every prefill, the model call
+    that starts rows.
     """
-    original = generator.model.generate
+    original = generator.model.forward
     calls, entered, release = [], threading.Event(), threading.Event()
 
-    def generate(**kwargs):
-        calls.append((kwargs["input_ids"].shape[1], kwargs["max_new_tokens"]))
+    def forward(**kwargs):
+        if prefilling(kwargs):
+            calls.append(tuple(kwargs["input_ids"].shape[::-1]))
         entered.set()
         assert release.wait(timeout=30)
         return original(**kwargs)
 
-    monkeypatch.setattr(generator.model, "generate", generate)
+    monkeypatch.setattr(generator.model, "forward", forward)
     try:
         yield calls, entered, release
     finally:
         release.set()
 
 
-def test_requests_that_fit_alone_but_not_together_are_answered_in_separate_batches(tokenizer_dir, monkeypatch):
+def test_requests_that_fit_alone_run_together_each_within_its_own_context(tokenizer_dir, monkeypatch):
     generator = short_context_gpt2(tokenizer_dir)
     texts = {len(generator.tokenizer(t)["input_ids"]): t for t in (" ".join(["the"] * k) for k in range(1, 60))}
     a, b = texts[28], texts[2]  # A: 28 + 4 tokens, B: 2 + 30: each fits the context of 32, together 28 + 30 do not
@@ -341,7 +350,9 @@ def test_requests_that_fit_alone_but_not_together_are_answered_in_separate_batch
             answers = [f.result() for f in answers]  # before the fix: both failed with a 500 (IndexError)
         assert httpx.get(url + "/health").status_code == 200
     assert [(c.text, c.finish_reason) for c in answers] == [(c.text, c.finish_reason) for c in alone]
-    assert calls == [(2, 1), (28, 4), (2, 30)]  # A and B batched apart; every batch fits the context
+    # Before continuous batching A and B ran apart (a batch was as wide as its longest prompt and
+    # ran to its largest budget); now each row has its own positions, so they share the batch.
+    assert calls == [(2, 1), (28, 2)]
 
 
 def test_max_tokens_above_the_server_cap_is_a_400(generator, run):
@@ -389,7 +400,7 @@ def test_a_worker_whose_device_broke_fails_health_and_refuses_requests(generator
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     usable = [True]
-    monkeypatch.setattr(generator.model, "generate", broken)
+    monkeypatch.setattr(generator.model, "forward", broken)
     monkeypatch.setattr("specialize.serve.worker.device_usable", lambda device: usable[0])
     with running(create_app(generator, ServeConfig(model=str(run)))) as url:
         def post() -> httpx.Response:

@@ -223,8 +223,9 @@ def test_connections_that_never_finish_their_request_are_closed(generator):
 
 
 def test_slow_answers_and_kept_alive_connections_are_not_cut_by_the_request_deadlines(generator, monkeypatch):
-    original = generator.model.generate
-    monkeypatch.setattr(generator.model, "generate", lambda **kw: time.sleep(1.5) or original(**kw))
+    original = generator.model.forward  # each request's prefill takes 1.5 s
+    monkeypatch.setattr(generator.model, "forward",
+                        lambda **kw: (kw["cache"].get_seq_length() == 0 and time.sleep(1.5)) or original(**kw))
     with serving(generator, config(header_timeout_s=0.5, read_timeout_s=0.5)) as address:
         with httpx.Client() as client:  # one kept-alive connection for all three requests
             for stream in (False, True, False):

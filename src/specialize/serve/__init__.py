@@ -8,15 +8,17 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (streaming or not), `PO
 /v1/completions` (raw prompt, no template), `GET /health`. Chat prompts are rendered by the
 run's own template, so answers equal `specialize generate`; greedy unless `temperature` > 0.
 
-One worker thread owns the model: requests wait in a bounded queue, and waiting requests with
-equal sampling settings are generated together in one batch. A full queue answers 503 at once
+One worker thread owns the model and one running batch (continuous batching): requests wait
+in a bounded queue and join the batch at the next token boundary, streamed or not, each with
+its own sampling settings, and leave it as soon as their answer ends. A full queue answers 503 at once
 rather than letting latency grow without bound. A body over --max-body-bytes is refused (413)
 before it is read, a request whose headers or body arrive too slowly is cut off (408), and
 parsing, rendering and tokenising run off the event loop, so /health stays fast. Errors use OpenAI's shape,
 `{"error": {"message", "type", "param", "code"}}`; tracebacks stay in the server log.
 
     schema.py   request bodies, response and stream-chunk shapes, `APIError` (OpenAI's error shape)
-    worker.py   `Worker`: the one thread that owns the model, a bounded queue drained in batches
+    worker.py   `Worker`: the one thread that owns the model, a bounded queue feeding the running batch
+    decode.py   `RunningBatch`: rows join (prefill + merge) and leave at token boundaries, one KV cache
     limits.py   what one client may cost: body-size cap (413), deadlines for receiving a request (408)
     app.py      FastAPI routes, API key and request-log middleware, `serve()`
 """

@@ -1,14 +1,15 @@
-"""The one thread that owns the model: a bounded queue of jobs, drained in batches.
+"""The one thread that owns the model: a bounded queue of jobs feeding one running batch.
 
-Requests wait in a bounded queue; waiting requests with equal sampling settings are answered
-together by one `Generator.generate_ids` call, as long as the batch still fits the context
-window: a batch is as wide as its longest prompt and runs to its largest budget, so two jobs
-that fit alone may not fit together (the later one then waits for the next batch). A stream
-runs alone through `Generator.stream_ids`. A job whose client goes away is dropped from the
-queue, or stops generating if it already runs. A full queue raises `QueueFull` at once (the
-server answers 503) rather than letting latency grow without bound.
+Requests wait in a bounded queue. Between two decode steps the worker moves as many waiting
+jobs as the batch has room for (`max_batch_size`) into the running batch (continuous batching,
+see `decode.py`): streamed or not, any sampling settings, and a row leaves the batch as soon as
+its answer ends, so a short answer never waits for a long one. A job whose client goes away is
+dropped from the queue, or leaves the batch at the next token if it already runs. A full queue
+raises `QueueFull` at once (the server answers 503) rather than letting latency grow without
+bound. Models whose KV cache cannot be shared by rows (sliding-window, recurrent) answer one
+job at a time instead.
 
-If a failed batch leaves the device unusable (a CUDA device-side assert poisons the whole
+If a failed step leaves the device unusable (a CUDA device-side assert poisons the whole
 context: every later call fails), the worker stops taking jobs and `failure` says why, so that
 /health fails and a supervisor restarts the server.
 """
@@ -25,10 +26,11 @@ from typing import NamedTuple
 import torch
 
 from specialize.generate import Generator, is_greedy
+from specialize.serve.decode import RunningBatch, supports
 
 
 class Sampling(NamedTuple):
-    """How a job is sampled; jobs with equal `Sampling` may share a batch."""
+    """How a job is sampled (each row of the running batch has its own)."""
 
     temperature: float
     top_p: float
@@ -37,7 +39,7 @@ class Sampling(NamedTuple):
 
     @classmethod
     def of(cls, temperature: float | None, top_p: float | None, stop: list[str], seed: int | None) -> "Sampling":
-        """Normalised so that equal means batchable: greedy ignores top_p and seed, so all greedy jobs match."""
+        """Normalised: greedy ignores top_p and seed."""
         if is_greedy(temperature):
             return cls(0.0, 1.0, tuple(stop), None)
         return cls(temperature, top_p or 1.0, tuple(stop), seed)
@@ -114,7 +116,7 @@ class Worker:
                 self.dropped += 1
 
     def close(self) -> None:
-        """Cancel waiting jobs and stop the thread once the running batch is done."""
+        """Cancel waiting jobs and stop the thread once the running rows are done."""
         with self._lock:
             self._closed = True
             for job in self._pending:
@@ -123,65 +125,66 @@ class Worker:
             self._lock.notify_all()
         self._thread.join(timeout=30)
 
-    def _take(self) -> list[Job] | None:
-        """The oldest job plus waiting jobs with the same settings (streams and seeded sampling alone).
+    def _take(self, room: int, wait: bool) -> list[Job] | None:
+        """Up to `room` waiting jobs, oldest first, marked running; waits for one only if `wait`.
 
-        A job joins only if the batch, as wide as its longest prompt and run to its largest
-        budget, still fits the context window; otherwise it waits for a later batch.
+        None once the worker is closed and nothing runs (`wait`).
         """
         with self._lock:
-            while True:
-                while not self._pending and not self._closed:
-                    self._lock.wait()
-                if self._closed:
-                    return None
-                first = self._pending.popleft()
-                if first.future.set_running_or_notify_cancel():  # False: its client gave up
-                    break
-            batch = [first]
-            if first.on_text is not None or first.sampling.seed is not None:
-                return batch  # a stream, or seeded sampling that must not depend on its neighbours
-            context = self.generator.context_length
-            width, budget = len(first.prompt_ids), first.max_tokens
-            for job in [j for j in self._pending if j.on_text is None and j.sampling == first.sampling]:
-                if len(batch) >= self.max_batch_size:
-                    break
-                wider, longer = max(width, len(job.prompt_ids)), max(budget, job.max_tokens)
-                if context is not None and wider + longer > context:
-                    continue  # fits alone (the server checked) but not with these neighbours
-                self._pending.remove(job)
-                if job.future.set_running_or_notify_cancel():
-                    batch.append(job)
-                    width, budget = wider, longer
-            return batch
-
-    def _answer(self, batch: list[Job]) -> list:
-        s = batch[0].sampling
-        if batch[0].on_text is not None:
-            job = batch[0]
-            return [self.generator.stream_ids(job.prompt_ids, max_new_tokens=job.max_tokens,
-                                              temperature=s.temperature, top_p=s.top_p, stop=list(s.stop),
-                                              seed=s.seed, on_text=job.on_text, cancelled=job.cancelled.is_set)]
-        return self.generator.generate_ids([j.prompt_ids for j in batch], max_new_tokens=[j.max_tokens for j in batch],
-                                           temperature=s.temperature, top_p=s.top_p, stop=list(s.stop), seed=s.seed,
-                                           cancelled=[j.cancelled.is_set for j in batch])
+            while wait and not self._pending and not self._closed:
+                self._lock.wait()
+            if self._closed and wait:
+                return None
+            jobs: list[Job] = []
+            while self._pending and len(jobs) < room:
+                job = self._pending.popleft()
+                if job.future.set_running_or_notify_cancel():  # False: its client gave up
+                    jobs.append(job)
+            return jobs
 
     def _run(self) -> None:
         try:
-            while (batch := self._take()) is not None:
-                try:
-                    for job, result in zip(batch, self._answer(batch)):
-                        job.future.set_result(result)
-                except Exception as e:  # the request handlers re-raise it; the middleware logs the traceback
-                    for job in batch:
-                        if not job.future.done():
-                            job.future.set_exception(e)
-                    if not device_usable(self.generator.device):
-                        self._fail(f"the {self.generator.device} device is unusable after {type(e).__name__}: {e}")
-                        return
+            if supports(self.generator.model):
+                self._run_batched(RunningBatch(self.generator))
+            else:
+                while (jobs := self._take(1, wait=True)) is not None and self._alone(jobs[0]):
+                    pass
         except BaseException as e:  # a bug in the worker itself: fail loudly rather than hang every request
             self._fail(f"the worker thread died: {type(e).__name__}: {e}")
             raise
+
+    def _run_batched(self, batch: RunningBatch) -> None:
+        """Admit waiting jobs at each token boundary, advance every row by one token, hand out ended answers."""
+        while (jobs := self._take(self.max_batch_size - len(batch), wait=not batch)) is not None:
+            try:
+                ended = batch.admit(jobs) if jobs else []
+                if batch:
+                    ended += batch.step()
+            except Exception as e:  # the request handlers re-raise it; the middleware logs the traceback
+                for job in jobs + [row.job for row in batch.rows]:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                batch.clear()
+                if not device_usable(self.generator.device):
+                    self._fail(f"the {self.generator.device} device is unusable after {type(e).__name__}: {e}")
+                    return
+                continue
+            for job, completion in ended:
+                job.future.set_result(completion)
+
+    def _alone(self, job: Job) -> bool:
+        """Answer one job by itself (models whose cache rows cannot be merged); False once the device broke."""
+        s = job.sampling
+        try:
+            job.future.set_result(self.generator.stream_ids(
+                job.prompt_ids, max_new_tokens=job.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                stop=list(s.stop), seed=s.seed, on_text=job.on_text, cancelled=job.cancelled.is_set))
+        except Exception as e:
+            job.future.set_exception(e)
+            if not device_usable(self.generator.device):
+                self._fail(f"the {self.generator.device} device is unusable after {type(e).__name__}: {e}")
+                return False
+        return True
 
     def _fail(self, reason: str) -> None:
         """Stop taking jobs: waiting ones fail now, later ones are refused by `submit`."""
