@@ -1,0 +1,7 @@
+"""Training objectives beyond next-token prediction, all run by the one loop (`train.train`).
+
+- `losses`: the preference losses as formulas (DPO sigmoid, IPO, ORPO, KTO), pinned by tests;
+- `preference`: the batch source, the loss the loop calls, and the reference model's log-probs.
+
+The next-token loss itself (SFT, pre-training) is `specialize.loss.token_loss_sum`.
+"""
