@@ -14,8 +14,8 @@ from specialize.objectives import losses
 # Two pairs: summed log-probs of each answer under the policy (π) and the reference (ρ), and answer lengths.
 PC = torch.tensor([-12.0, -30.5], dtype=torch.float64)
 PR = torch.tensor([-15.0, -28.0], dtype=torch.float64)
-RC = torch.tensor([-13.0, -29.0], dtype=torch.float64)
-RR = torch.tensor([-14.0, -29.5], dtype=torch.float64)
+RC = torch.tensor([-13.5, -29.0], dtype=torch.float64)
+RR = torch.tensor([-14.0, -29.0], dtype=torch.float64)
 NC = torch.tensor([4, 10])
 NR = torch.tensor([5, 8])
 sig = (lambda x: 1 / (1 + math.exp(-x)))
@@ -24,15 +24,15 @@ sig = (lambda x: 1 / (1 + math.exp(-x)))
 def test_dpo_sigmoid_is_rafailov_eq_7():
     beta = 0.1
     got = losses.dpo_sigmoid(PC, PR, RC, RR, beta)
-    # pair 1: (πc-πr)-(ρc-ρr) = (3) - (1) = 2 ; pair 2: (-2.5) - (0.5) = -3
-    assert got.tolist() == pytest.approx([-math.log(sig(0.2)), -math.log(sig(-0.3))], abs=1e-12)
+    # pair 1: (πc-πr)-(ρc-ρr) = (3) - (0.5) = 2.5 ; pair 2: (-2.5) - (0) = -2.5
+    assert got.tolist() == pytest.approx([-math.log(sig(0.25)), -math.log(sig(-0.25))], abs=1e-12)
 
 
 def test_ipo_is_azar_eq_17_on_per_token_log_ratios():
     beta = 0.5
     got = losses.ipo(PC, PR, RC, RR, beta, NC, NR)
-    h1 = (-12 + 13) / 4 - (-15 + 14) / 5  # 0.25 + 0.2
-    h2 = (-30.5 + 29) / 10 - (-28 + 29.5) / 8  # -0.15 - 0.1875
+    h1 = (-12 + 13.5) / 4 - (-15 + 14) / 5  # 0.375 + 0.2
+    h2 = (-30.5 + 29) / 10 - (-28 + 29) / 8  # -0.15 - 0.125
     assert got.tolist() == pytest.approx([(h1 - 1.0) ** 2, (h2 - 1.0) ** 2], abs=1e-12)
 
 
