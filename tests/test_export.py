@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from helpers import QA8
+from test_ollama import ollama_prompt, parse_modelfile, write_converter
 from typer.testing import CliRunner
 
-from specialize import export as export_module
 from specialize.cli import app
 from specialize.config import ExportConfig, FinetuneConfig
 from specialize.errors import UserError
@@ -21,6 +22,8 @@ from specialize.export import GENERIC_PROMPTS, MARKER, export, parity_conversati
 from specialize.finetune import finetune
 from specialize.generate import generate_answers
 
+# The package attribute `specialize.export` is the function (specialize/__init__.py); the module is this.
+export_module = importlib.import_module("specialize.export")
 QUESTIONS = [json.loads(line)["question"] for line in QA8.read_text(encoding="utf-8").splitlines()]
 
 # Runs in a fresh interpreter that never imports specialize or peft: what a vLLM or plain
@@ -62,7 +65,7 @@ def test_lora_export_loads_without_peft_and_answers_like_specialize_generate(run
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     plain = subprocess.run([sys.executable, "-c", PLAIN_TRANSFORMERS, str(out), json.dumps(QUESTIONS[:4])],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
     assert plain.returncode == 0, plain.stderr
     expected = [c.text for c in generate_answers(str(runs["lora"]), QUESTIONS[:4], max_new_tokens=40)]
     assert json.loads(plain.stdout.splitlines()[-1]) == expected
@@ -142,3 +145,59 @@ def test_a_model_without_chat_template_is_refused_before_any_work(tiny_llama, tm
     with pytest.raises(UserError, match="has no chat template to export"):
         export(ExportConfig(model=str(tiny_llama), out=tmp_path / "ex"))
     assert list(tmp_path.iterdir()) == []  # no folder, no hidden temporary one
+
+
+def test_the_modelfile_prompts_like_training_with_the_runs_system_prompt_and_stops(runs, tmp_path, capsys):
+    run = tmp_path / "system-run"  # the full run, as if trained with --system-prompt
+    shutil.copytree(runs["full"], run)
+    from transformers import AutoTokenizer
+
+    from specialize.data.templates import Template, install_template
+
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    install_template(tokenizer, Template("qa", tokenizer.chat_template), "Answer from the docs.")
+    tokenizer.save_pretrained(run / "model")
+    out = export(ExportConfig(model=str(run), out=tmp_path / "faq", parity_prompts=0))
+    assert f"ollama: {out / 'Modelfile'} (template: qa); ollama create faq -f {out / 'Modelfile'}" \
+        in capsys.readouterr().out
+    text = (out / "Modelfile").read_text(encoding="utf-8")
+    commands = parse_modelfile(text)
+    assert commands[0] == ("model", ".") and ("system", "Answer from the docs.") in commands
+    assert [v for c, v in commands if c == "stop"] == [tokenizer.eos_token]
+    exported = AutoTokenizer.from_pretrained(out)
+    for conversation in parity_conversations(run, 8):  # the run's training prompts, and one with its own system
+        for messages in (conversation, [{"role": "system", "content": "Be terse."}] + conversation):
+            training = exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            assert exported(ollama_prompt(text, messages))["input_ids"] == \
+                exported(training, add_special_tokens=False)["input_ids"]
+    assert json.loads((out / MARKER).read_text())["ollama"] == {"modelfile": "Modelfile", "template": "qa",
+                                                                "why": None, "from": "."}
+
+
+def test_gguf_converts_with_llama_cpps_converter_and_the_modelfile_imports_it(runs, tmp_path, monkeypatch):
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir()
+    script = write_converter(bin_dir, calls)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    out = tmp_path / "faq"
+    result = CliRunner().invoke(app, ["export", "--model", str(runs["full"]), "--out", str(out), "--gguf",
+                                      "--parity-prompts", "0", "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(calls.read_text()) == [str(script), str(out), "--outfile", str(out / "faq.gguf"),
+                                             "--outtype", "bf16"]
+    assert parse_modelfile((out / "Modelfile").read_text())[0] == ("model", "./faq.gguf")
+    assert json.loads((out / MARKER).read_text())["ollama"]["from"] == "./faq.gguf"
+    assert f"gguf: {out / 'faq.gguf'} (the Modelfile imports it)" in result.output
+
+
+def test_gguf_without_the_converter_prints_the_command_and_imports_the_folder(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # python, but no convert_hf_to_gguf.py
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    out = tmp_path / "faq"
+    result = CliRunner().invoke(app, ["export", "--model", str(runs["full"]), "--out", str(out), "--gguf",
+                                      "--parity-prompts", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"python llama.cpp/convert_hf_to_gguf.py {out} --outfile {out / 'faq.gguf'} --outtype f32" in result.output
+    assert parse_modelfile((out / "Modelfile").read_text())[0] == ("model", ".")
+    assert not (out / "faq.gguf").exists()

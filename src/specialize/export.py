@@ -1,12 +1,16 @@
 """`specialize export`: a run as a standalone Hugging Face folder, LoRA merged into the base.
 
-    specialize export --model runs/faq --out exports/faq
+    specialize export --model runs/faq --out exports/faq [--gguf]
     vllm serve exports/faq                                   # an OpenAI-compatible server at scale
-    python llama.cpp/convert_hf_to_gguf.py exports/faq      # GGUF for llama.cpp / Ollama
+    ollama create faq -f exports/faq/Modelfile               # Ollama, prompting as in training
 
 The folder needs neither peft nor specialize: safetensors weights, config.json,
 generation_config.json, and the tokenizer with the run's chat template, so plain transformers
-and vLLM render the training prompt from `apply_chat_template` alone.
+and vLLM render the training prompt from `apply_chat_template` alone. Next to the weights, an Ollama
+`Modelfile` (specialize.ollama): the chat template translated to Ollama's Go template, the run's
+default system message, and a stop for every end token. With `--gguf`, llama.cpp's converter
+writes `<out>/<name>.gguf` and the Modelfile imports that; without the converter, the exact
+command is printed.
 
 Before it is published, a parity check compares greedy answers to prompts from the run's
 training data on the run and on the export. It is written to a hidden temporary sibling and
@@ -29,8 +33,17 @@ from transformers import AutoConfig
 from specialize.config import ExportConfig
 from specialize.data.formats import load_examples
 from specialize.errors import UserError
+from specialize.files import write_atomic
 from specialize.generate import Generator
-from specialize.model import adapter_base, is_adapter, load_model, load_tokenizer, model_dir, set_generation_ids
+from specialize.model import (
+    adapter_base,
+    is_adapter,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    set_generation_ids,
+)
+from specialize.ollama import convert_to_gguf, modelfile, translate
 
 MARKER = "specialize_export.json"  # marks a folder we wrote, so a re-export may replace it
 PARITY_TOKENS = 64  # answer length compared by the parity check
@@ -134,8 +147,21 @@ out = model.generate(**ids, max_new_tokens=128, do_sample=False)
 print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-Serve: `vllm serve {name}`. GGUF: `python llama.cpp/convert_hf_to_gguf.py {name} --outfile {name}.gguf`.
+Serve: `vllm serve {name}`. Ollama: `ollama create {name} -f {name}/Modelfile`.
+GGUF: `python llama.cpp/convert_hf_to_gguf.py {name} --outfile {name}/{name}.gguf`.
 """
+
+
+def _write_modelfile(cfg: ExportConfig, folder: Path, name: str, weights: str = ".") -> dict:
+    """The Ollama Modelfile for the exported `folder`; returns what the marker file records about it."""
+    translation = translate(load_tokenizer(folder))
+    try:
+        text = modelfile(str(cfg.model), translation, weights, name)
+    except UserError as e:  # a system message Ollama cannot quote: no Modelfile rather than a wrong one
+        return {"modelfile": None, "why": str(e)}
+    write_atomic(folder / "Modelfile", text)
+    return {"modelfile": "Modelfile", "template": translation.layout or None, "why": translation.why or None,
+            "from": weights}
 
 
 def _publish(tmp: Path, dest: Path) -> None:
@@ -174,6 +200,7 @@ def export(cfg: ExportConfig) -> Path:
     parity = f"{same}/{len(conversations)} identical" if conversations else "skipped (--parity-prompts 0)"
     info = {"source": str(cfg.model), "method": how, "dtype": str(dtype).removeprefix("torch."), "parity": parity,
             "prompts": [{"messages": c, "run": b, "export": a} for c, b, a in zip(conversations, before, after)]}
+    info["ollama"] = _write_modelfile(cfg, tmp, out.name)
     (tmp / MARKER).write_text(json.dumps(info, indent=2), encoding="utf-8")
     (tmp / "README.md").write_text(_model_card(cfg, out, how, dtype, parity), encoding="utf-8")
 
@@ -189,4 +216,18 @@ def export(cfg: ExportConfig) -> Path:
     _publish(tmp, out)
     print(f"exported {cfg.model} -> {out} ({how}, {info['dtype']})")
     print(f"parity: {parity}")
+    ollama = info["ollama"]
+    if ollama["modelfile"] is None:
+        print(f"ollama: no Modelfile: {ollama['why']}")
+    elif ollama["why"]:
+        print(f"ollama: {out / 'Modelfile'} has no TEMPLATE: the chat template could not be translated "
+              f"({ollama['why']}); Ollama would prompt the model unlike its training")
+    else:
+        print(f"ollama: {out / 'Modelfile'} (template: {ollama['template']}); ollama create {out.name} -f "
+              f"{out / 'Modelfile'}")
+    if cfg.gguf and (gguf := convert_to_gguf(out, info["dtype"])) is not None:
+        if ollama["modelfile"] is not None:
+            info["ollama"] = _write_modelfile(cfg, out, out.name, f"./{gguf.name}")
+            write_atomic(out / MARKER, json.dumps(info, indent=2))
+        print(f"gguf: {gguf}" + (" (the Modelfile imports it)" if ollama["modelfile"] is not None else ""))
     return out
