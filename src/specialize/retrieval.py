@@ -122,7 +122,7 @@ def _documents(docs_path: Path) -> list[tuple[str, str, str]]:
                             f"{', '.join(DOC_SUFFIXES)}", path=path)
         title, text = "", read_text(path, allow_empty=True)
         if path.suffix.lower() in (".html", ".htm"):
-            title, text = html_to_text(text)
+            title, text = html_to_text(text, path)
         docs.append((path.relative_to(root).as_posix(), title, text))
     return docs
 

@@ -12,6 +12,7 @@ items, code blocks in ``` fences, table rows as `a | b`.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from specialize.data.htmltree import HEADINGS, Node, parse_html
 
@@ -34,10 +35,13 @@ _JUMP_LINK = re.compile(r"^\W*(back|return|go|scroll|jump|skip)\s+to\s+(the\s+)?
 _PERMALINK = re.compile(r"^\W*(top|[¶#§🔗])\W*$", re.I)
 _SPACE = re.compile(r"[ \t\n\r\f\v\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _BREAK = "\x00"  # stands for <br> until whitespace has been collapsed
+_SHORT = 200  # characters: more than any jump link or icon glyph, with its white space
+_CONTENT = {"article", "section", "details"}
 
 
 def _is_junk(node: Node) -> bool:
     tag = node.tag
+    # (forms never nest, see htmltree, so this walk over a form's content runs once per element)
     if tag in ("nav", "footer", "form") and not (tag == "form" and node.find_all("p", "dl", "details", *HEADINGS)):
         # Whole-page ASP.NET <form> wrappers hold the content, so only forms without text blocks go.
         return True
@@ -46,18 +50,24 @@ def _is_junk(node: Node) -> bool:
     tokens = set(node.classes()) | {node.get("id").lower()}
     if tokens & JUNK_TOKENS or any(t.startswith(("cookie", "gdpr")) for t in tokens):
         return True
-    if node.get("aria-hidden") == "true" and len(_SPACE.sub("", node.raw_text())) <= 2:
-        return True  # icon glyphs such as "+" and "−" in accordion toggles
+    if node.get("aria-hidden") == "true":
+        glyph = node.short_text(_SHORT)
+        if glyph is not None and len(_SPACE.sub("", glyph)) <= 2:
+            return True  # icon glyphs such as "+" and "−" in accordion toggles
     if tag == "a":
-        text = node.raw_text().strip()
+        text = (node.short_text(_SHORT) or "-" * (_SHORT + 1)).strip()  # a long text is no jump link
         if _JUMP_LINK.match(text) or (node.get("href").startswith("#") and _PERMALINK.match(text or "#")):
             return True
     return False
 
 
-def html_to_text(html: str) -> tuple[str, str]:
-    """(title, readable text) of an HTML page: its `<title>`, and its content without boilerplate."""
-    root = parse_html(html)
+def html_to_text(html: str, where: str | Path | None = None) -> tuple[str, str]:
+    """(title, readable text) of an HTML page: its `<title>`, and its content without boilerplate.
+
+    Raises:
+        UserError: naming `where`, for a page over `htmltree.MAX_ELEMENTS` elements.
+    """
+    root = parse_html(html, where=where)
     title = next((heading_text(n) for n in root.find_all("title")), "")  # before clean_page drops <head>
     return title, render(clean_page(root))
 
@@ -69,20 +79,41 @@ def clean_page(root: Node) -> Node:
     return mains[0] if len(mains) == 1 else root
 
 
-def _clean(node: Node) -> None:
-    for child in list(node.elements()):
-        in_content = child.has_ancestor("article", "section", "details")
-        if child.tag in SKIP or _is_junk(child):
-            child.remove()
+def _clean(node: Node, in_content: bool = False, in_main: bool = False) -> None:
+    """Remove junk below `node`; `in_content`/`in_main`: `node` is or sits in an article, section,
+    details / a main element (passed down rather than looked up per element)."""
+    kept: list[Node | str] = []
+    for child in node.children:
+        if isinstance(child, str):
+            kept.append(child)
+        elif child.tag in SKIP or _is_junk(child):
+            child.parent = None
         elif child.tag == "aside" and not in_content:
-            child.remove()  # page sidebars; asides inside an article are notes and stay
-        elif child.tag == "header" and not (in_content or child.has_ancestor("main")):
-            child.remove()
+            child.parent = None  # page sidebars; asides inside an article are notes and stay
+        elif child.tag == "header" and not (in_content or in_main):
+            child.parent = None
         elif child.tag == "header":
             # An article header holds the title heading plus author/date/subscribe lines: keep the title.
             child.replace_children(child.find_all(*HEADINGS))
+            kept.append(child)
         else:
-            _clean(child)
+            _clean(child, in_content or child.tag in _CONTENT, in_main or child.tag == "main")
+            kept.append(child)
+    node.children = kept  # one new list: removing children one by one costs a pass over them each
+
+
+def _own_rows(table: Node) -> list[Node]:
+    """The table's rows, not those of tables nested in its cells (those render inside their cell;
+    taking them here too would render every level again at each level above it)."""
+    rows: list[Node] = []
+    stack = list(reversed(list(table.elements())))
+    while stack:
+        node = stack.pop()
+        if node.tag == "tr":
+            rows.append(node)
+        elif node.tag != "table":
+            stack.extend(reversed(list(node.elements())))
+    return rows
 
 
 def heading_text(node: Node) -> str:
@@ -171,7 +202,7 @@ def _block(node: Node) -> str:
         return "\n".join(items)
     if tag == "table":
         rows = []
-        for row in node.find_all("tr"):
+        for row in _own_rows(node):
             cells = [" ".join(_join(_segments(c), tight=True).split()) for c in row.elements() if c.tag in ("td", "th")]
             if any(cells):
                 rows.append(" | ".join(cells))

@@ -18,6 +18,7 @@ from specialize.errors import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
 DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet"} | TEXT_SUFFIXES
+CSV_FIELD_LIMIT = 2**31 - 1  # the most the csv module takes (a C long on every platform)
 
 
 @dataclass(frozen=True)
@@ -108,19 +109,38 @@ def _read_json(path: Path) -> list[Record]:
     return records
 
 
-def _read_csv(path: Path) -> list[Record]:
+def csv_rows(text: str, path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """(first line, cells) of each row of CSV text; a malformed file is one error naming its line.
+
+    Fields may be as long as the file: the csv module's default limit (128 KiB) is less than one
+    long support-chat message, and the text is already in memory anyway.
+    """
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))  # process-wide; only ever raised
     # newline="": the csv module splits rows itself, at \n and \r only (not at U+2028 in a field).
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    end = 0  # last line of the previous row; a quoted field may span several lines
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise UserError(f"not valid CSV: {e}", path=path, line=reader.line_num) from None
+        yield end + 1, row
+        end = reader.line_num
+
+
+def _read_csv(path: Path) -> list[Record]:
+    rows = csv_rows(read_text(path), path)
     try:
-        header = next(reader)
+        _, header = next(rows)
     except StopIteration:
         raise UserError("CSV file has no header row", path=path) from None
     header = [h.strip() for h in header]
     if not any(header) or len(set(header)) != len(header):
         raise UserError(f"CSV header must name every column once, got {header}", path=path, line=1)
     records = []
-    for row in reader:
-        number = reader.line_num
+    for number, row in rows:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
@@ -184,7 +204,8 @@ def read_hub_dataset(name: str, split: str = "train") -> list[Record]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as e:  # network, missing dataset, missing split: all user-fixable
-        raise UserError(f"cannot load Hugging Face dataset '{name}' split '{split}': {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load Hugging Face dataset '{name}' split '{split}': "
+                        f"{str(e).splitlines()[0]}") from None
     return [Record(dict(row), f"hf://{name}", i) for i, row in enumerate(dataset, start=1)]
 
 

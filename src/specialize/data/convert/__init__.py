@@ -121,8 +121,11 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertSummary:
     """
     _check(cfg)
     cache_path = cfg.cache or default_cache_path(cfg.to)
-    inputs = find_inputs(cfg, skip={cfg.to.resolve(), cache_path.resolve()})
+    inputs, links_out = find_inputs(cfg, skip={cfg.to.resolve(), cache_path.resolve()})
     summary = ConvertSummary(output=cfg.to)
+    if links_out:
+        shown = ", ".join(links_out[:3]) + (f" and {len(links_out) - 3} more" if len(links_out) > 3 else "")
+        summary.notes.append(f"not followed: {len(links_out)} link(s) leading out of the input folder ({shown})")
     rows: dict[str, list[dict]] = {}  # input → its rows, in input order
     to_generate: list[tuple[str, str]] = []
     for item in inputs:
@@ -130,6 +133,8 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> ConvertSummary:
         if item.kind == "slack":
             found, dropped = slack.read_export(item.path, item.display)
             changed: Counter = Counter()
+            summary.notes += [f"not followed: {item.display}: {n} file(s) linked from outside the export"
+                              for n in [dropped.pop(slack.LINKED_OUT, 0)] if n]
         elif item.kind == "chat":
             text = read_text(item.path, display=item.display)
             if item.path.suffix.lower() == ".csv":
@@ -171,11 +176,11 @@ def _read_page(item: Input, cfg: ConvertConfig,
     """Pairs of one FAQ/docs page, or queue it for the generator; (rows, dropped, changed)."""
     text = read_text(item.path, display=item.display)
     if item.kind == "docs" and cfg.generator:
-        to_generate.append((item.display, faq.document_text(item.path, text)))
+        to_generate.append((item.display, faq.document_text(item.path, text, item.display)))
         return [], Counter(), Counter()
     found, dropped = faq.extract_pairs(item.path, text, item.display)
     if not found and cfg.generator:
-        to_generate.append((item.display, faq.document_text(item.path, text)))
+        to_generate.append((item.display, faq.document_text(item.path, text, item.display)))
     elif not found:
         dropped["page without questions"] += 1
     return found, dropped, Counter()

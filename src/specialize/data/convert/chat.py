@@ -16,14 +16,12 @@ agent reply is dropped with a reason.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections import Counter
 from pathlib import Path
 
 from specialize.config import ConvertConfig
-from specialize.data.io import jsonl_lines
+from specialize.data.io import csv_rows, jsonl_lines
 from specialize.errors import UserError
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
@@ -94,8 +92,8 @@ def _check_message(message, display: str, line: int, index: int) -> None:
 
 def read_csv(path: Path, text: str, display: str, cfg: ConvertConfig) -> tuple[list[dict], Counter, Counter]:
     """Conversations of a one-message-per-row CSV transcript; (rows, dropped, changed)."""
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = reader.fieldnames or []
+    rows = csv_rows(text, display)
+    header = next(rows, (1, []))[1]
     for column, key in ((cfg.conversation_column, "conversation_column"), (cfg.speaker_column, "speaker_column"),
                         (cfg.text_column, "text_column")):
         if column not in header:
@@ -104,9 +102,8 @@ def read_csv(path: Path, text: str, display: str, cfg: ConvertConfig) -> tuple[l
                             path=display, line=1, field=key)
     agents = {s.strip().casefold() for s in cfg.agent_speakers}
     conversations: dict[str, list[tuple[int, str, str]]] = {}
-    line = reader.line_num  # the header's last line; a quoted field may span several lines
-    for record in reader:
-        start, line = line + 1, reader.line_num
+    for start, cells in rows:
+        record = dict(zip(header, cells))
         conversation = (record.get(cfg.conversation_column) or "").strip()
         content = (record.get(cfg.text_column) or "").strip()
         if not conversation:
@@ -118,7 +115,7 @@ def read_csv(path: Path, text: str, display: str, cfg: ConvertConfig) -> tuple[l
         speaker = (record.get(cfg.speaker_column) or "").strip().casefold()
         role = "assistant" if speaker in agents else "user"
         conversations.setdefault(conversation, []).append((start, role, content))
-    rows: list[dict] = []
+    examples: list[dict] = []
     dropped: Counter = Counter()
     changed: Counter = Counter()
     for conversation, turns in conversations.items():
@@ -133,5 +130,5 @@ def read_csv(path: Path, text: str, display: str, cfg: ConvertConfig) -> tuple[l
             dropped[reason] += 1
             continue
         source = {"file": display, "conversation": conversation, "line": turns[0][0], "converter": "chat"}
-        rows.append({"messages": kept, "source": source})
-    return rows, dropped, changed
+        examples.append({"messages": kept, "source": source})
+    return examples, dropped, changed

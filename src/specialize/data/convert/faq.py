@@ -189,9 +189,9 @@ def extract_pairs(path: Path, text: str, display: str) -> tuple[list[dict], Coun
     name_says_faq = is_faq_title(path.stem)
     extra: list[Pair] = []
     if suffix in (".html", ".htm", ".xhtml") or (suffix not in faq_text.MARKDOWN and faq_html.looks_like_html(text)):
-        items, page_is_faq, extra = faq_html.read_html(text, name_says_faq=name_says_faq)
+        items, page_is_faq, extra = faq_html.read_html(text, name_says_faq=name_says_faq, where=display)
     elif suffix in faq_text.MARKDOWN:
-        items, page_is_faq = faq_text.read_markdown(text, name_says_faq=name_says_faq)
+        items, page_is_faq = faq_text.read_markdown(text, name_says_faq=name_says_faq, where=display)
     else:
         items, page_is_faq = faq_text.read_plain(text), True
     pairs, dropped = pairs_from_items(items, page_is_faq)
@@ -206,11 +206,11 @@ def extract_pairs(path: Path, text: str, display: str) -> tuple[list[dict], Coun
     return rows, dropped
 
 
-def document_text(path: Path, text: str) -> str:
+def document_text(path: Path, text: str, display: str | None = None) -> str:
     """The readable text of a whole page (boilerplate removed), for the LLM generator."""
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm", ".xhtml") or (suffix not in faq_text.MARKDOWN and faq_html.looks_like_html(text)):
-        return html_to_text(text)[1]
+        return html_to_text(text, display)[1]
     if suffix in faq_text.MARKDOWN:
-        return faq_text.markdown_text(text)
+        return faq_text.markdown_text(text, display)
     return text.strip()

@@ -16,6 +16,7 @@ from specialize.data.convert.questions import (Q_PREFIX, QUESTION_MARKS, Item, P
 from specialize.data.htmltext import BLOCK, SKIP, clean_page, heading_text, render, render_element
 from specialize.data.htmltree import HEADINGS, Node, parse_html
 
+_QUESTION_CHARS = 400  # raw characters (white space included) of a paragraph that may be a question
 _PSEUDO_PARENTS = {"p", "li", "div", "dd", "section", "article", "td", "blockquote", "main", "body", "#document"}
 
 
@@ -24,18 +25,19 @@ def looks_like_html(text: str) -> bool:
     return bool(re.match(r"\s*(<!doctype html|<html|<\?xml[^>]*>\s*<html)", text[:1000], re.I))
 
 
-def read_html(text: str, *, name_says_faq: bool = False,
-              parser_lines: bool = True) -> tuple[list[Item], bool, list[Pair]]:
+def read_html(text: str, *, name_says_faq: bool = False, parser_lines: bool = True,
+              where: str | None = None) -> tuple[list[Item], bool, list[Pair]]:
     """Parse a page into FAQ items; also return whether it is an FAQ page and its JSON-LD pairs.
 
-    `parser_lines=False` is for HTML rendered from Markdown, whose lines come from attributes.
+    `parser_lines=False` is for HTML rendered from Markdown, whose lines come from attributes;
+    `where` names the file in the error for a page over `htmltree.MAX_ELEMENTS` elements.
     """
-    root = parse_html(text, parser_lines=parser_lines)
+    root = parse_html(text, parser_lines=parser_lines, where=where)
     titles = [heading_text(n) for n in root.find_all("title", "h1")]
     jsonld = jsonld_pairs(root)
     content = clean_page(root)
     page_is_faq = name_says_faq or any(is_faq_title(t) for t in titles)
-    accepted, categories = resolve(candidates(content))
+    accepted, categories = resolve(candidates(content), content)
     consumed = {id(p) for c in accepted.values() for p in c.panels}
     # A category's own label (a <summary>) is a marker in the stream, not text of the previous answer.
     consumed |= {id(c.qnode) for c in categories.values() if c.qnode is not None and c.qnode is not c.root}
@@ -52,9 +54,11 @@ def _boundary_nodes(content: Node, accepted: dict, categories: dict) -> set[int]
         if node.tag in _PSEUDO_PARENTS and any(_pseudo(run, node) for run in _runs(node)):
             marks.append(node)
     found: set[int] = set()
-    for node in marks:
-        found.add(id(node))
-        found.update(id(a) for a in node.ancestors())
+    for mark in marks:
+        for node in mark.lineage():
+            if id(node) in found:
+                break  # and so are all above it: each element is added once
+            found.add(id(node))
     return found
 
 
@@ -104,14 +108,21 @@ def _pseudo(run: list[Node | str], parent: Node) -> tuple[str, str, bool] | None
     one-sentence paragraph that is nothing but a question, such as `<p>How do I pay?</p>`;
     list items and lone links are left out, as they are usually a table of contents.
     """
-    meaningful = [c for c in run if (c.strip() if isinstance(c, str) else (c.tag == "br" or c.raw_text().strip()))]
+    meaningful = [c for c in run if (c.strip() if isinstance(c, str)
+                                     else (c.tag == "br" or any(t.strip() for t in c.strings())))]
     if not meaningful:
         return None
-    text = render(_run_node(run))
     first = meaningful[0]
+    # This runs for every paragraph, and a broken page's paragraph can hold the rest of the page:
+    # a long one is rendered only when it opens with a `Q:` or a short bold text.
+    head, whole = _run_node(run).text_head(_QUESTION_CHARS)
+    bold_first = isinstance(first, Node) and first.tag in ("strong", "b") and first.text_head(_QUESTION_CHARS)[1]
+    if not whole and not Q_PREFIX.match(head) and not bold_first:
+        return None
+    text = render(_run_node(run))
     if Q_PREFIX.match(text):
         return (*split_q_prefixed(text), True)
-    if isinstance(first, Node) and first.tag in ("strong", "b"):
+    if bold_first:
         bold = heading_text(first)
         if looks_like_question(bold) and text.startswith(bold):
             return bold, text[len(bold):].strip(), True

@@ -16,6 +16,7 @@ and places these where they stand in reading order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ _A_CLASS = re.compile(r"(^|[-_])(answer|faq[-_]?a|faq[-_]?(content|body|panel|te
 _DL_NOT_FAQ = {"field-list", "footnote", "citation", "option-list", "py", "cpp", "c", "js", "rst", "function",
                "class", "method", "attribute", "exception", "describe", "glossary"}
 _PANEL_TAGS = {"div", "section", "dd", "ul", "ol", "p", "article"}
+_ANCHOR_SEARCH = 64  # elements searched for an id inside a question; the anchor opens it
+_LABEL_CHARS = 2000  # a longer "question" is a broken page's everything-after, not a label
 # JSON-LD answer text is HTML only when it holds a real tag: a closing tag, or a known tag
 # written in lower case. "Press <Enter> to confirm" or "<Select> a plan" is plain text.
 _HTML_TAG = re.compile(r"</[a-zA-Z][\w-]*\s*>|<([a-z][a-z0-9]*)(?:\s[^<>]*)?/?>")
@@ -62,7 +65,7 @@ def anchor_of(*nodes: Node | None) -> str | None:
         parent = node.parent
         if node.tag in HEADINGS and parent is not None and parent.get("id") and next(parent.elements(), None) is node:
             return parent.get("id")  # Sphinx and many themes put the id on the <section> a heading opens
-        for inner in node.iter():
+        for inner in itertools.islice(node.iter(), _ANCHOR_SEARCH):
             if inner.get("id") or (inner.tag == "a" and inner.get("name")):
                 return inner.get("id") or inner.get("name")
     return None
@@ -71,6 +74,7 @@ def anchor_of(*nodes: Node | None) -> str | None:
 def candidates(content: Node) -> list[Candidate]:
     """Questions found by markup (microdata, details, accordions, class pairs, dl), outer ones included."""
     ids = {n.get("id"): n for n in content.iter() if n.get("id")}
+    following = _next_elements(content)
     found: list[Candidate] = []
     for node in content.iter():
         itemtype = node.get("itemtype").lower()
@@ -80,17 +84,17 @@ def candidates(content: Node) -> list[Candidate]:
                            & set(n.get("itemprop").lower().split())), None)
             if name is not None and answer is not None:
                 text = next((n for n in answer.iter() if "text" in n.get("itemprop").split()), answer)
-                found.append(Candidate(node, heading_text(name), [text], "microdata", anchor_of(node, name), name,
+                found.append(Candidate(node, _label(name), [text], "microdata", anchor_of(node, name), name,
                                         explicit=True))
         elif node.tag == "details":
             summary = next((n for n in node.elements() if n.tag == "summary"), None)
             if summary is not None:
                 body = [c for c in node.children if c is not summary]
                 rest = [n for n in body if isinstance(n, Node)]
-                found.append(Candidate(node, heading_text(summary), rest, "details", anchor_of(node, summary),
+                found.append(Candidate(node, _label(summary), rest, "details", anchor_of(node, summary),
                                         summary, body=body))
         elif node.tag == "dl" and not set(node.classes()) & _DL_NOT_FAQ:
-            found.extend(_dlcandidates(node))
+            found.extend(_dl_candidates(node))
         else:
             target = _toggle_target(node)
             panel = ids.get(target) if target else None
@@ -98,14 +102,14 @@ def candidates(content: Node) -> list[Candidate]:
                     and node.get("role") != "button":
                 panel, node = node, ids[node.get("aria-labelledby")]
             if panel is not None and not panel.contains(node) and not node.contains(panel):
-                heading = next((a for a in [node, *list(node.ancestors())[:3]] if a.tag in HEADINGS), None)
-                found.append(Candidate(heading or node, heading_text(node), [panel], "accordion",
+                heading = next((a for a in [node, *itertools.islice(node.ancestors(), 3)] if a.tag in HEADINGS), None)
+                found.append(Candidate(heading or node, _label(node), [panel], "accordion",
                                         anchor_of(heading or node, panel), node))
             elif any(_Q_CLASS.search(c) for c in node.classes()):
-                sibling = _next_element(node)
+                sibling = following.get(id(node))
                 if sibling is not None and any(_A_CLASS.search(c) for c in sibling.classes()):
                     explicit = any("question" in c for c in node.classes())
-                    found.append(Candidate(node, heading_text(node), [sibling], "class",
+                    found.append(Candidate(node, _label(node), [sibling], "class",
                                             anchor_of(node, node.parent), node, explicit))
     # One question found twice (a Bootstrap header is both an aria toggle and a class pair): keep the first.
     unique: dict[int, Candidate] = {}
@@ -129,58 +133,83 @@ def _toggle_target(node: Node) -> str | None:
     return None
 
 
-def _next_element(node: Node) -> Node | None:
-    if node.parent is None:
-        return None
-    siblings = node.parent.children
-    i = next(k for k, c in enumerate(siblings) if c is node)
-    for sibling in siblings[i + 1:]:
-        if isinstance(sibling, Node):
-            return sibling
-        if sibling.strip():
-            return None
-    return None
+def _next_elements(content: Node) -> dict[int, Node]:
+    """Each element → its next sibling element, when only white space lies between them."""
+    following: dict[int, Node] = {}
+    for node in content.iter():
+        previous: Node | None = None
+        for child in node.children:
+            if isinstance(child, Node):
+                if previous is not None:
+                    following[id(previous)] = child
+                previous = child
+            elif child.strip():
+                previous = None
+    return following
 
 
-def _dlcandidates(dl: Node) -> list[Candidate]:
+def _label(node: Node) -> str:
+    """The question text of an element ("" when it is too long to be one)."""
+    return heading_text(node) if node.text_head(_LABEL_CHARS)[1] else ""
+
+
+def _dl_candidates(dl: Node) -> list[Candidate]:
     # HTML5 allows each <dt>/<dd> group to be wrapped in a <div>.
     entries = [n for child in dl.elements()
                for n in ([child] if child.tag in ("dt", "dd") else child.elements()) if n.tag in ("dt", "dd")]
     found: list[Candidate] = []
     for i, node in enumerate(entries):
         if node.tag == "dt" and i + 1 < len(entries) and entries[i + 1].tag == "dd":
-            answers = []
-            for later in entries[i + 1:]:
-                if later.tag != "dd":
-                    break
-                answers.append(later)
-            found.append(Candidate(node, heading_text(node), answers, "dl", anchor_of(node), node))
+            end = i + 1
+            while end < len(entries) and entries[end].tag == "dd":
+                end += 1
+            found.append(Candidate(node, _label(node), entries[i + 1:end], "dl", anchor_of(node), node))
     return found
 
 
-def resolve(cands: list[Candidate]) -> tuple[dict[int, Candidate], dict[int, Candidate]]:
-    """Split candidates into questions and categories (items whose panel holds further questions)."""
+def resolve(cands: list[Candidate], content: Node) -> tuple[dict[int, Candidate], dict[int, Candidate]]:
+    """Split candidates into questions and categories (items whose panel holds further questions).
+
+    A candidate is a category when its panel holds two or more candidates, or one that reads as
+    a question, or a heading that does. What each element holds is counted once, from below:
+    walking up from each candidate stops where the ancestors already know (no per-candidate
+    walk over its panel, which would cost the page's depth per candidate).
+    """
+    question_inside: set[int] = set()  # elements holding a question-like heading or candidate
+    found_inside: dict[int, int] = {}  # element → candidates at or below it (counted up to 2)
+    for heading in content.iter():
+        if heading.tag in HEADINGS and looks_like_question(_label(heading)):
+            _mark_up(heading, question_inside)
     ordered = sorted(cands, key=lambda c: c.root.index)
-    owner = {id(p): k for k, c in enumerate(ordered) for p in c.panels}  # panel → candidate it answers
-    inner: list[list[Candidate]] = [[] for _ in ordered]
     for cand in ordered:
-        for node in (cand.root, *cand.root.ancestors()):  # a panel may itself be the inner question
-            if id(node) in owner:
-                inner[owner[id(node)]].append(cand)
+        if looks_like_question(cand.question):
+            _mark_up(cand.root, question_inside)
+        for node in cand.root.lineage():
+            count = found_inside.get(id(node), 0)
+            if count >= 2:
+                break  # and so do all above it
+            found_inside[id(node)] = count + 1
     accepted: dict[int, Candidate] = {}
     categories: dict[int, Candidate] = {}
     accepted_panels: set[int] = set()
-    for k, cand in enumerate(ordered):
-        if any(id(a) in accepted_panels for a in (cand.root, *cand.root.ancestors())):
+    for cand in ordered:
+        if any(id(a) in accepted_panels for a in cand.root.lineage()):
             continue  # inside an accepted answer: part of that answer's text
-        headings = [h for p in cand.panels for h in p.find_all(*HEADINGS)]
-        if len(inner[k]) >= 2 or any(looks_like_question(c.question) for c in inner[k]) \
-                or any(looks_like_question(heading_text(h)) for h in headings):
+        if sum(found_inside.get(id(p), 0) for p in cand.panels) >= 2 \
+                or any(id(p) in question_inside for p in cand.panels):
             categories[id(cand.root)] = cand
         else:
             accepted[id(cand.root)] = cand
             accepted_panels.update(id(p) for p in cand.panels)
     return accepted, categories
+
+
+def _mark_up(node: Node, marked: set[int]) -> None:
+    """Add the node and its ancestors to `marked`, stopping at the first already there."""
+    for element in node.lineage():
+        if id(element) in marked:
+            return
+        marked.add(id(element))
 
 
 def jsonld_pairs(root: Node) -> list[Pair]:

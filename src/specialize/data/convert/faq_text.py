@@ -19,15 +19,26 @@ from markdown_it import MarkdownIt
 from specialize.data.convert.faq_html import read_html
 from specialize.data.convert.questions import A_PREFIX, Q_PREFIX, QUESTION_MARKS, Item, clean_question
 from specialize.data.htmltext import clean_page, render
-from specialize.data.htmltree import parse_html
+from specialize.data.htmltree import MAX_ELEMENTS, parse_html
+from specialize.errors import UserError
 
 MARKDOWN = {".md", ".markdown", ".mdown", ".mkd"}
 _KEEP_LINE = re.compile(r"^(\s*([-*•+]|\d{1,3}[.)])\s|\s{4}|\t|\s*\|)")
 _UNDERLINE = re.compile(r"^\s*(={3,}|-{3,}|~{3,}|\^{3,}|\*{3,})\s*$")
 
 
-def markdown_to_html(text: str) -> str:
-    """Render Markdown to HTML whose blocks carry `data-source-line` and whose headings carry ids."""
+def markdown_to_html(text: str, where: str | None = None) -> str:
+    """Render Markdown to HTML whose blocks carry `data-source-line` and whose headings carry ids.
+
+    Raises:
+        UserError: the text has more lines than a page may have elements (`htmltree.MAX_ELEMENTS`):
+            markdown-it would spend minutes and gigabytes on a million headings before the
+            element limit could be checked.
+    """
+    lines = text.count("\n") + 1
+    if lines > MAX_ELEMENTS:
+        raise UserError(f"{lines:,} lines, over the {MAX_ELEMENTS:,}-line limit for one Markdown page "
+                        "(generated or broken?); split it, or leave it out", path=where)
     md = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
     tokens = md.parse(text)
     slugs: dict[str, int] = {}
@@ -52,16 +63,16 @@ def _mark_raw_lines(html: str, first_line: int) -> str:
     return re.sub(r"<[a-zA-Z][\w-]*", mark, html)
 
 
-def read_markdown(text: str, *, name_says_faq: bool = False) -> tuple[list[Item], bool]:
+def read_markdown(text: str, *, name_says_faq: bool = False, where: str | None = None) -> tuple[list[Item], bool]:
     """FAQ items of a Markdown page, and whether the page is an FAQ (first heading or file name)."""
-    html = markdown_to_html(text)
-    items, page_is_faq, _ = read_html(html, name_says_faq=name_says_faq, parser_lines=False)
+    html = markdown_to_html(text, where)
+    items, page_is_faq, _ = read_html(html, name_says_faq=name_says_faq, parser_lines=False, where=where)
     return items, page_is_faq
 
 
-def markdown_text(text: str) -> str:
+def markdown_text(text: str, where: str | None = None) -> str:
     """Readable text of a Markdown page."""
-    return render(clean_page(parse_html(markdown_to_html(text), parser_lines=False)))
+    return render(clean_page(parse_html(markdown_to_html(text, where), parser_lines=False, where=where)))
 
 
 def read_plain(text: str) -> list[Item]:

@@ -6,7 +6,10 @@ Kind detection when `kind` is `auto`:
 - a .jsonl file whose first row has `messages` is a chat file;
 - .html/.htm/.md/.markdown/.txt/.rst files are FAQ pages (pages without questions go to the
   generator when one is set, see `convert`).
-Folders are searched recursively (hidden files and the output file itself are skipped).
+Folders are searched recursively (hidden files and the output file itself are skipped). A link
+inside a folder is followed only when it stays inside that folder: a link to a file elsewhere
+would put that file into the dataset (and, with a generator, send it to the endpoint), so it is
+skipped and named in the summary. Files named on the command line are read as given.
 """
 
 from __future__ import annotations
@@ -22,6 +25,11 @@ from specialize.errors import UserError
 
 PAGE_SUFFIXES = {".html", ".htm", ".xhtml", ".md", ".markdown", ".mdown", ".mkd", ".txt", ".text", ".rst"}
 CHAT_SUFFIXES = {".csv", ".jsonl"}
+
+
+def leads_out(path: Path, folder: Path) -> bool:
+    """True when `path` (inside `folder`, or a link there) resolves to somewhere outside `folder`."""
+    return not path.resolve().is_relative_to(folder.resolve())
 
 
 @dataclass
@@ -48,16 +56,20 @@ def is_slack_export(path: Path) -> bool:
     return False
 
 
-def find_inputs(cfg: ConvertConfig, skip: set[Path]) -> list[Input]:
+def find_inputs(cfg: ConvertConfig, skip: set[Path]) -> tuple[list[Input], list[str]]:
     """Expand `cfg.inputs` into files (or Slack exports) with their kinds.
 
     Args:
         cfg: the convert config.
         skip: resolved paths never to read (the output and the generator cache).
+
+    Returns:
+        the inputs, and the links inside input folders that were not followed (they lead out).
     """
     if not cfg.inputs:
         raise UserError("nothing to convert: give one or more files or folders as inputs")
     found: list[Input] = []
+    links_out: list[str] = []
     for raw in cfg.inputs:
         path = Path(raw)
         if not path.exists():
@@ -69,6 +81,8 @@ def find_inputs(cfg: ConvertConfig, skip: set[Path]) -> list[Input]:
         elif path.is_dir():
             files = [f for f in sorted(path.rglob("*")) if f.is_file() and f.resolve() not in skip
                      and not any(part.startswith(".") for part in f.relative_to(path).parts)]
+            links_out += [_display(f) for f in files if leads_out(f, path)]
+            files = [f for f in files if not leads_out(f, path)]
             kinds = [(f, _kind_in_folder(f, cfg)) for f in files]
             kept = [Input(f, _display(f), kind) for f, kind in kinds if kind is not None]
             if not kept:
@@ -81,7 +95,7 @@ def find_inputs(cfg: ConvertConfig, skip: set[Path]) -> list[Input]:
     unique: dict[Path, Input] = {}
     for item in found:
         unique.setdefault(item.path.resolve(), item)
-    return list(unique.values())
+    return list(unique.values()), links_out
 
 
 def _kind_in_folder(path: Path, cfg: ConvertConfig) -> str | None:

@@ -22,6 +22,7 @@ import zipfile
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
+from specialize.data.convert.inputs import leads_out
 from specialize.data.io import read_text
 from specialize.errors import UserError
 
@@ -33,6 +34,7 @@ _ESCAPE = re.compile(r"<([^<>\n]+)>")
 # error instead of filling memory. Real exports have day files of a few MB.
 MAX_MEMBER_BYTES = 256 * 2**20
 MAX_EXPORT_BYTES = 4 * 2**30
+LINKED_OUT = "file linked from outside the export"  # counted, never read (see _Export.load)
 
 
 class _Export:
@@ -43,8 +45,10 @@ class _Export:
         if path.is_dir():
             self.names = [p.relative_to(path).as_posix() for p in path.rglob("*.json")]
             self.zip = None
+            self.linked_out = 0
         else:
             self.zip = zipfile.ZipFile(path)
+            self.linked_out = 0  # a zip holds no links
             names = [n for n in self.zip.namelist() if n.endswith(".json")]
             # Exports zipped from their folder put everything under one top-level directory.
             root = min((n[:-len("users.json")] for n in names if n.endswith("users.json")), key=len)
@@ -58,6 +62,13 @@ class _Export:
     def load(self, name: str, required: bool = True):
         if self.zip is None:
             file = self.path / name
+            if file.exists() and leads_out(file, self.path):
+                # A link to a file elsewhere would put that file's text into the dataset.
+                if name in ("users.json", "channels.json"):
+                    raise UserError("is a link that leads out of the Slack export folder; not followed",
+                                    path=self.where(name))
+                self.linked_out += 1
+                return []
             if not file.is_file():
                 if required:
                     raise UserError("missing from the Slack export", path=self.where(name))
@@ -155,6 +166,7 @@ def _read(export: _Export) -> tuple[list[dict], Counter]:
                 raise UserError("expected a list of messages", path=export.where(day_file))
             messages += [(m, day_file) for m in day if isinstance(m, dict) and m.get("ts")]
         rows += _threads(folder, messages, users, channels, export, dropped)
+    dropped[LINKED_OUT] += export.linked_out
     return rows, dropped
 
 
