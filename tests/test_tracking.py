@@ -18,10 +18,10 @@ import yaml
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import QA8
 from specialize.config import FinetuneConfig
 from specialize.errors import UserError
 from specialize.tracking import Trackers, accelerator_kwargs, flat_config, tracker_values
+from helpers import QA8
 
 ROWS = [  # two training rows (the second without a gradient norm, as under DeepSpeed) and an eval
     {"step": 1, "epoch": 0.5, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.75, "tokens": 100, "tokens_per_s": 1000.0,

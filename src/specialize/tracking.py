@@ -12,8 +12,8 @@ unless the user configured it, and the files land in the run folder:
 Trackio reads its folder once, when it is imported, so it cannot follow a per-run folder; its
 local store is what `trackio show` reads anyway.
 
-The lead of one run wires it as: `Accelerator(**accelerator_kwargs(cfg.report_to, out))`, then
-`Trackers(accelerator, cfg, out, project)`, `.log(row, step)` per metrics row, `.finish()` at the end.
+Used as: `Accelerator(**accelerator_kwargs(cfg.report_to, out))`, then `with Trackers(accelerator,
+cfg, out, project) as trackers:` around the loop, `trackers.log(row, step)` for every metrics row.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from specialize.errors import UserError
 
@@ -43,7 +43,7 @@ NAMES = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/
          "tokens_per_s": "train/tokens_per_s", "eval_loss": "eval/loss", "eval_ppl": "eval/perplexity"}
 
 
-def accelerator_kwargs(report_to: Iterable[str], run_dir: Path) -> dict:
+def accelerator_kwargs(report_to: Iterable[str], run_dir: Path | None) -> dict:
     """Keyword arguments for `accelerate.Accelerator` that log to `report_to` in `run_dir`.
 
     Empty `report_to`: `{}`, and no tracker package is imported. Raises `UserError` when a
@@ -52,6 +52,8 @@ def accelerator_kwargs(report_to: Iterable[str], run_dir: Path) -> dict:
     names = list(dict.fromkeys(report_to))
     if not names:
         return {}
+    if run_dir is None:
+        raise ValueError(f"trackers {names} need the run folder to write into")
     for name in names:
         if name not in PACKAGES:
             raise UserError(f"unknown tracker {name!r} (use {', '.join(PACKAGES)})", field="report_to")
@@ -158,6 +160,12 @@ class Trackers:
             values = tracker_values(row)
             if values:
                 self.accelerator.log(values, step=step)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()  # also when training stops early (a stop signal, an error): the files stay readable
 
     def finish(self) -> None:
         """Close every tracker, writing out its files.
