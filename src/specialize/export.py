@@ -154,7 +154,7 @@ GGUF: `python llama.cpp/convert_hf_to_gguf.py {name} --outfile {name}/{name}.ggu
 
 def _write_modelfile(cfg: ExportConfig, folder: Path, name: str, weights: str = ".") -> dict:
     """The Ollama Modelfile for the exported `folder`; returns what the marker file records about it."""
-    translation = translate(load_tokenizer(folder))
+    translation = translate(load_tokenizer(folder, cfg.trust_remote_code))
     try:
         text = modelfile(str(cfg.model), translation, weights, name)
     except UserError as e:  # a system message Ollama cannot quote: no Modelfile rather than a wrong one
