@@ -37,6 +37,24 @@ EXPECTED = {
          'Yes, within 14 days, if the contents are undamaged.',
          {'anchor': 'collapse5', 'line': 88, 'via': 'accordion'}),
     ],
+    'docbook_faq.html': [  # nested question sections; navigation bars and the table of contents left out
+        ('How do I install Widgetron?',
+         'Widgetron runs on Linux, macOS and Windows. There are two ways to install it; pick the one that fits '
+         'how you deploy.', {'anchor': 'faq-install', 'line': 2, 'via': 'heading'}),
+        ('Can I install it with pip?', 'Yes: run `pip install widgetron` in a virtual environment.',
+         {'anchor': 'faq-pip', 'line': 5, 'via': 'heading'}),
+        ('Can I build it from source?', 'Yes. Clone the repository and run `make install`; you need a C compiler.',
+         {'anchor': 'faq-source', 'line': 7, 'via': 'heading'}),
+        ('Why does the service not start?',
+         'Almost always because of the port or the configuration file; the service log names which.',
+         {'anchor': 'faq-start', 'line': 10, 'via': 'heading'}),
+        ('What if the port is already in use?', 'Set another port with `--port`, or stop the program that holds it.',
+         {'anchor': 'faq-port', 'line': 12, 'via': 'heading'}),
+        ('What if it cannot read its configuration?', 'Make the file readable by the `widgetron` user.',
+         {'anchor': 'faq-perm', 'line': 14, 'via': 'heading'}),
+        ('Where are the log files?', 'In `/var/log/widgetron/`, one file per day.',
+         {'anchor': 'faq-logs', 'line': 17, 'via': 'heading'}),
+    ],
     'github_faq.md': [
         ('What is `quill`?',
          '`quill` is a command-line tool that formats Markdown tables. It reads from standard input when no '
@@ -238,6 +256,18 @@ def test_title_question_over_questions_is_not_a_question():
     <h2>Shipping</h2><h3>Do you ship abroad?</h3><p>To the EU.</p>"""
     rows, _ = extract_pairs(Path("h.html"), html, "h.html")
     assert [(r["question"], r["answer"]) for r in rows] == [("Do you ship abroad?", "To the EU.")]
+
+
+def test_a_section_question_with_an_introduction_keeps_it_as_its_answer():
+    # DocBook-style nesting: the parent question is answered by its introduction, up to the first
+    # sub-question; without an introduction it stays a heading over its questions.
+    html = """<title>FAQ</title><h2>2. How do I pay?</h2><p>By card or by invoice.</p>
+    <h3>2.1. Which cards?</h3><p>Visa.</p><h3>2.2. Can I get an invoice?</h3><p>Yes.</p>
+    <h2>3. Why was I charged twice?</h2><h3>3.1. Is it a pending hold?</h3><p>It drops off in a day.</p>"""
+    rows, _ = extract_pairs(Path("p.html"), html, "p.html")
+    assert [(r["question"], r["answer"]) for r in rows] == [
+        ("How do I pay?", "By card or by invoice."), ("Which cards?", "Visa."), ("Can I get an invoice?", "Yes."),
+        ("Is it a pending hold?", "It drops off in a day.")]
 
 
 def test_accordion_category_holds_questions():

@@ -26,7 +26,8 @@ BLOCK = {"address", "article", "aside", "blockquote", "body", "caption", "center
 JUNK_TOKENS = {"breadcrumb", "breadcrumbs", "skip-link", "screen-reader-text", "sr-only", "visually-hidden",
                "headerlink", "anchorjs-link", "header-anchor", "sphinxsidebar", "comments", "comments-area",
                "comment-respond", "share", "sharing", "social-share", "cookie-notice", "cookie-banner",
-               "consent-banner", "toc", "table-of-contents"}
+               "consent-banner", "toc", "table-of-contents",
+               "navheader", "navfooter"}  # DocBook's previous/up/next bars
 JUNK_ROLES = {"navigation", "banner", "contentinfo", "search", "complementary"}
 # Links that only move the reader around ("Back to top", "Return to Table of Contents"), and
 # permalink marks, which count only as same-page links ("Top" may also be a real page).

@@ -14,7 +14,8 @@ Which headings are questions:
   "Frequently asked questions" opens a section), headings at level 2 or deeper that hold
   no further questions; a heading that goes straight into sub-questions or accordion items
   is a category (details in `_question_headings`).
-A question-like heading over further questions ("How can we help?") is a page title.
+A question-like heading over further questions ("How can we help?") is a page title, unless it
+is a section heading (h2 or deeper) with its own introduction: then the introduction answers it.
 
 Documentation that is not an FAQ (`--kind docs`) goes through the same reader, so it yields
 pairs only from explicit questions; turning plain prose into Q&A needs `--generator` (see llm.py).
@@ -109,9 +110,14 @@ def _question_headings(items: list[Item], page_is_faq: bool) -> tuple[set[int], 
             swallowed.update(section.subheadings)
     questions -= swallowed
     # A question-like title over further questions ("How can we help?") is a title, not a question.
+    # But a section heading that asks a question, answers it in an introduction and then goes
+    # into sub-questions (DocBook and other generated FAQs nest them so) keeps that question:
+    # its answer is the introduction, up to the first sub-question.
     for i in sorted(questions, reverse=True):
         section = _section(items, i)
-        if section.strong or section.weak_pairs >= 2 or questions & set(section.subheadings):
+        nested = questions & set(section.subheadings)
+        answered = section.intro and items[i].level >= 2 and looks_like_question(items[i].text)
+        if section.strong or section.weak_pairs >= 2 or (nested and not answered):
             questions.discard(i)
     return questions, in_scope
 

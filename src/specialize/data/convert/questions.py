@@ -23,7 +23,7 @@ QUESTION_MARKS = ("?", "？", "؟", "\u037e")  # Latin, full-width, Arabic, Gree
 Q_PREFIX = re.compile(r"^\s*(?:Q|Ques|Question)\s*\d{0,3}\s*[:.)]\s*(?=\S)", re.I)
 A_PREFIX = re.compile(r"^\s*(?:A|Ans|Answer)\s*\d{0,3}\s*[:.)]\s+", re.I)
 A_COLON_INLINE = re.compile(r"\s(?:A|Answer)\s*:\s+")
-_NUMBERING = re.compile(r"^\s*(?:\d{1,3}|[ivx]{1,4})\s*[.)]\s+", re.I)
+_NUMBERING = re.compile(r"^\s*(?:\d{1,3}(?:\.\d{1,3})*|[ivx]{1,4})\s*[.)]\s+", re.I)  # "3.", "3.1.", "iv)"
 _INTERROGATIVE = re.compile(
     r"^(?:(?:how|what|why|when|where|who|whom|whose|which)(?:'s|\s+(?:do|does|did|is|are|was|were|can|could|"
     r"should|would|will|shall|may|might|must|has|have|to))|(?:can|could|do|does|did|is|are|should|will|would|"
