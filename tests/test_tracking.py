@@ -143,6 +143,10 @@ def test_mlflow_logs_to_a_local_store_in_the_run_folder_unless_the_user_set_one(
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "train/loss")] == LOSSES
     assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "eval/loss")] == [(2, 1.5)]
     assert found.data.params["learning_rate"] == "0.001" and found.data.params["base"] == "base-model"
+    # mlflow's tracking URI is process-wide: left set, the next run in this process would log here
+    import mlflow
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_tracking_uri() != store
 
     # The user's store and telemetry setting win (and the first run left mlflow's process-wide URI unset).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
