@@ -157,12 +157,7 @@ def test_generate_renders_as_transformers_and_stops_at_the_end_of_turn(name, met
     assert completions[0].completion_tokens == len(answer_ids)
 
 
-QWEN3_THINK_BUG = pytest.mark.xfail(strict=True, reason=(
-    "generate.py keeps Qwen3's empty '<think>\\n\\n</think>\\n\\n' block (which the template renders before "
-    "every final answer) in Completion.text, so eval scores it against the reference: exact match 0"))
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=QWEN3_THINK_BUG) if n == "qwen3" else n for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_eval_scores_the_trained_answers(name, runs, data):
     metrics = run_eval(EvalConfig(model=str(runs(name, "full")), data=str(data), task="qa", json_output=True))
     assert (metrics["exact_match"], metrics["stop_rate"]) == (1.0, 1.0)

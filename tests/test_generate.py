@@ -208,3 +208,12 @@ def test_sampling_follows_temperature_top_p_and_seed(tiny_llama):
     # the generate() and stream_ids paths take the same settings
     streamed = generator.stream_ids(prompt[0], max_new_tokens=12, temperature=1.0, seed=0)
     assert (streamed.text, streamed.completion_tokens) == samples[0]
+
+
+def test_a_leading_reasoning_block_is_split_off_the_answer():
+    from specialize.generate import split_reasoning
+
+    assert split_reasoning("<think>\n\n</think>\n\nParis.") == ("", "Paris.")
+    assert split_reasoning("<think>France's capital.</think>Paris.") == ("France's capital.", "Paris.")
+    assert split_reasoning("Paris. <think>late</think>") == (None, "Paris. <think>late</think>")
+    assert split_reasoning("Paris.") == (None, "Paris.")

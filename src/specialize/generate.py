@@ -14,6 +14,7 @@ a streamed or served answer is the `generate` answer for the same prompt and set
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,22 @@ class _TokenSink(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+_REASONING = re.compile(r"\A\s*<think>(.*?)</think>\s*", re.S)
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer): a leading `<think>…</think>` block, as Qwen3 and DeepSeek-R1 style
+    templates train the model to write before its answer, split off the answer (None if absent).
+
+    Scoring an answer against a reference must not count the reasoning (Qwen3 writes an empty
+    `<think>\n\n</think>\n\n` before every final answer).
+    """
+    found = _REASONING.match(text)
+    if found is None:
+        return None, text
+    return found.group(1).strip(), text[found.end():]
 
 
 class ContextOverflow(ValueError):

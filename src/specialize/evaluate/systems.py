@@ -107,7 +107,7 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
         UserError: an example's prompt (with its retrieved context) plus `max_new_tokens` does not
             fit the model's context; it names the example's file and line.
     """
-    from specialize.generate import ContextOverflow  # here: scoring a predictions file needs no torch
+    from specialize.generate import ContextOverflow, split_reasoning  # here: scoring a predictions file needs no torch
 
     start = time.perf_counter()
     conversations, contexts = build_conversations(examples, retriever, top_k)
@@ -131,7 +131,8 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
     seconds = time.perf_counter() - start
     rows = []
     for i, (example, messages, context, c) in enumerate(zip(examples, conversations, contexts, completions)):
-        rows.append({"index": i, "question": question_of(example), "prediction": c.text,
+        reasoning, answer = split_reasoning(c.text)  # a <think> block is not part of the answer scored
+        rows.append({"index": i, "question": question_of(example), "prediction": answer, "reasoning": reasoning,
                      "reference": example.reference, "stopped": c.stopped, "finish_reason": c.finish_reason,
                      "context": context, "prompt_tokens": c.prompt_tokens,
                      "completion_tokens": c.completion_tokens, "source": example.source, "messages": messages})
