@@ -23,7 +23,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from specialize.errors import UserError
 
@@ -62,7 +62,7 @@ def accelerator_kwargs(report_to: Iterable[str], run_dir: Path | None) -> dict:
             raise UserError(f"--report-to {name} needs the {package} package: pip install {package}",
                             field="report_to")
     if "mlflow" in names:
-        # mlflow starts its usage telemetry (a request to mlflow.org) when it is imported, which
+        # mlflow starts its usage telemetry (config.mlflow-telemetry.io) when it is imported, which
         # init_trackers does next; the user's own setting of the variable wins.
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from accelerate.utils import ProjectConfiguration
@@ -161,7 +161,7 @@ class Trackers:
             if values:
                 self.accelerator.log(values, step=step)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Trackers:  # noqa: PYI034 (typing.Self is Python 3.11+; we support 3.10)
         return self
 
     def __exit__(self, *exc) -> None:
