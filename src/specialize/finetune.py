@@ -22,6 +22,7 @@ from specialize.data.formats import Example, load_examples
 from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
+from specialize.files import append_jsonl
 from specialize.memory import estimate_memory
 from specialize.model import (add_lora, count_parameters, load_model, load_tokenizer, model_dir,
                               pick_dtype, set_generation_ids)
@@ -95,6 +96,8 @@ def finetune(cfg: FinetuneConfig) -> RunDir:
 def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
     main = accelerator.is_main_process
     tokenizer = load_tokenizer(cfg.base, cfg.trust_remote_code)
+    if cfg.objective != "sft":
+        return _finetune_preferences(cfg, run, accelerator, tokenizer)
     examples = load_examples(cfg.data, cfg.system_prompt)
     if cfg.eval_data:
         train_examples, eval_examples = examples, load_examples(cfg.eval_data, cfg.system_prompt)
@@ -130,6 +133,29 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
             _warn("no eval example is left, so this run reports no eval loss")
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
+    model, cfg, trainable, total = _prepare_model(cfg, accelerator, choices)
+    run.begin(cfg, kind="finetune", main=main, say=console.print)
+    accelerator.wait_for_everyone()  # the old run's outputs are gone before anyone writes
+
+    model, result = train(model, train_items, eval_items, cfg, run.path, pad_id=pad_token_id(tokenizer),
+                          accelerator=accelerator)
+    if main:
+        install_template(tokenizer, template, cfg.system_prompt)
+        set_generation_ids(model, tokenizer)
+        summary = result.summary() | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
+                                    "objective": cfg.objective, "template": template.name,
+                                    "trainable_parameters": trainable, "total_parameters": total,
+                                    "dropped": dict(report.dropped)}
+        run.finish(model, tokenizer, summary, state_dict=result.full_state_dict)
+        console.print(f"done: {result.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s, "
+                      f"final loss {result.train_loss:.4f} → {run.model}")
+    accelerator.wait_for_everyone()
+    return run
+
+
+def _prepare_model(cfg: FinetuneConfig, accelerator, choices: list) -> tuple:
+    """Load the base, resolve method and learning rate, add LoRA: (model, resolved cfg, trainable, total)."""
+    main = accelerator.is_main_process
     method = cfg.method
     model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, quantize_4bit=method == "qlora",
                        dtype=_weights_dtype(cfg, accelerator.device), merge_adapter=True)  # a LoRA run: merged
@@ -153,19 +179,94 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
     if main:
         console.print(f"model: {total:,} parameters, {trainable:,} trainable ({cfg.method})")
         console.print(str(estimate_memory(model, cfg, cfg.method)))
-    run.begin(cfg, kind="finetune", main=main, say=console.print)
-    accelerator.wait_for_everyone()  # the old run's outputs are gone before anyone writes
+    return model, cfg, trainable, total
 
-    model, result = train(model, train_items, eval_items, cfg, run.path, pad_id=pad_token_id(tokenizer),
-                          accelerator=accelerator)
+
+def _finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokenizer) -> RunDir:
+    """--objective dpo|orpo|kto: preference rows → the same loop with a preference loss and batch source."""
+    from specialize.data.preference import check_preferences, encode_preferences, load_preferences, unpair
+    from specialize.objectives.preference import (REFERENCE_FILE, PreferenceBatches, PreferenceLoss,
+                                                  compute_reference, load_reference, save_reference)
+
+    main = accelerator.is_main_process
+    prefs = load_preferences(cfg.data, cfg.system_prompt)
+    eval_prefs = load_preferences(cfg.eval_data, cfg.system_prompt) if cfg.eval_data else []
+    if cfg.objective == "kto":
+        prefs, eval_prefs = unpair(prefs), unpair(eval_prefs)
+    elif unpaired := next((p for p in prefs if not p.is_pair), None):
+        raise UserError(f"--objective {cfg.objective} needs pairs (prompt/chosen/rejected, or OpenAI's "
+                        f"preferred_output/non_preferred_output); prompt/completion/label rows train with "
+                        f"--objective kto (first: {unpaired.source})")
+    multi_turn = any(len(p.prompt) > 1 for p in prefs)  # a system message or earlier turns: chatml
+    template = resolve_template(cfg.template, tokenizer, {"messages"} if multi_turn else {"qa"})
+    context = defaults.model_context(cfg.base, cfg.trust_remote_code)
+    if context is not None and cfg.max_seq_tokens is not None and context < cfg.max_seq_tokens:
+        raise UserError(f"--max-seq-tokens {cfg.max_seq_tokens} is longer than the {context} positions "
+                        f"'{cfg.base}' holds; lower it to at most {context}, or leave it unset")
+    limit = cfg.max_seq_tokens or context or defaults.TEXT_WINDOW * 64
+    findings = check_preferences(prefs)
+    if findings and not cfg.allow_data_errors:
+        raise UserError(f"data has {len(findings)} error(s), first: {findings[0].message} "
+                        "(--allow-data-errors trains anyway)")
+    if main:
+        for finding in findings:
+            _warn(finding.message)
+    items, report = encode_preferences(prefs, tokenizer, template, limit)
+    eval_items = [i.chosen for i in encode_preferences(eval_prefs, tokenizer, template, limit, required=False)[0]]
+    choices = []
+    if cfg.max_seq_tokens is None:
+        longest = max(len(s.input_ids) for i in items for s in (i.chosen, i.rejected, i.mismatched) if s is not None)
+        choices.append(defaults.max_seq_tokens(context, longest, False))
+        cfg = cfg.model_copy(update={"max_seq_tokens": choices[-1].value})
+    unit = "rows" if cfg.objective == "kto" else "pairs"
+    if main:
+        for line in report.lines():
+            _warn(line)
+        console.print(f"data: {len(items)} {unit}, {len(eval_items)} eval answers, template '{template.name}', "
+                      f"objective {cfg.objective} (beta {cfg.beta})")
+
+    model, cfg, trainable, total = _prepare_model(cfg, accelerator, choices)
+    lora = cfg.method in ("lora", "qlora")
+    run.begin(cfg, kind="finetune", main=main, say=console.print)
+    accelerator.wait_for_everyone()
+    reference_path = run.path / REFERENCE_FILE
+    reference = "none (orpo)" if cfg.objective == "orpo" else "the base with adapters disabled" if lora else None
+    if reference is None:
+        # Full training: the reference is the model as it is now, scored once, before the loop changes it.
+        if not (cfg.resume and load_reference(items, reference_path)):
+            if main:
+                console.print(f"reference log-probs: scoring {len(items)} {unit} with the base model")
+            model.to(accelerator.device)
+            compute_reference(model, items, pad_token_id(tokenizer), cfg.micro_batch_size, accelerator.device)
+            if main:
+                save_reference(items, reference_path)
+        reference = f"precomputed ({REFERENCE_FILE})"
+    elif main and not cfg.resume:
+        reference_path.unlink(missing_ok=True)  # an earlier full run's, which this run does not use
+
+    objective = PreferenceLoss(cfg.objective, cfg.beta, cfg.dpo_loss)
+    metrics = run.metrics_path
+
+    def log_rewards(step: int, row: dict) -> None:
+        if rewards := objective.row():
+            append_jsonl(metrics, {"step": step} | rewards)
+
+    model, result = train(model, [], eval_items, cfg, run.path, pad_id=pad_token_id(tokenizer),
+                          accelerator=accelerator, loss=objective,
+                          batches=PreferenceBatches(items, cfg, pad_token_id(tokenizer)), callback=log_rewards)
     if main:
         install_template(tokenizer, template, cfg.system_prompt)
         set_generation_ids(model, tokenizer)
-        summary = result.summary() | {"base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
-                                    "template": template.name, "trainable_parameters": trainable,
-                                    "total_parameters": total, "dropped": dict(report.dropped)}
+        summary = result.summary() | {
+            "base": cfg.base, "base_model_dir": model_dir(cfg.base), "method": cfg.method,
+            "objective": cfg.objective, "beta": cfg.beta, "reference": reference, "template": template.name,
+            "trainable_parameters": trainable, "total_parameters": total, unit: len(items),
+            "dropped": dict(report.dropped)}
+        if cfg.objective == "dpo":
+            summary["dpo_loss"] = cfg.dpo_loss
+        summary[f"{unit}_trained"] = summary.pop("tokens")  # the loop counts weight units: here, examples
         run.finish(model, tokenizer, summary, state_dict=result.full_state_dict)
-        console.print(f"done: {result.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s, "
+        console.print(f"done: {result.steps} steps, {result.tokens:,} {unit} in {result.seconds:.1f}s, "
                       f"final loss {result.train_loss:.4f} → {run.model}")
     accelerator.wait_for_everyone()
     return run
