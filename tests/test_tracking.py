@@ -231,13 +231,29 @@ def test_the_training_loop_curve_reaches_tensorboard(tmp_path, tiny_llama):
     run = tmp_path / "run"
     cfg = FinetuneConfig(max_steps=3, micro_batch_size=4, learning_rate=3e-3, warmup_steps=0, progress=False,
                          report_to=["tensorboard"])
-    accelerator = Accelerator(**accelerator_kwargs(cfg.report_to, run))
-    trackers = Trackers(accelerator, cfg, run, "specialize")
-    train(AutoModelForCausalLM.from_pretrained(tiny_llama), items, [], cfg, run, pad_id=pad_token_id(tokenizer),
-          accelerator=accelerator, callback=lambda step, row: trackers.log(row, step))
-    trackers.finish()
+    # the loop builds its accelerator with the trackers and logs every metrics row to them
+    train(AutoModelForCausalLM.from_pretrained(tiny_llama), items, [], cfg, run, pad_id=pad_token_id(tokenizer))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(run / "tensorboard" / "specialize")).Reload()
     assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("train/loss")] == \
            [(r["step"], r["loss"]) for r in rows if "loss" in r]
     assert len(rows) == 3
+
+
+def test_finetune_report_to_tensorboard_writes_the_loss_curve_into_the_run(tmp_path, tiny_llama):
+    """Done when TensorBoard reads a run's loss curve from its folder: through `finetune` itself."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import QA8
+    from specialize.config import FinetuneConfig
+    from specialize.finetune import finetune
+
+    out = tmp_path / "run"
+    run = finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=out, max_steps=3, micro_batch_size=4,
+                                  warmup_steps=0, progress=False, report_to=["tensorboard"]))
+    events = EventAccumulator(str(out / "tensorboard" / "specialize"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    expected = [(row["step"], row["loss"]) for row in run.read_metrics() if "loss" in row]
+    assert [step for step, _ in logged] == [1, 2, 3]
+    assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(logged, expected))

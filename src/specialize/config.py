@@ -56,8 +56,8 @@ class TrainConfig(StageConfig):
     progress: bool = Field(True, description="show a progress bar")
     report_to: list[str] = Field(
         default_factory=list, description="experiment trackers to log to, repeated or comma-separated: tensorboard, "
-                                          "wandb, mlflow, trackio (files go into the run folder; wandb and mlflow also "
-                                          "work offline)")
+                                          "wandb, mlflow, trackio (tensorboard, wandb and mlflow write into the run "
+                                          "folder, offline unless configured; trackio uses its own local store)")
 
     @field_validator("report_to", mode="before")
     @classmethod

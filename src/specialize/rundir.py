@@ -34,6 +34,7 @@ from filelock import FileLock, Timeout
 from specialize.config import StageConfig, save_config
 from specialize.errors import UserError
 from specialize.files import append_jsonl, write_dir_atomic, write_json, write_jsonl
+from specialize.tracking import RUN_FILES
 
 MARKER = ".specialize-run"
 LOCK = ".lock"
@@ -43,7 +44,8 @@ TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "train_summary.json"
-OUTPUTS = (CONFIG, TOKENIZER, METRICS, CHECKPOINTS, MODEL, SUMMARY)  # what a fresh run replaces
+# what a fresh run replaces: its own files, and the experiment trackers' (tracking.py)
+OUTPUTS = (CONFIG, TOKENIZER, METRICS, CHECKPOINTS, MODEL, SUMMARY, *RUN_FILES)
 
 # Locks this process holds, by run folder: held until `finish` or exit, not until a RunDir object
 # happens to be garbage-collected (a FileLock releases itself when it is).

@@ -32,7 +32,7 @@ import os
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -53,6 +53,7 @@ from specialize.packing import Collator, attention_cost, packing_is_exact
 from specialize.preemption import StopSignals
 from specialize.progress import progress_bar
 from specialize.rundir import MetricsLog
+from specialize.tracking import Trackers, accelerator_kwargs
 
 
 @dataclass
@@ -72,7 +73,7 @@ class TrainResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "full_state_dict"}
 
 
-def make_accelerator(precision: str) -> Accelerator:
+def make_accelerator(precision: str, report_to: Sequence[str] = (), run_dir: Path | None = None) -> Accelerator:
     """bf16 autocast on GPUs that support it (precision=auto), fp32 on CPU.
 
     Picks up `torchrun` / `accelerate launch` environments. accelerate only takes the
@@ -86,7 +87,8 @@ def make_accelerator(precision: str) -> Accelerator:
         mixed = "bf16"
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    return Accelerator(mixed_precision=mixed, cpu=launched and not torch.cuda.is_available() and not xpu)
+    return Accelerator(mixed_precision=mixed, cpu=launched and not torch.cuda.is_available() and not xpu,
+                       **accelerator_kwargs(report_to, run_dir))
 
 
 def is_sharded(accelerator: Accelerator) -> bool:
@@ -122,6 +124,7 @@ class _Loop:
     packed: bool
     collate: Collator | None
     metrics: MetricsLog
+    trackers: Trackers
     start_step: int = 0
     tokens_done: int = 0  # weight units trained on (target tokens for SFT and pre-training)
     elapsed_before: float = 0.0  # seconds of the run before a resume
@@ -154,7 +157,8 @@ def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: Tra
     """
     loop = _start(model, train_items, cfg, Path(out), pad_id, accelerator, batches)
     callback = callback or on_step
-    with StopSignals() as signals, progress_bar(cfg.progress and loop.accelerator.is_main_process, info=True) as bar:
+    with StopSignals() as signals, progress_bar(cfg.progress and loop.accelerator.is_main_process, info=True) as bar, \
+            loop.trackers:
         task = bar.add_task("train", total=loop.total_steps, completed=loop.start_step, info="")
         for step in range(loop.start_step, loop.total_steps):
             loss_value, grad_norm, weight = _optimizer_step(loop, step, loss)
@@ -177,7 +181,7 @@ def train(model, train_items: list[Encoded], eval_items: list[Encoded], cfg: Tra
 def _start(model, train_items: list[Encoded], cfg: TrainConfig, out: Path, pad_id: int,
            accelerator: Accelerator | None, batches: BatchSource | None) -> _Loop:
     """Prepare model and optimizer, pick the batch source, and resume from a checkpoint if asked."""
-    accelerator = accelerator or make_accelerator(cfg.precision)
+    accelerator = accelerator or make_accelerator(cfg.precision, cfg.report_to, out)
     world, sharded = accelerator.num_processes, is_sharded(accelerator)
     if cfg.gradient_checkpointing:
         _enable_activation_checkpointing(model)
@@ -217,7 +221,8 @@ def _start(model, train_items: list[Encoded], cfg: TrainConfig, out: Path, pad_i
     out.mkdir(parents=True, exist_ok=True)
     loop = _Loop(accelerator, model, optimizer, scheduler, batches, cfg, out, steps_per_epoch, total_steps,
                  cfg.micro_batch_size * cfg.grad_accum_steps * world, only_targets, packed, collate,
-                 MetricsLog(out / "metrics.jsonl", accelerator.is_main_process))
+                 MetricsLog(out / "metrics.jsonl", accelerator.is_main_process),
+                 Trackers(accelerator, cfg, out, "specialize"))
     # Dropout draws from here on: seeded per process, and restored from the checkpoint on resume.
     set_seed(cfg.seed + accelerator.process_index)
     if sharded and cfg.save_every:
@@ -303,6 +308,7 @@ def _after_step(loop: _Loop, done: int, loss_value: float, grad_norm: float | No
                "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "tokens": loop.tokens_done,
                "tokens_per_s": rate, "elapsed_s": loop.elapsed()}
         loop.metrics.write(row)
+        loop.trackers.log(row, done)
         if callback and accelerator.is_main_process:
             callback(done, row)
         loop.window_tokens, loop.window_start = 0, time.perf_counter()
@@ -310,7 +316,9 @@ def _after_step(loop: _Loop, done: int, loss_value: float, grad_norm: float | No
     if eval_items and (done % eval_every == 0 or done == loop.total_steps):
         loop.eval_loss = evaluate_loss(loop.model, eval_items, cfg, accelerator, pad_id, loop.collate,
                                        loop.only_targets)
-        loop.metrics.write({"step": done, "eval_loss": loop.eval_loss, "eval_ppl": math.exp(min(loop.eval_loss, 50))})
+        row = {"step": done, "eval_loss": loop.eval_loss, "eval_ppl": math.exp(min(loop.eval_loss, 50))}
+        loop.metrics.write(row)
+        loop.trackers.log(row, done)
     save_every = cfg.save_every or loop.steps_per_epoch
     if done % save_every == 0 and done < loop.total_steps and not is_sharded(accelerator):
         _save_checkpoint(accelerator, loop.model, loop.optimizer, loop.scheduler, loop.out / "checkpoints", cfg,
