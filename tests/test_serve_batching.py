@@ -165,3 +165,15 @@ def test_a_short_streamed_request_ends_while_a_long_one_started_earlier_still_ru
             running.result()
         assert short.json()["usage"]["completion_tokens"] == 3
         assert ended["short"] < ended["long"]
+
+
+def test_a_stop_string_that_begins_in_the_prompt_does_not_cut_the_answer(generator):
+    prompt = PROMPTS[2]  # "Open the file": its greedy answer repeats " file"
+    greedy = alone(generator, job(generator, prompt, 8)).text
+    assert prompt.endswith("e") and greedy.startswith(" file file")
+    stopped = job(generator, prompt, 8, stop=["e f"])  # "...fil|e| f|ile": begins in the prompt, then in the answer
+    expected = alone(generator, stopped)
+    # HF's stop_strings ended this answer after " file" with no stop string in it; the answer's own match is at " fil"
+    assert (expected.text, expected.finish_reason) == (" fil", "stop")
+    done = run(RunningBatch(generator), {0: [job(generator, PROMPTS[1], 8), stopped]})
+    assert (done[stopped][1].text, done[stopped][1].finish_reason) == (" fil", "stop")

@@ -136,6 +136,21 @@ class _Cancelled(StoppingCriteria):
         return torch.tensor([bool(flag()) for flag in self.flags], dtype=torch.bool, device=input_ids.device)  # (B,)
 
 
+class _StopStrings(StoppingCriteria):
+    """Stops each row once one of `stop` is in its answer (after column `width`). HF's `stop_strings`
+    also match one that begins in the prompt ("...file" + " f" for "e f"), cutting answers short."""
+
+    def __init__(self, generator: "Generator", width: int, stop: list[str]):
+        self.generator, self.width, self.stop = generator, width, stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = []
+        for row in input_ids[:, self.width:].tolist():
+            text = self.generator.tokenizer.decode(row[: self.generator._first_stop(row)], skip_special_tokens=True)
+            done.append(any(s in text for s in self.stop))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
+
+
 def _safe_end(text: str, stop: list[str]) -> int:
     """How much of `text` can be shown now: never a stop string, nor a piece that may become one."""
     end = len(text)
@@ -271,9 +286,8 @@ class Generator:
         for row, ids in enumerate(prompts):  # left padding: every prompt ends where generation starts
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids):] = 1
-        kwargs = self._sampling(max(budgets), temperature, top_p, stop)
-        if cancelled is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled(cancelled)])
+        kwargs = self._sampling(max(budgets), temperature, top_p)
+        kwargs["stopping_criteria"] = self._criteria(width, stop, cancelled)
         output = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                      **kwargs)
         new_tokens = output[:, width:].tolist()  # (B, new)
@@ -323,9 +337,8 @@ class Generator:
 
         if seed is not None:
             seed_sampling(seed)
-        kwargs = self._sampling(max_new_tokens, temperature, top_p, stop)
-        if cancelled is not None:
-            kwargs["stopping_criteria"] = StoppingCriteriaList([_Cancelled([cancelled])])
+        kwargs = self._sampling(max_new_tokens, temperature, top_p)
+        kwargs["stopping_criteria"] = self._criteria(len(prompt_ids), stop, None if cancelled is None else [cancelled])
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_TokenSink(on_tokens),
                             **kwargs)
@@ -335,17 +348,18 @@ class Generator:
             on_text(completion.text[len(shown):])  # whatever was held back at the end
         return completion
 
-    def _sampling(self, max_new_tokens: int, temperature: float, top_p: float, stop: list[str]) -> dict:
-        """`model.generate` arguments: greedy at temperature 0 (or below `GREEDY_BELOW`), else sampling
-        with nucleus `top_p`."""
+    def _criteria(self, width: int, stop: list[str], cancelled: list[Callable[[], bool]] | None) -> StoppingCriteriaList:
+        return StoppingCriteriaList(([_StopStrings(self, width, stop)] if stop else [])
+                                    + ([_Cancelled(cancelled)] if cancelled is not None else []))
+
+    def _sampling(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
+        """`model.generate` arguments: greedy at temperature 0 (or below `GREEDY_BELOW`), else nucleus sampling."""
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                       use_cache=True)
         if not is_greedy(temperature):
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if stop:
-            kwargs.update(stop_strings=stop, tokenizer=self.tokenizer)
         return kwargs
 
     def _finish(self, tokens: list[int], prompt_tokens: int, max_new_tokens: int, stop: list[str],

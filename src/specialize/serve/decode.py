@@ -120,7 +120,7 @@ class RunningBatch:
 
     def _row(self, job) -> Row:
         s = job.sampling
-        kwargs = self.generator._sampling(job.max_tokens, s.temperature, s.top_p, [])
+        kwargs = self.generator._sampling(job.max_tokens, s.temperature, s.top_p)
         # The processors `model.generate` would apply for these settings and the model's own
         # generation_config (its top_k, repetition penalty, ...): answers equal `generate_ids`.
         config, _ = self.model._prepare_generation_config(None, **kwargs)
