@@ -232,6 +232,22 @@ def test_finetune_accepts_the_pretrain_run_as_base(base_run, tmp_path):
     assert (out / "model" / "model.safetensors").is_file()
 
 
+def test_resume_reuses_the_token_files_and_refuses_changed_text(tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in _stdlib_docs().values()])
+    first = pretrain(_config(tmp_path, [str(data)], max_steps=2, save_every=1, micro_batch_size=4))
+    files = {p.name for p in (first / "data").iterdir()}
+    assert files == {"train.bin", "eval.bin", "shards.json"} and _summary(first)["data_dir"] == str(first / "data")
+    os.utime(first / "data" / "train.bin", ns=(1, 1))  # re-tokenising would rewrite it
+    vocab = load_tokenizer(first).get_vocab()
+    resumed = pretrain(_config(tmp_path, [str(data)], max_steps=3, save_every=1, micro_batch_size=4, resume=True))
+    assert (resumed / "data" / "train.bin").stat().st_mtime_ns == 1
+    assert _summary(resumed)["steps"] == 3 and load_tokenizer(resumed).get_vocab() == vocab
+
+    data.write_text(data.read_text(encoding="utf-8").replace("the", "a"), encoding="utf-8")
+    with pytest.raises(UserError, match="cannot resume from .*step-\\d+: the training data or its tokenisation changed"):
+        pretrain(_config(tmp_path, [str(data)], max_steps=4, save_every=1, micro_batch_size=4, resume=True))
+
+
 # --- inputs -------------------------------------------------------------------------------------
 
 

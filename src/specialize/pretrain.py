@@ -4,26 +4,33 @@
     specialize finetune --base runs/base --data faq.jsonl --out runs/faq
 
 The pipeline, one function per step:
-1. `read_documents`: text files, folders of text, or rows with a `text` field → documents;
+1. `shards.Documents`: text files, folders of text, or rows with a `text` field → documents,
+   streamed from the files on every pass (the corpus is never held in memory);
 2. `prepare_tokenizer`: an existing tokenizer, or a byte-level BPE trained here on the text;
-3. `tokenize_documents` + `pack_blocks`: one stream doc + EOS + doc + EOS …, cut into
-   consecutive blocks of `max_seq_tokens`; the last partial block is dropped and reported;
-4. `split_held_out`: seeded whole documents held out for perplexity (a share of blocks when there
+3. `shards.prepare`: one stream doc + EOS + doc + EOS …, tokenised in batches into token files
+   in `data/`, cut into consecutive blocks of `max_seq_tokens` read through a memory map; the
+   last partial block is dropped and reported;
+4. held out while writing: seeded whole documents for perplexity (a share of blocks when there
    are too few documents), so no held-out block shares a document with training;
 5. the shared training loop (`specialize.train.train`), from a seeded random init.
+
+The in-memory functions (`read_documents`, `pack_blocks`, `split_held_out`, `to_items`) define
+what the token files hold: the tests check the files against them.
 
 The run folder matches finetune's: `config.yaml`, `metrics.jsonl`, `checkpoints/`,
 `train_summary.json`, and `model/`, a plain HF folder with no chat template (it is a base
 model), which `specialize finetune --base RUN` and `AutoModelForCausalLM.from_pretrained` load.
-A locally trained tokenizer is also kept in `tokenizer/`, so `--resume` uses the same one.
+A locally trained tokenizer is also kept in `tokenizer/`, so `--resume` uses the same one, and
+the token files in `data/` (see `specialize.shards`), which `--resume` reuses when the text,
+tokenizer and split settings are unchanged.
 """
 
 from __future__ import annotations
 
 import math
-import random
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,20 +38,21 @@ from rich.console import Console
 from transformers import AutoTokenizer
 
 from specialize.config import PretrainConfig
-from specialize.data.io import read_source
 from specialize.data.tokenize import IGNORE, Encoded, pad_token_id
 from specialize.errors import UserError
 from specialize.files import write_dir_atomic
 from specialize.model import (SIZES, build_config, build_model, context_length, count_parameters, load_tokenizer,
                               model_dir, set_generation_ids)
 from specialize.rundir import TOKENIZER, RunDir
+from specialize.shards import (MIN_BLOCKS_FOR_EVAL, Documents, ShardBatches, Shards, held_documents, prepare,
+                               split_blocks)
+from specialize.shards import tokenize_documents  # noqa: F401  (re-exported: the in-memory API)
 from specialize.tokenizer import train_bpe
 from specialize.train import evaluate_loss, make_accelerator, train
 
 console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
 
-MIN_BLOCKS_FOR_EVAL = 10  # fewer blocks are all trained on: one held-out block says little
-MIN_DOCUMENTS_FOR_EVAL = 10  # fewer documents: blocks are held out instead of whole documents
+DATA = "data"  # the run's token files (specialize.shards)
 
 
 def read_documents(sources: list[str]) -> list[str]:
@@ -52,26 +60,9 @@ def read_documents(sources: list[str]) -> list[str]:
 
     Whitespace-only documents are skipped (they would only add an EOS). Any other row shape is a
     `UserError` naming the file, line and field, since pre-training has no use for Q&A pairs.
+    `pretrain` streams them instead (`shards.Documents`); this list is for small data and tests.
     """
-    if not sources:
-        raise UserError("no data given (use --data FILE_OR_FOLDER: text files, folders of text, or JSONL with 'text')")
-    documents: list[str] = []
-    for source in sources:
-        for path, records in read_source(source).items():
-            for record in records:
-                if "text" not in record.data:
-                    keys = ", ".join(sorted(record.data)) or "none"
-                    raise UserError(f"missing (found keys: {keys}); pre-training reads plain text files or rows "
-                                    "with a 'text' field", path=path, line=record.line, field="text")
-                text = record.data["text"]
-                if not isinstance(text, str):
-                    raise UserError(f"expected a string, got {type(text).__name__}", path=path, line=record.line,
-                                    field="text")
-                if text.strip():
-                    documents.append(text)
-    if not documents:
-        raise UserError(f"no text to pre-train on in {', '.join(map(str, sources))} (every document is empty)")
-    return documents
+    return list(Documents(sources))
 
 
 def _load_existing_tokenizer(ref: str, trust_remote_code: bool):
@@ -89,8 +80,9 @@ def _load_existing_tokenizer(ref: str, trust_remote_code: bool):
     return load_tokenizer(ref, trust_remote_code)
 
 
-def prepare_tokenizer(cfg: PretrainConfig, documents: list[str], out: Path, accelerator):
-    """`cfg.tokenizer` when given, else a byte-level BPE trained on `documents` and kept in `out/tokenizer/`.
+def prepare_tokenizer(cfg: PretrainConfig, documents: Iterable[str], out: Path, accelerator):
+    """`cfg.tokenizer` when given, else a byte-level BPE trained on `documents` (streamed: one pass)
+    and kept in `out/tokenizer/`.
 
     The main process trains and saves; every process then loads the saved files, so all ranks
     (and a resumed run, which reuses the folder) tokenise with exactly the same vocabulary.
@@ -101,14 +93,14 @@ def prepare_tokenizer(cfg: PretrainConfig, documents: list[str], out: Path, acce
         saved = out / "tokenizer"
         reuse = cfg.resume and (saved / "tokenizer.json").is_file()
         if accelerator.is_main_process and not reuse:
-            chars = sum(map(len, documents))
             started = time.perf_counter()
-            status = (console.status(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size:,}) "
-                                     f"on {chars / 1e6:.1f}M characters…") if cfg.progress else nullcontext())
+            status = (console.status(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size:,})…")
+                      if cfg.progress else nullcontext())
             with status:
                 trained = train_bpe(documents, vocab_size=cfg.vocab_size)
             write_dir_atomic(saved, trained.save_pretrained)
-            console.print(f"tokenizer: byte-level BPE, {len(trained):,} tokens, trained in "
+            chars = f" on {documents.chars:,} characters" if isinstance(documents, Documents) else ""
+            console.print(f"tokenizer: byte-level BPE, {len(trained):,} tokens, trained{chars} in "
                           f"{time.perf_counter() - started:.1f}s → {saved}")
         accelerator.wait_for_everyone()
         tokenizer = _load_existing_tokenizer(str(saved), trust_remote_code=False)
@@ -116,29 +108,6 @@ def prepare_tokenizer(cfg: PretrainConfig, documents: list[str], out: Path, acce
     tokenizer.chat_template = None
     tokenizer.init_kwargs.pop("specialize_template", None)
     return tokenizer
-
-
-@contextmanager
-def _no_length_warning(tokenizer):
-    """Documents are longer than the model's context on purpose (they are cut into blocks
-    afterwards); lift `model_max_length` meanwhile so transformers does not warn about it."""
-    saved = tokenizer.model_max_length
-    tokenizer.model_max_length = int(1e30)
-    try:
-        yield
-    finally:
-        tokenizer.model_max_length = saved
-
-
-def tokenize_documents(tokenizer, documents: list[str]) -> list[list[int]]:
-    """Token ids of every document, in one batched call of the fast tokenizer (parallel in Rust).
-
-    Special tokens written in the text ("<|endoftext|>" in a document about tokenizers) are read
-    as text: only `pack_blocks` puts EOS ids between documents.
-    """
-    with _no_length_warning(tokenizer):
-        return tokenizer(documents, add_special_tokens=False, return_attention_mask=False,
-                         split_special_tokens=True)["input_ids"]
 
 
 @dataclass
@@ -170,17 +139,6 @@ def pack_blocks(token_docs: list[list[int]], eos_id: int, block_tokens: int) -> 
     return Blocks(blocks, block_tokens, documents, len(stream), len(stream) - n_blocks * block_tokens)
 
 
-def split_blocks(blocks: list[list[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Seeded (train, held-out) blocks: `fraction` of them, at least one once there are 10 or more."""
-    if fraction <= 0 or len(blocks) < MIN_BLOCKS_FOR_EVAL:
-        return blocks, []
-    order = list(range(len(blocks)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(blocks) - 1, max(1, round(len(blocks) * fraction)))  # keep a block to train on
-    held = set(order[:n_eval])
-    return [b for i, b in enumerate(blocks) if i not in held], [b for i, b in enumerate(blocks) if i in held]
-
-
 @dataclass
 class HeldOut:
     """Training and held-out blocks, and how they were split ("documents", "blocks" or "none")."""
@@ -203,11 +161,8 @@ def split_held_out(token_docs: list[list[int]], eos_id: int, block_tokens: int, 
     text file), or when the held-out documents fill no block, blocks are held out instead.
     """
     docs = [ids for ids in token_docs if ids]
-    if fraction > 0 and len(docs) >= MIN_DOCUMENTS_FOR_EVAL:
-        order = list(range(len(docs)))
-        random.Random(seed).shuffle(order)
-        n_eval = min(len(docs) - 1, max(1, round(len(docs) * fraction)))
-        held = set(order[:n_eval])
+    held = held_documents(len(docs), fraction, seed)
+    if held:
         train = pack_blocks([d for i, d in enumerate(docs) if i not in held], eos_id, block_tokens)
         evaluation = pack_blocks([d for i, d in enumerate(docs) if i in held], eos_id, block_tokens)
         if train.blocks and evaluation.blocks:
@@ -252,7 +207,7 @@ def pretrain(cfg: PretrainConfig) -> RunDir:
     # Every block has the same length, so padded batches hold no padding and are plain (B, T)
     # tensors; packing would only concatenate them into one long row with restarting positions.
     run_cfg = cfg.model_copy(update={"packing": False})
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.report_to, cfg.out)
     main = accelerator.is_main_process
     with RunDir.start(cfg, inputs=[*cfg.data, cfg.tokenizer, None if cfg.size in SIZES else cfg.size],
                       main=main) as run:
@@ -263,28 +218,30 @@ def _pretrain(cfg: PretrainConfig, run_cfg: PretrainConfig, run: RunDir, acceler
     main, out = accelerator.is_main_process, run.path
 
     show = main and cfg.progress
-    with console.status("reading text…") if show else nullcontext():
-        documents = read_documents(cfg.data)
+    documents = Documents(cfg.data)
     tokenizer = prepare_tokenizer(cfg, documents, out, accelerator)
-    started = time.perf_counter()
-    with console.status(f"tokenising {len(documents):,} documents…") if show else nullcontext():
-        packed = split_held_out(tokenize_documents(tokenizer, documents), tokenizer.eos_token_id,
-                                cfg.max_seq_tokens, cfg.eval_fraction, cfg.seed)
-    if not packed.train:
+    started, folder = time.perf_counter(), out / DATA
+    if main:  # one process writes the token files; every process maps them
+        with console.status("reading and tokenising the text…") if show else nullcontext():
+            reused = prepare(folder, documents, tokenizer, cfg.max_seq_tokens, cfg.eval_fraction, cfg.seed,
+                             reuse=cfg.resume)
+    accelerator.wait_for_everyone()
+    packed = Shards(folder)
+    train_items, eval_items = packed.train, packed.eval
+    if not train_items:
         raise UserError(f"the text is {packed.stream_tokens:,} tokens, less than one block of --max-seq-tokens "
                         f"{cfg.max_seq_tokens}; add text or lower --max-seq-tokens")
-    train_blocks, eval_blocks = packed.train, packed.eval
-    train_items, eval_items = to_items(train_blocks), to_items(eval_blocks)
     if main:
-        console.print(f"data: {packed.documents:,} documents, {packed.stream_tokens:,} tokens (tokenised in "
-                      f"{time.perf_counter() - started:.1f}s) → {len(train_blocks):,} training blocks of "
-                      f"{cfg.max_seq_tokens} tokens, {len(eval_blocks):,} held out (by {packed.by}); the partial "
-                      f"block at the end of each ({packed.dropped_tokens:,} tokens) is dropped")
-        if not eval_blocks:
+        how = "reused from the earlier run" if reused else f"tokenised in {time.perf_counter() - started:.1f}s"
+        console.print(f"data: {packed.documents:,} documents, {packed.stream_tokens:,} tokens ({how}, {folder}) → "
+                      f"{len(train_items):,} training blocks of {cfg.max_seq_tokens} tokens, {len(eval_items):,} "
+                      f"held out (by {packed.by}); the partial block at the end of each "
+                      f"({packed.dropped_tokens:,} tokens) is dropped")
+        if not eval_items:
             console.print(f"warning: no held-out perplexity: fewer than {MIN_BLOCKS_FOR_EVAL} blocks "
                           "or eval_fraction 0")
 
-    run.begin(run_cfg, kind="pretrain", main=main, keep=[TOKENIZER], say=console.print)  # tokenizer/: this run's
+    run.begin(run_cfg, kind="pretrain", main=main, keep=[TOKENIZER, DATA], say=console.print)  # this run's
     accelerator.wait_for_everyone()
     model = _build_model(cfg, tokenizer).to(accelerator.device)
     _, parameters = count_parameters(model)
@@ -294,7 +251,10 @@ def _pretrain(cfg: PretrainConfig, run_cfg: PretrainConfig, run: RunDir, acceler
     if main:
         console.print(f"model: {cfg.size}, {parameters:,} parameters, vocab {len(tokenizer):,}"
                       + (f"; random-init eval loss {initial_eval_loss:.3f}" if initial_eval_loss is not None else ""))
-    model, result = train(model, train_items, eval_items, run_cfg, out, pad_id=pad_id, accelerator=accelerator)
+    # Blocks come from the map as micro-batches need them; the fingerprint is the files' digest.
+    batches = ShardBatches(train_items, run_cfg, packed.fingerprint)
+    model, result = train(model, train_items, eval_items, run_cfg, out, pad_id=pad_id, accelerator=accelerator,
+                          batches=batches)
     if eval_items and result.eval_loss is None:  # resumed after the last step: nothing ran, still report
         result.eval_loss = evaluate_loss(model, eval_items, run_cfg, accelerator, pad_id)
     if main:
@@ -305,8 +265,9 @@ def _pretrain(cfg: PretrainConfig, run_cfg: PretrainConfig, run: RunDir, acceler
             "tokens_per_s": result.tokens / max(result.seconds, 1e-9), "size": cfg.size,
             "tokenizer": cfg.tokenizer or str(out / "tokenizer"), "vocab_size": len(tokenizer),
             "block_tokens": cfg.max_seq_tokens, "documents": packed.documents,
-            "corpus_tokens": packed.stream_tokens, "train_blocks": len(train_blocks),
-            "eval_blocks": len(eval_blocks), "held_out_by": packed.by, "dropped_tokens": packed.dropped_tokens}
+            "corpus_tokens": packed.stream_tokens, "train_blocks": len(train_items),
+            "eval_blocks": len(eval_items), "held_out_by": packed.by, "dropped_tokens": packed.dropped_tokens,
+            "data_dir": str(folder)}
         run.finish(model, tokenizer, summary, state_dict=result.full_state_dict)
         held_out = (f", held-out perplexity {summary['eval_perplexity']:.2f} (eval loss {result.eval_loss:.3f}, "
                     f"random init {initial_eval_loss:.3f})" if result.eval_loss is not None else "")
