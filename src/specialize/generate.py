@@ -140,7 +140,7 @@ class _StopStrings(StoppingCriteria):
     """Stops each row once one of `stop` is in its answer (after column `width`). HF's `stop_strings`
     also match one that begins in the prompt ("...file" + " f" for "e f"), cutting answers short."""
 
-    def __init__(self, generator: "Generator", width: int, stop: list[str]):
+    def __init__(self, generator: Generator, width: int, stop: list[str]):
         self.generator, self.width, self.stop = generator, width, stop
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:

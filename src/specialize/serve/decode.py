@@ -16,6 +16,7 @@ answer equals `Generator.generate_ids(..., seed=)` whoever shares the batch.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,14 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 
-from specialize.generate import SEED_SPACE, Completion, Generator, _safe_end, _stops, is_greedy
+from specialize.generate import (
+    SEED_SPACE,
+    Completion,
+    Generator,
+    _safe_end,
+    _stops,
+    is_greedy,
+)
 
 
 def supports(model) -> bool:
@@ -41,7 +49,7 @@ def supports(model) -> bool:
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _emit(row: "Row", piece: str) -> None:
+def _emit(row: Row, piece: str) -> None:
     """Stream `piece` to the row's client; a client that cannot take it leaves, without failing its neighbours."""
     try:
         row.job.on_text(piece)
@@ -71,6 +79,9 @@ class RunningBatch:
         self.mask = None  # (B, T): 1 where a row has a real token in the cache
         self.last = None  # (B,): each row's newest token, not yet in the cache
         self.positions = None  # (B,): the position id of `last`, i.e. the row's real tokens so far
+        # Prefill needs the logits of the last position only; models without `logits_to_keep` give all.
+        self.last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters \
+            else {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,7 +102,7 @@ class RunningBatch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (n, P): each prompt counts from 0
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1, :]  # (n, V)
+                            use_cache=True, **self.last_only).logits[:, -1, :]  # (n, V)
         rows = [self._row(job) for job in jobs]
         tokens = self._choose(rows, logits)
         new_last = torch.tensor(tokens, dtype=torch.long, device=self.device)
