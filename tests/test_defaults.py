@@ -114,3 +114,11 @@ def test_a_limit_beyond_the_context_is_one_clear_error(tmp_path, short_base):
     assert result.exit_code != 0
     assert "longer than the 128 positions" in str(result.exception) and not (tmp_path / "run" / "model").exists()
     assert not os.path.exists(tmp_path / "run" / "config.yaml")
+
+
+def test_the_parameter_count_comes_from_the_config_before_any_weight_loads(tiny_llama, short_base):
+    from specialize.model import count_parameters, load_model
+
+    for ref in (tiny_llama, short_base):
+        assert defaults.model_parameters(str(ref)) == count_parameters(load_model(str(ref)))[1]
+    assert defaults.model_parameters("/no/such/model") is None

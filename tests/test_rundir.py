@@ -120,3 +120,20 @@ def test_a_second_process_is_refused_at_once_and_a_killed_one_leaves_no_stale_lo
         holder.wait(timeout=30)
     run = finetune(_cfg(tiny_llama, out))  # the OS released the dead process's lock
     assert (Path(run) / "model" / "config.json").is_file()
+
+
+def test_a_run_that_failed_before_writing_anything_final_can_be_retried(tmp_path, tiny_llama):
+    """A run stopped early (Ctrl-C while tokenising, bad data) left files of its own: still its folder."""
+    out = tmp_path / "run"
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
+    with pytest.raises(UserError):
+        finetune(_cfg(tiny_llama, out).model_copy(update={"data": [str(bad)]}))
+    (out / "tokenizer").mkdir()  # as pretrain writes before it begins
+    run = finetune(_cfg(tiny_llama, out))
+    assert (Path(run) / "model" / "config.json").is_file()
+
+
+def test_resume_with_a_mistyped_out_is_refused(tmp_path, tiny_llama):
+    with pytest.raises(UserError, match="holds no run to continue"):
+        finetune(_cfg(tiny_llama, tmp_path / "no-such-run", resume=True))
+    assert not (tmp_path / "no-such-run").exists()

@@ -76,6 +76,25 @@ def learning_rate(method_name: str, parameters: int) -> Choice:
                   f"for full fine-tuning of a small model ({_count(parameters)} parameters)")
 
 
+def model_parameters(ref: str, trust_remote_code: bool = False) -> int | None:
+    """The parameter count of model `ref` from its config alone, built on the meta device (no
+    memory, no weights read), so `--method auto` is decided before the weights load in the
+    dtype that method wants. None when the config cannot be read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_dir(ref)
+    if is_adapter(path):
+        path = model_dir(adapter_base(path))
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return sum(p.numel() for p in model.parameters())  # tied weights count once
+
+
 def model_context(ref: str, trust_remote_code: bool = False) -> int | None:
     """Positions the model `ref` holds, read from its config alone (no weights loaded);
     a LoRA adapter or LoRA run answers for its base. None when unknown."""

@@ -86,10 +86,11 @@ def finetune(cfg: FinetuneConfig) -> RunDir:
     """Fine-tune and write the run folder; returns it."""
     if not cfg.base:
         raise UserError("no base model given (use --base HUB_ID_OR_FOLDER)")
-    accelerator = make_accelerator(cfg.precision)
+    accelerator = make_accelerator(cfg.precision, cfg.report_to, cfg.out)
     main = accelerator.is_main_process
     # First, before minutes of loading: a folder we may not write is refused at once.
-    with RunDir.start(cfg, inputs=[model_dir(cfg.base), *cfg.data, *cfg.eval_data, cfg.rag_docs], main=main) as run:
+    with RunDir.start(cfg, kind="finetune", inputs=[model_dir(cfg.base), *cfg.data, *cfg.eval_data, cfg.rag_docs],
+                      main=main) as run:
         return _finetune(cfg, run, accelerator)
 
 
@@ -157,10 +158,15 @@ def _prepare_model(cfg: FinetuneConfig, accelerator, choices: list) -> tuple:
     """Load the base, resolve method and learning rate, add LoRA: (model, resolved cfg, trainable, total)."""
     main = accelerator.is_main_process
     method = cfg.method
+    counted = defaults.model_parameters(cfg.base, cfg.trust_remote_code) if method == "auto" else None
+    if counted is not None:  # decided before loading, so the weights load once, in the method's dtype
+        choices.append(defaults.method(counted))
+        method = choices[-1].value
     model = load_model(cfg.base, trust_remote_code=cfg.trust_remote_code, quantize_4bit=method == "qlora",
-                       dtype=_weights_dtype(cfg, accelerator.device), merge_adapter=True)  # a LoRA run: merged
+                       dtype=_weights_dtype(cfg.model_copy(update={"method": method}), accelerator.device),
+                       merge_adapter=True)  # a LoRA run: merged
     parameters = count_parameters(model)[1]
-    if method == "auto":
+    if method == "auto":  # the config alone could not tell
         choices.append(defaults.method(parameters))
         method = choices[-1].value
         if method == "lora" and (dtype := pick_dtype(cfg.precision, accelerator.device)) != model.dtype:
@@ -212,7 +218,9 @@ def _finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokeniz
         for finding in findings:
             _warn(finding.message)
     items, report = encode_preferences(prefs, tokenizer, template, limit)
-    eval_items = [i.chosen for i in encode_preferences(eval_prefs, tokenizer, template, limit, required=False)[0]]
+    # the eval loss is on the answers the run should give: chosen, or (KTO) the desirable ones only
+    eval_items = [i.chosen for i in encode_preferences(eval_prefs, tokenizer, template, limit, required=False)[0]
+                  if getattr(i, "desirable", True)]
     choices = []
     if cfg.max_seq_tokens is None:
         longest = max(len(s.input_ids) for i in items for s in (i.chosen, i.rejected, i.mismatched) if s is not None)
@@ -237,7 +245,8 @@ def _finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokeniz
             if main:
                 console.print(f"reference log-probs: scoring {len(items)} {unit} with the base model")
             model.to(accelerator.device)
-            compute_reference(model, items, pad_token_id(tokenizer), cfg.micro_batch_size, accelerator.device)
+            with accelerator.autocast():  # as the training steps run, so step 1's log-ratio is exactly 0
+                compute_reference(model, items, pad_token_id(tokenizer), cfg.micro_batch_size, accelerator.device)
             if main:
                 save_reference(items, reference_path)
         reference = f"precomputed ({REFERENCE_FILE})"

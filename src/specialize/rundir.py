@@ -44,8 +44,9 @@ TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "train_summary.json"
+REFERENCE = "reference_logps.safetensors"  # preference objectives, full training: the reference's log-probs
 # what a fresh run replaces: its own files, and the experiment trackers' (tracking.py)
-OUTPUTS = (CONFIG, TOKENIZER, METRICS, CHECKPOINTS, MODEL, SUMMARY, *RUN_FILES)
+OUTPUTS = (CONFIG, TOKENIZER, METRICS, CHECKPOINTS, MODEL, SUMMARY, REFERENCE, *RUN_FILES)
 
 # Locks this process holds, by run folder: held until `finish` or exit, not until a RunDir object
 # happens to be garbage-collected (a FileLock releases itself when it is).
@@ -158,7 +159,7 @@ class RunDir(os.PathLike):
 
     # -- writing --------------------------------------------------------------------------------
     @classmethod
-    def start(cls, cfg: StageConfig, *, inputs: Iterable[str | os.PathLike | None] = (),
+    def start(cls, cfg: StageConfig, *, kind: str = "run", inputs: Iterable[str | os.PathLike | None] = (),
               main: bool = True) -> RunDir:
         """Claim `cfg.out` for a run, before any slow work: refuse a folder that is not ours or
         that holds this run's inputs, and lock it against a second process. Nothing is removed
@@ -180,11 +181,19 @@ class RunDir(os.PathLike):
                 shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
                 raise UserError(f"--out holds files specialize did not write ({shown}); a run writes only into a "
                                 "new or empty folder or an earlier run's folder, so give another --out", path=path)
-            if resume:
-                raise UserError("--resume: this folder holds no run to continue", path=path)
+        if resume and not cls.is_run(path):  # a typo in --out must not silently train from scratch
+            raise UserError("--resume: this folder holds no run to continue", path=path)
         path.mkdir(parents=True, exist_ok=True)
         run._acquire_lock()
-        run._check_inputs(inputs, resume)
+        try:
+            run._check_inputs(inputs, resume)
+            # Ours from now on: whatever this run writes before `begin` (pretrain's tokenizer and
+            # token shards) must not make the folder look foreign to a retry.
+            if not (path / MARKER).is_file():
+                write_json(path / MARKER, {"kind": kind, "format": 1})
+        except BaseException:
+            run.release()
+            raise
         return run
 
     def begin(self, cfg: StageConfig, *, kind: str, main: bool = True, keep: Iterable[str] = (), say=print) -> None:

@@ -229,7 +229,11 @@ def _start(model, train_items: list[Encoded], cfg: TrainConfig, out: Path, pad_i
         warnings.warn("checkpoints are not written under FSDP/DeepSpeed (no exact resume there yet); "
                       "only the final model is saved", stacklevel=3)
     if cfg.resume:
-        _resume(loop, sharded)
+        try:
+            _resume(loop, sharded)
+        except BaseException:
+            loop.trackers.finish()  # a refused resume must not leave a tracker run open
+            raise
     return loop
 
 
@@ -240,7 +244,8 @@ def _resume(loop: _Loop, sharded: bool) -> None:
                         "resume with DDP or one process")
     accelerator = loop.accelerator
     found = checkpoint.latest(loop.out / "checkpoints")
-    if found is None:
+    if found is None:  # stopped before its first checkpoint: it starts over, and so do its metrics
+        loop.metrics.truncate_after(0)
         return
     state = checkpoint.load(found, accelerator.unwrap_model(loop.model), loop.optimizer, loop.scheduler,
                             accelerator.process_index)
