@@ -195,6 +195,11 @@ def _finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokeniz
                                                   compute_reference, load_reference, save_reference)
 
     main = accelerator.is_main_process
+    if cfg.objective == "kto" and accelerator.num_processes > 1:
+        # A KTO row's KL term needs a forward on a mismatched answer that some micro-batches lack;
+        # processes would then run different forwards and their collectives would not line up.
+        raise UserError("--objective kto runs on one process for now (under torchrun/accelerate launch its "
+                        "processes would run different numbers of forwards); dpo and orpo run on several")
     prefs = load_preferences(cfg.data, cfg.system_prompt)
     eval_prefs = load_preferences(cfg.eval_data, cfg.system_prompt) if cfg.eval_data else []
     if cfg.objective == "kto":
