@@ -18,8 +18,9 @@ from specialize.data.io import read_file
 from specialize.data.tokenize import IGNORE
 from specialize.errors import UserError
 from specialize.pretrain import read_documents, split_held_out, to_items, tokenize_documents
-from specialize.shards import MANIFEST, Documents, Shards, TokenBlocks, prepare, token_dtype
-from specialize.shards import _jsonl_records as jsonl_records
+from specialize.documents import Documents
+from specialize.documents import _jsonl_records as jsonl_records
+from specialize.shards import MANIFEST, Shards, TokenBlocks, prepare, token_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "

@@ -4,7 +4,7 @@
     specialize finetune --base runs/base --data faq.jsonl --out runs/faq
 
 The pipeline, one function per step:
-1. `shards.Documents`: text files, folders of text, or rows with a `text` field → documents,
+1. `documents.Documents`: text files, folders of text, or rows with a `text` field → documents,
    streamed from the files on every pass (the corpus is never held in memory);
 2. `prepare_tokenizer`: an existing tokenizer, or a byte-level BPE trained here on the text;
 3. `shards.prepare`: one stream doc + EOS + doc + EOS …, tokenised in batches into token files
@@ -44,8 +44,9 @@ from specialize.files import write_dir_atomic
 from specialize.model import (SIZES, build_config, build_model, context_length, count_parameters, load_tokenizer,
                               model_dir, set_generation_ids)
 from specialize.rundir import TOKENIZER, RunDir
-from specialize.shards import (MIN_BLOCKS_FOR_EVAL, Documents, ShardBatches, Shards, held_documents, prepare,
-                               split_blocks)
+from specialize.documents import Documents
+from specialize.shards import (MIN_BLOCKS_FOR_EVAL, ShardBatches, Shards, held_documents, prepare, run_ticket,
+                               split_blocks, wait_for)
 from specialize.shards import tokenize_documents  # noqa: F401  (re-exported: the in-memory API)
 from specialize.tokenizer import train_bpe
 from specialize.train import evaluate_loss, make_accelerator, train
@@ -60,7 +61,7 @@ def read_documents(sources: list[str]) -> list[str]:
 
     Whitespace-only documents are skipped (they would only add an EOS). Any other row shape is a
     `UserError` naming the file, line and field, since pre-training has no use for Q&A pairs.
-    `pretrain` streams them instead (`shards.Documents`); this list is for small data and tests.
+    `pretrain` streams them instead (`documents.Documents`); this list is for small data and tests.
     """
     return list(Documents(sources))
 
@@ -84,8 +85,9 @@ def prepare_tokenizer(cfg: PretrainConfig, documents: Iterable[str], out: Path, 
     """`cfg.tokenizer` when given, else a byte-level BPE trained on `documents` (streamed: one pass)
     and kept in `out/tokenizer/`.
 
-    The main process trains and saves; every process then loads the saved files, so all ranks
-    (and a resumed run, which reuses the folder) tokenise with exactly the same vocabulary.
+    The main process trains and saves; the others call this once it has (`_pretrain` waits for
+    the token files) and load the saved files, so all ranks (and a resumed run, which reuses the
+    folder) tokenise with exactly the same vocabulary.
     """
     if cfg.tokenizer:
         tokenizer = _load_existing_tokenizer(cfg.tokenizer, cfg.trust_remote_code)
@@ -102,7 +104,6 @@ def prepare_tokenizer(cfg: PretrainConfig, documents: Iterable[str], out: Path, 
             chars = f" on {documents.chars:,} characters" if isinstance(documents, Documents) else ""
             console.print(f"tokenizer: byte-level BPE, {len(trained):,} tokens, trained{chars} in "
                           f"{time.perf_counter() - started:.1f}s → {saved}")
-        accelerator.wait_for_everyone()
         tokenizer = _load_existing_tokenizer(str(saved), trust_remote_code=False)
     # A base model has no chat template: finetune then picks a template by data shape (qa for Q&A).
     tokenizer.chat_template = None
@@ -218,13 +219,17 @@ def _pretrain(cfg: PretrainConfig, run_cfg: PretrainConfig, run: RunDir, acceler
     main, out = accelerator.is_main_process, run.path
 
     show = main and cfg.progress
-    documents = Documents(cfg.data)
-    tokenizer = prepare_tokenizer(cfg, documents, out, accelerator)
-    started, folder = time.perf_counter(), out / DATA
-    if main:  # one process writes the token files; every process maps them
+    documents, folder = Documents(cfg.data), out / DATA
+    ticket = run_ticket(accelerator)
+    if main:  # one process trains the tokenizer and writes the token files; every process maps them
+        tokenizer = prepare_tokenizer(cfg, documents, out, accelerator)
+        started = time.perf_counter()
         with console.status("reading and tokenising the text…") if show else nullcontext():
             reused = prepare(folder, documents, tokenizer, cfg.max_seq_tokens, cfg.eval_fraction, cfg.seed,
-                             reuse=cfg.resume)
+                             reuse=cfg.resume, ticket=ticket)
+    else:
+        wait_for(folder, ticket)  # polled: a collective barrier would time out (NCCL: 10 min) on a big corpus
+        tokenizer = prepare_tokenizer(cfg, documents, out, accelerator)
     accelerator.wait_for_everyone()
     packed = Shards(folder)
     train_items, eval_items = packed.train, packed.eval

@@ -28,20 +28,22 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
 import shutil
+import time
 from array import array
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from accelerate.utils import broadcast_object_list
 
 from specialize.batches import PlannedBatches
 from specialize.config import TrainConfig
-from specialize.data.io import Record, data_files, read_file, read_source
 from specialize.data.tokenize import IGNORE, Encoded
-from specialize.errors import UserError
+from specialize.documents import Documents
 from specialize.files import write_json
 
 FORMAT = 1
@@ -50,112 +52,6 @@ BATCH_DOCUMENTS = 1000  # documents per call of the fast tokenizer (parallel in 
 BATCH_CHARS = 256_000  # ... or fewer: a batch's ids and encodings take ~100 bytes per token
 MIN_BLOCKS_FOR_EVAL = 10  # fewer blocks are all trained on: one held-out block says little
 MIN_DOCUMENTS_FOR_EVAL = 10  # fewer documents: blocks are held out instead of whole documents
-
-
-# --- documents ------------------------------------------------------------------------------------
-
-
-def _jsonl_records(path: Path) -> Iterator[Record]:
-    """The rows of a UTF-8 JSONL file, one line at a time (data.io reads the whole file first).
-
-    Lines split at "\n" only and errors read as data.io's; UTF-16, binary and empty files go to
-    data.io's reader, which decodes them or names the problem.
-    """
-    with open(path, "rb") as f:
-        head = f.read(8192)
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in head or not head.strip():
-        yield from read_file(path)
-        return
-    rows = 0
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").removesuffix("\n").removesuffix("\r")
-            except UnicodeDecodeError as e:
-                raise UserError(f"not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
-                                path=path, line=number) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=number) from None
-            if not isinstance(row, dict):
-                raise UserError(f"expected a JSON object per line, got {type(row).__name__}", path=path, line=number)
-            rows += 1
-            yield Record(row, str(path), number)
-    if not rows:
-        raise UserError("file holds no rows", path=path)
-
-
-def _records(source: str) -> Iterator[Record]:
-    """Every record of a source, one file at a time (a Hugging Face dataset comes whole)."""
-    path = Path(source)
-    if not path.exists():
-        for records in read_source(source).values():  # a dataset name, or data.io's "no such file"
-            yield from records
-        return
-    for file in data_files(path):
-        if file.suffix.lower() == ".jsonl":
-            yield from _jsonl_records(file)
-            continue
-        records = read_file(file)
-        if not records:
-            raise UserError("file holds no rows", path=file)
-        yield from records
-
-
-class Documents:
-    """The documents of `sources`, read afresh on every pass; a full pass leaves their `count`.
-
-    One per text file, one per row with a `text` field, in source order. Whitespace-only
-    documents are skipped (they would only add an EOS). Any other row shape is a `UserError`
-    naming the file, line and field, since pre-training has no use for Q&A pairs.
-    """
-
-    def __init__(self, sources: list[str]):
-        if not sources:
-            raise UserError("no data given (use --data FILE_OR_FOLDER: text files, folders of text, or JSONL with "
-                            "'text')")
-        self.sources = [str(s) for s in sources]
-        self.count: int | None = None
-        self.chars = 0
-
-    def __iter__(self) -> Iterator[str]:
-        count, chars = 0, 0
-        for record in itertools.chain.from_iterable(map(_records, self.sources)):
-            if "text" not in record.data:
-                keys = ", ".join(sorted(record.data)) or "none"
-                raise UserError(f"missing (found keys: {keys}); pre-training reads plain text files or rows "
-                                "with a 'text' field", path=record.path, line=record.line, field="text")
-            text = record.data["text"]
-            if not isinstance(text, str):
-                raise UserError(f"expected a string, got {type(text).__name__}", path=record.path, line=record.line,
-                                field="text")
-            if text.strip():
-                count, chars = count + 1, chars + len(text)
-                yield text
-        if not count:
-            raise UserError(f"no text to pre-train on in {', '.join(self.sources)} (every document is empty)")
-        self.count, self.chars = count, chars
-
-    def counted(self) -> int:
-        if self.count is None:
-            for _ in self:  # a pass that only reads: the held-out split needs the total first
-                pass
-        return self.count
-
-    def key(self) -> list:
-        """What the sources are now: every local file's path, size and mtime; a dataset's name."""
-        files = []
-        for source in self.sources:
-            if not Path(source).exists():
-                files.append(source)
-                continue
-            for path in data_files(source):
-                stat = path.stat()
-                files.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        return files
 
 
 @contextmanager
@@ -273,14 +169,36 @@ def settings_key(documents: Documents, tokenizer, block_tokens: int, fraction: f
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
+def run_ticket(accelerator) -> str:
+    """One random id for this run, the same in every process (the main process's)."""
+    ticket = [os.urandom(8).hex()]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(ticket, from_process=0)
+    return ticket[0]
+
+
+def wait_for(folder: Path, ticket: str, poll_s: float = 1.0) -> None:
+    """Until the main process has written this run's shards.json (stamped with `ticket`)."""
+    while True:
+        try:
+            if json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("ticket") == ticket:
+                return
+        except (OSError, ValueError):
+            pass  # not there yet, or being replaced
+        time.sleep(poll_s)
+
+
 def prepare(folder: Path, documents: Documents, tokenizer, block_tokens: int, fraction: float, seed: int, *,
-            reuse: bool) -> bool:
+            reuse: bool, ticket: str = "") -> bool:
     """Write the token files into `folder` unless `reuse` and they match; True when reused.
 
-    The main process calls this; every process then reads them with `open_shards`.
+    The main process calls this; every process then opens them with `Shards(folder)`. shards.json
+    is stamped with `ticket`, for the processes that `wait_for` it.
     """
     key = settings_key(documents, tokenizer, block_tokens, fraction, seed)
     if reuse and _matches(folder, key):
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        write_json(folder / MANIFEST, manifest | {"ticket": ticket})
         return True
     if folder.exists():
         shutil.rmtree(folder)
@@ -316,7 +234,8 @@ def prepare(folder: Path, documents: Documents, tokenizer, block_tokens: int, fr
         files = {"train": "text.bin", "eval": "eval-blocks.bin" if evaluation else "text.bin"}
         manifest = counts | {"by": blocks, "files": files,
                              "dropped_tokens": text.tokens % block_tokens, "digest": text.digest.hexdigest()}
-    write_json(folder / MANIFEST, manifest | {"key": key, "dtype": dtype.name, "block_tokens": block_tokens})
+    write_json(folder / MANIFEST, manifest | {"key": key, "dtype": dtype.name, "block_tokens": block_tokens,
+                                              "ticket": ticket})
     return False
 
 
