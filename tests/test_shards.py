@@ -169,11 +169,11 @@ def _peak_rss_mib(argv: list[str], cwd: Path) -> float:
 
 
 def test_ten_times_the_text_costs_little_more_memory(tmp_path, tokenizer_dir):
-    """`specialize pretrain` on 0.5 MB and on 5 MB of text files, each in its own process.
+    """`specialize pretrain` on 0.25 MB and on 2.5 MB of text files, each in its own process.
 
     Holding the corpus (text, ids as Python ints, blocks) cost ~28 MiB of RSS per MB of text with
     a 4,096-token BPE (bench/pretrain_memory.py: 612 → 1,862 MiB for 5 → 50 MB) and more with
-    this 512-token one (more tokens per MB), so 4.5 MB more text would add well over 100 MiB;
+    this 512-token one (more tokens per MB), so 2.25 MB more text would add well over 100 MiB;
     streamed into token files it adds next to nothing (one tokeniser batch is capped by size).
     """
     sys.path.insert(0, str(ROOT / "bench"))
@@ -182,7 +182,7 @@ def test_ten_times_the_text_costs_little_more_memory(tmp_path, tokenizer_dir):
     finally:
         sys.path.remove(str(ROOT / "bench"))
     peaks = []
-    for megabytes in (0.5, 5):
+    for megabytes in (0.25, 2.5):
         corpus = tmp_path / f"corpus-{megabytes}"
         write_corpus(corpus, megabytes)
         peaks.append(_peak_rss_mib([sys.executable, "-m", "specialize", "pretrain", "--data", str(corpus), "--out",
@@ -190,4 +190,4 @@ def test_ten_times_the_text_costs_little_more_memory(tmp_path, tokenizer_dir):
                                     str(tokenizer_dir), "--max-steps", "1", "--micro-batch-size", "8",
                                     "--max-seq-tokens", "64", "--eval-fraction", "0.01", "--no-progress"], tmp_path))
     assert peaks[1] < 2 * peaks[0]
-    assert peaks[1] - peaks[0] < 50, peaks  # MiB for 4.5 MB more text
+    assert peaks[1] - peaks[0] < 50, peaks  # MiB for 2.25 MB more text
