@@ -4,15 +4,20 @@ functions, read lazily; reused by --resume; and a corpus ten times larger costs 
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import os
+import textwrap
+import unittest
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from specialize.data.io import read_file
 from specialize.data.tokenize import IGNORE
@@ -20,7 +25,8 @@ from specialize.errors import UserError
 from specialize.pretrain import read_documents, split_held_out, to_items, tokenize_documents
 from specialize.documents import Documents
 from specialize.documents import _jsonl_records as jsonl_records
-from specialize.shards import MANIFEST, Shards, TokenBlocks, prepare, token_dtype
+from specialize import shards
+from specialize.shards import MANIFEST, Shards, TokenBlocks, cut_text, cuttable, prepare, token_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -71,6 +77,41 @@ def test_token_files_hold_the_in_memory_blocks_and_split(tmp_path, tokenizer, si
     names = {p.name for p in (tmp_path / "data").iterdir()}
     assert names == ({"train.bin", "eval.bin", MANIFEST} if by == "documents" else
                      {"text.bin", MANIFEST} | ({"eval-blocks.bin"} if by == "blocks" else set()))
+
+
+def _docstrings() -> str:
+    """Real text with every kind of line end: prose, code, lists, blank lines, indentation."""
+    return "\n\n".join([inspect.getdoc(argparse), inspect.getdoc(json), inspect.getsource(textwrap),
+                         inspect.getdoc(unittest)])
+
+
+def test_a_long_document_is_tokenised_in_pieces_with_the_same_ids(tokenizer):
+    text = _docstrings() + "\nx\ny \nz\n w\n\nv\n's\n'\n-\n1\n2"
+    pieces = list(cut_text(text, 50))
+    assert "".join(pieces) == text and len(pieces) > 20
+    assert cuttable(tokenizer)
+    whole = tokenize_documents(tokenizer, [text])[0]
+    assert [i for piece in tokenize_documents(tokenizer, pieces) for i in piece] == whole
+    assert list(cut_text("no newline at all " * 10, 8)) == ["no newline at all " * 10]
+
+
+def test_only_a_plain_byte_level_bpe_is_cut(tokenizer):
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    for change in ({"pre_tokenizer": spec["pre_tokenizer"] | {"add_prefix_space": True}},
+                   {"normalizer": {"type": "Lowercase"}}, {"model": spec["model"] | {"dropout": 0.1}}):
+        other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec | change)))
+        assert not cuttable(other), change
+
+
+def test_token_files_are_the_same_when_long_documents_are_cut(tmp_path, tokenizer, monkeypatch):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    for name, text in (("a", _docstrings()), ("b", "short one"), ("c", _docstrings()[::-1])):
+        (data / f"{name}.txt").write_text(text, encoding="utf-8")
+    expected = _in_memory(data, tokenizer, 16, 0.0)
+    monkeypatch.setattr(shards, "BATCH_CHARS", 300)  # every docstring document is cut into pieces
+    cut = _shards(tmp_path, data, tokenizer, 16, 0.0)
+    assert cut.train.ids() == expected.train and cut.stream_tokens == expected.stream_tokens
 
 
 def test_blocks_are_built_on_access_and_slice_as_views(tmp_path):

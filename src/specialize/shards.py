@@ -26,14 +26,13 @@ tokenised again; the checkpoint's data fingerprint is the digest of the training
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import random
 import shutil
 import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,6 +86,52 @@ def _batches(documents: Documents) -> Iterator[list[str]]:
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def cuttable(tokenizer) -> bool:
+    """Whether a long text may be tokenised in `cut_text` pieces with the same ids as whole: a
+    byte-level BPE with GPT-2's split pattern, no prefix space, no normalizer, no dropout and no
+    added tokens but special ones (this project's own BPE, GPT-2's)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    pre, model = spec.get("pre_tokenizer") or {}, spec.get("model") or {}
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("add_prefix_space") is False
+            and pre.get("use_regex", True) and model.get("type") == "BPE" and not model.get("dropout")
+            and all(token.get("special") for token in spec.get("added_tokens", [])))
+
+
+def cut_text(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of about `size` characters, each cut after a newline that stands between
+    two visible characters: the split pattern starts a pre-token there anyway ("x", "\n", "y"
+    whole or cut), so a `cuttable` tokenizer gives the same ids."""
+    def visible(c: str) -> bool:
+        return c.isalnum() or "!" <= c <= "~"
+
+    start = 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size)
+        while cut != -1 and not (cut + 1 < len(text) and visible(text[cut - 1]) and visible(text[cut + 1])):
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        yield text[start: cut + 1]
+        start = cut + 1
+    yield text[start:]
+
+
+def _encoded(tokenizer, documents: Documents, cut: bool) -> Iterator[Iterable[list[int]]]:
+    """Every document's ids, in pieces: most whole, in batches; a long one piece by piece when `cut`,
+    so its ids never sit in memory as Python ints all at once."""
+    for batch in _batches(documents):
+        long = [cut and len(text) > BATCH_CHARS for text in batch]
+        short = iter(tokenize_documents(tokenizer, [t for t, x in zip(batch, long) if not x]) if not all(long) else [])
+        for text, is_long in zip(batch, long):
+            if is_long:
+                yield (tokenize_documents(tokenizer, [piece])[0] for piece in cut_text(text, BATCH_CHARS))
+            else:
+                yield [next(short)]
 
 
 # --- the held-out split ---------------------------------------------------------------------------
@@ -207,13 +252,14 @@ def prepare(folder: Path, documents: Documents, tokenizer, block_tokens: int, fr
     held = held_documents(documents.counted(), fraction, seed)
     sides = {"train": _TokenFile(folder / "train.bin", dtype), "eval": _TokenFile(folder / "eval.bin", dtype)}
     lengths = array("Q")  # each document's tokens + EOS (0: no tokens), in order: enough to merge the sides
-    index = 0
-    for batch in _batches(documents):
-        for ids in tokenize_documents(tokenizer, batch):
-            lengths.append(len(ids) + 1 if ids else 0)
-            if ids:
-                sides["eval" if index in held else "train"].add(ids, eos)
-            index += 1
+    for index, pieces in enumerate(_encoded(tokenizer, documents, cuttable(tokenizer))):
+        side, tokens = sides["eval" if index in held else "train"], 0
+        for ids in pieces:
+            side.write(np.asarray(ids, dtype=dtype))
+            tokens += len(ids)
+        if tokens:
+            side.write(np.asarray([eos], dtype=dtype))
+        lengths.append(tokens + 1 if tokens else 0)
     for side in sides.values():
         side.close()
     train_blocks, eval_blocks = (side.tokens // block_tokens for side in sides.values())
@@ -245,9 +291,6 @@ class _TokenFile:
     def __init__(self, path: Path, dtype: np.dtype):
         self.path, self.dtype, self.file = path, dtype, open(path, "wb")  # noqa: SIM115 (closed by close())
         self.tokens, self.digest = 0, hashlib.sha256()
-
-    def add(self, ids: Sequence[int], eos: int) -> None:
-        self.write(np.fromiter(itertools.chain(ids, (eos,)), dtype=self.dtype, count=len(ids) + 1))
 
     def write(self, ids: np.ndarray) -> None:
         data = ids.tobytes()
