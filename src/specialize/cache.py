@@ -9,10 +9,10 @@ marker file written last).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from specialize.files import write_dir_atomic
 
 
 def default_cache_dir() -> Path:
@@ -25,24 +25,6 @@ def default_cache_dir() -> Path:
 
 
 def build_into_place(final: Path, build: Callable[[Path], None], is_complete: Callable[[Path], bool]) -> None:
-    """Run `build(tmp)` in a new temporary sibling of `final`, then swap it in by renaming.
-
-    An old `final` (stale, or being rebuilt) is moved aside first and deleted. When another
-    process renamed its own complete build into place in the meantime, that one is kept. The
-    temporary folder is removed whatever happens, so a failed build leaves nothing behind.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build(tmp)
-        if final.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{final.name}.stale.", dir=final.parent))
-            os.replace(final, stale / "old")
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished the same build first
-            if not is_complete(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Run `build(tmp)` in a temporary sibling of `final`, then swap it in (`files.write_dir_atomic`);
+    a complete build another process renamed into place in the meantime is kept."""
+    write_dir_atomic(final, build, is_complete)

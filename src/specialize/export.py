@@ -33,6 +33,7 @@ from transformers import AutoConfig
 from specialize.config import ExportConfig
 from specialize.data.formats import load_examples
 from specialize.errors import UserError
+from specialize.rundir import RunDir
 from specialize.files import write_atomic
 from specialize.generate import Generator
 from specialize.model import (
@@ -64,7 +65,7 @@ def parity_conversations(ref: str | Path, n: int) -> list[list[dict[str, str]]]:
         return []
     conversations: list[list[dict[str, str]]] = []
     try:
-        config = yaml.safe_load((Path(ref) / "config.yaml").read_text(encoding="utf-8")) or {}
+        config = RunDir(ref).read_config()
         for example in load_examples(list(config.get("data") or []), config.get("system_prompt")):
             if example.messages and any(m["role"] == "assistant" for m in example.messages):
                 prompt = example.prompt_messages

@@ -60,27 +60,29 @@ def append_jsonl(path: str | Path, row: Any) -> None:
         f.write(jsonl_line(row))
 
 
-def write_dir_atomic(path: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Make folder `path` by `fill(tmp)` in a temporary sibling, then swap it in with renames.
+def write_dir_atomic(path: str | Path, fill: Callable[[Path], None],
+                     is_complete: Callable[[Path], bool] | None = None) -> Path:
+    """Make folder `path` by `fill(tmp)` in a new temporary sibling, then swap it in by renaming.
 
-    A crash while filling leaves the old folder (or none) and a `.NAME.tmp` that the next
-    write replaces, never a half-written `path` that looks complete.
+    A crash while filling leaves the old folder (or none), never a half-written `path` that
+    looks complete; the temporary folder is removed whatever happens. An old `path` is moved
+    aside first and deleted. When another process renamed its own build into place in the
+    meantime, that one is kept if `is_complete` says it is whole (caches built concurrently).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         fill(tmp)
-    except BaseException:
+        if path.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process put its own build there first
+            if is_complete is None or not is_complete(path):
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
     return path

@@ -24,7 +24,6 @@ re-weight the data — neither should need `--allow-data-errors`, which also let
 """
 from __future__ import annotations
 
-import math
 import re
 import unicodedata
 from collections import defaultdict
@@ -38,8 +37,9 @@ from specialize.config import LintConfig
 from specialize.data.formats import Example, load_examples
 from specialize.data.similarity import duplicates, matches, normalise
 from specialize.data.templates import Template, TemplateRaised, end_of_turn_tokens, resolve_template
-from specialize.data.tokenize import IGNORE, Encoded, encode_chat, encode_text
+from specialize.data.tokenize import Encoded, encode_chat, encode_text
 from specialize.defaults import model_context
+from specialize.data.marking import byte_tokenizer, length_report, marked, runs, trained_pieces  # noqa: F401
 from specialize.errors import UserError
 from specialize.model import load_tokenizer
 
@@ -50,7 +50,6 @@ LINT_ONLY_ERRORS = {"too_long", "duplicate", "near_duplicate"}
 WARNINGS = {"special_tokens_in_data"}
 SHOWN_SOURCES = 3
 BATCH = 512  # conversations per batched tokenizer call
-_TRAINED_RUN = re.compile(rb"\x01+")
 
 
 @dataclass
@@ -84,12 +83,6 @@ def _plural(n: int, noun: str) -> str:
 def _blank(text: str) -> bool:
     """Only whitespace and punctuation ("", " ", "...", "?!"): no answer a model can learn."""
     return all(ch.isspace() or unicodedata.category(ch).startswith("P") for ch in text)
-
-
-def _runs(labels: list[int]) -> list[tuple[int, int]]:
-    """[start, end) spans of consecutive trained positions: one per answer turn."""
-    mask = bytes(map(IGNORE.__ne__, labels))  # 1 where trained; scanned by the regex engine, not a Python loop
-    return [m.span() for m in _TRAINED_RUN.finditer(mask)]
 
 
 def _ends_with_eos(ids: list[int], tokenizer) -> bool:
@@ -162,13 +155,14 @@ def _encode_conversation(example: Example, tokenizer, template: Template, max_se
     if max_seq_tokens is not None and len(item.input_ids) > max_seq_tokens:
         found.add("too_long", example.source)
         found.longest = max(found.longest, len(item.input_ids))
-    runs = _runs(item.labels)
-    if not runs:
+    trained = runs(item.labels)
+    if not trained:
         found.add("no_trained_tokens", example.source)
     # The final answer must end in a trained EOS; earlier turns end as the template renders them.
-    elif tokenizer.eos_token_id is None or not _ends_with_eos(item.input_ids[runs[-1][0]:runs[-1][1]], tokenizer):
+    elif tokenizer.eos_token_id is None or not _ends_with_eos(item.input_ids[trained[-1][0]:trained[-1][1]],
+                                                               tokenizer):
         found.add("eos_not_trained", example.source)
-    return _Conversation(example, item, runs, prompt)
+    return _Conversation(example, item, trained, prompt)
 
 
 def _check_conversations(batch: list[_Conversation], tokenizer, found: _Found) -> None:
@@ -304,62 +298,6 @@ def check_examples(train: list[Example], eval_examples: list[Example], tokenizer
     """Everything lint finds in the data, errors first. Finetune passes `for_training=True`."""
     return analyse(train, eval_examples, tokenizer, template, max_seq_tokens, for_training=for_training,
                    near_duplicate_threshold=near_duplicate_threshold).findings
-
-
-def byte_tokenizer():
-    """A stand-in tokenizer for lint without --base: one token per UTF-8 byte, EOS `<|endoftext|>`.
-
-    It lets every template and label check run on the real code path; only lengths mean
-    something else (bytes, about 3-4 per token of a real tokenizer), so too_long is skipped.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    core.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
-
-
-def trained_pieces(item: Encoded, tokenizer) -> list[tuple[str, bool]]:
-    """The encoded example as (text, trained) pieces, read back from its labels."""
-    bounds = sorted({0, len(item.input_ids)} | {i for run in _runs(item.labels) for i in run})
-    pieces, before = [], ""
-    for a, b in zip(bounds, bounds[1:]):
-        # Decoding the growing prefix keeps the spaces and bytes that a piece decoded alone can lose.
-        upto = tokenizer.decode(item.input_ids[:b])
-        text = upto[len(before):] if upto.startswith(before) else tokenizer.decode(item.input_ids[a:b])
-        pieces.append((text, item.labels[a] != IGNORE))
-        before = upto
-    return [(text, trained) for text, trained in pieces if text]
-
-
-def marked(pieces: list[tuple[str, bool]], plain: bool) -> Text:
-    """Trained text in ⟦ ⟧ (plain) or bold green (terminal); masked text as is, or dim."""
-    out = Text()
-    for text, trained in pieces:
-        style = None if plain else "bold green" if trained else "dim"
-        out.append(f"⟦{text}⟧" if plain and trained else text, style)
-    return out
-
-
-def length_report(lengths: list[int], unit: str, bins: int = 8, width: int = 30) -> list[str]:
-    """min / median / p95 / max (nearest rank) and a text histogram of `bins` equal-width bins."""
-    ordered = sorted(lengths)
-    rank = (lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)])
-    lines = [f"{unit} per example: min {ordered[0]} · median {rank(0.5)} · p95 {rank(0.95)} · max {ordered[-1]}"]
-    step = max(1, math.ceil((ordered[-1] - ordered[0] + 1) / bins))
-    counts = [0] * math.ceil((ordered[-1] - ordered[0] + 1) / step)
-    for n in ordered:
-        counts[(n - ordered[0]) // step] += 1
-    digits, count_digits = len(str(ordered[0] + len(counts) * step - 1)), len(str(max(counts)))
-    for b, count in enumerate(counts):
-        low = ordered[0] + b * step
-        bar = "█" * max(1 if count else 0, round(count / max(counts) * width))
-        lines.append(f"  {low:>{digits}}–{low + step - 1:<{digits}} {count:>{count_digits}} {bar}".rstrip())
-    return lines
 
 
 def lint(cfg: LintConfig) -> int:

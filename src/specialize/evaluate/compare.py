@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import os
 import shutil
 from collections.abc import Mapping
@@ -39,8 +38,8 @@ from pathlib import Path
 
 from specialize.config import CompareConfig
 from specialize.data.formats import Example, load_examples
-from specialize.data.io import jsonl_lines
 from specialize.errors import UserError
+from specialize.rundir import RunDir
 from specialize.evaluate.metrics import normalize_answer
 from specialize.evaluate.report import scorecard_table, write_report
 from specialize.evaluate.scorecard import Scorecard, SystemScore, Training, recommend
@@ -56,8 +55,7 @@ STAGED = ".predictions.tmp"  # predictions/ of this run (and judge verdicts) unt
 
 def find_base(run: str) -> str:
     """The base a run was fine-tuned from (train_summary.json, else config.yaml)."""
-    summary_path = Path(run) / "train_summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    summary = RunDir(run).read_summary() or {}
     base = summary.get("base") or run_settings(run).get("base")
     if not base:
         raise UserError("cannot tell which base the run was trained from; give --base", path=run)
@@ -66,10 +64,9 @@ def find_base(run: str) -> str:
 
 def training_cost(run: str) -> Training | None:
     """Seconds and tokens of a run's training (train_summary.json), None if unknown."""
-    path = Path(run) / "train_summary.json"
-    if not path.is_file():
+    summary = RunDir(run).read_summary()
+    if summary is None:
         return None
-    summary = json.loads(path.read_text(encoding="utf-8"))
     return Training(seconds=summary.get("seconds"), tokens=summary.get("tokens"))
 
 
@@ -288,11 +285,7 @@ def _write(out: Path, scorecard: Scorecard | Mapping, results: dict[str, dict[st
             write_jsonl(staged / name / f"{split}.jsonl", r.rows)
     shutil.rmtree(out / "predictions", ignore_errors=True)
     os.replace(staged, out / "predictions")
-    loss_curve = []
-    metrics_path = Path(run) / "metrics.jsonl" if run else None
-    if metrics_path and metrics_path.is_file():
-        lines = jsonl_lines(metrics_path.read_text(encoding="utf-8"))
-        loss_curve = [json.loads(line) for _, line in lines if line.strip()]
+    loss_curve = RunDir(run).read_metrics() if run else []
     examples = {name: {split: r.per_example for split, r in by_split.items()} for name, by_split in results.items()}
     write_report(scorecard, out / "report.html", loss_curve=loss_curve, examples=examples)
     write_json(out / "scorecard.json", scorecard.to_json())  # last: the run is complete

@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.progress import Progress
 
 from specialize.data.formats import Example, load_examples
 from specialize.errors import UserError
+from specialize.rundir import RunDir
 from specialize.evaluate.tasks import score
 
 console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
@@ -145,11 +145,7 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
 
 def run_settings(model: str) -> dict:
     """The resolved config.yaml of a specialize run ({} for a plain model folder or hub id)."""
-    path = Path(model) / "config.yaml"
-    if not path.is_file():
-        return {}
-    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return loaded if isinstance(loaded, dict) else {}
+    return RunDir(model).read_config()
 
 
 def load_test_examples(path: str, system_prompt: str | None = None) -> list[Example]:
