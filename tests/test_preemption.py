@@ -91,3 +91,50 @@ def test_the_cli_stops_within_seconds_with_the_signals_exit_code(tmp_path, tiny_
     assert f"stopped by {signal.Signals(signum).name} at step {stopped_at}/100000" in said
     assert checkpoint.latest(out / "checkpoints").name == f"step-{stopped_at}"
     assert not (out / "model").exists()  # no final model that looks complete
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found.extend(int(c) for c in text)
+    return found
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find torchrun's workers")
+def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, tiny_llama):
+    """Only rank 1 is signalled; rank 0 learns of it through the all-reduce, and both stop at the
+    same step, where the (main-process) checkpoint is written with every rank taking part."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "specialize", "finetune", "--base", str(tiny_llama), "--data", str(QA8), "--out", str(out),
+               "--max-steps", "100000", "--micro-batch-size", "2", "--eval-fraction", "0", "--no-progress"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "training never logged a step"
+            time.sleep(0.2)
+        workers = {_rank_of(pid): pid for pid in _children(process.pid)}
+        os.kill(workers[1], signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    stopped_at = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    said = " ".join(stderr.split())
+    assert said.count(f"stopped by SIGTERM at step {stopped_at}/100000") == 2, stderr[-3000:]  # both ranks
+    assert checkpoint.latest(out / "checkpoints").name == f"step-{stopped_at}"
+    assert process.returncode != 0 and not (out / "model").exists()
