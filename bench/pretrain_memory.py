@@ -31,8 +31,8 @@ def _words(rng: random.Random, count: int) -> list[str]:
     return ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(count)]
 
 
-def write_corpus(folder: Path, megabytes: float, seed: int = 0) -> int:
-    """`megabytes` of seeded text in files of ~FILE_BYTES; returns the number of files."""
+def write_corpus(folder: Path, megabytes: float, seed: int = 0, one_file: bool = False) -> int:
+    """`megabytes` of seeded text in files of ~FILE_BYTES (or all in one file); returns the number of files."""
     rng = random.Random(seed)
     vocabulary = _words(rng, 5000)
     cumulative = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(vocabulary))))  # Zipf-like
@@ -46,10 +46,14 @@ def write_corpus(folder: Path, megabytes: float, seed: int = 0) -> int:
             sentences.append(sentence)
             size += len(sentence) + 1
         text = "\n".join(sentences) + "\n"
-        (folder / f"doc-{files:06d}.txt").write_text(text, encoding="utf-8")
+        if one_file:
+            with open(folder / "corpus.txt", "a", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            (folder / f"doc-{files:06d}.txt").write_text(text, encoding="utf-8")
         written += len(text.encode())
         files += 1
-    return files
+    return 1 if one_file else files
 
 
 def peak_rss_mib(argv: list[str], log: Path) -> tuple[float, float, int]:
@@ -77,6 +81,7 @@ def main() -> int:
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--tokenizer", help="an existing tokenizer folder (skips training a BPE)")
+    parser.add_argument("--one-file", action="store_true", help="the corpus as one text file (one document)")
     parser.add_argument("--max-ratio", type=float, default=2.0)
     parser.add_argument("--keep", help="keep corpora and runs in this folder instead of a temporary one")
     args = parser.parse_args()
@@ -86,7 +91,7 @@ def main() -> int:
         rows = []
         for megabytes in args.sizes:
             corpus = root / f"corpus-{megabytes:g}mb"
-            files = write_corpus(corpus, megabytes)
+            files = write_corpus(corpus, megabytes, one_file=args.one_file)
             log = root / f"pretrain-{megabytes:g}mb.log"
             rss, seconds, code = peak_rss_mib(pretrain_argv(corpus, root / f"run-{megabytes:g}mb", args), log)
             if code != 0:

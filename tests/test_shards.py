@@ -27,6 +27,7 @@ from specialize.documents import Documents
 from specialize.documents import _jsonl_records as jsonl_records
 from specialize import shards
 from specialize.shards import MANIFEST, Shards, TokenBlocks, cut_text, cuttable, prepare, token_dtype
+from specialize.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -93,6 +94,13 @@ def test_a_long_document_is_tokenised_in_pieces_with_the_same_ids(tokenizer):
     whole = tokenize_documents(tokenizer, [text])[0]
     assert [i for piece in tokenize_documents(tokenizer, pieces) for i in piece] == whole
     assert list(cut_text("no newline at all " * 10, 8)) == ["no newline at all " * 10]
+
+
+def test_the_bpe_trained_on_pieces_is_the_one_trained_on_whole_texts():
+    text = _docstrings()  # pretrain trains its BPE on documents cut like this: the same word counts
+    whole = train_bpe([text, "another document"], vocab_size=400)
+    cut = train_bpe([*cut_text(text, 300), "another document"], vocab_size=400)
+    assert cuttable(whole) and cut.backend_tokenizer.to_str() == whole.backend_tokenizer.to_str()
 
 
 def test_only_a_plain_byte_level_bpe_is_cut(tokenizer):

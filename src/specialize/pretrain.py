@@ -27,6 +27,7 @@ tokenizer and split settings are unchanged.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterable
@@ -45,8 +46,8 @@ from specialize.model import (SIZES, build_config, build_model, context_length, 
                               model_dir, set_generation_ids)
 from specialize.rundir import TOKENIZER, RunDir
 from specialize.documents import Documents
-from specialize.shards import (MIN_BLOCKS_FOR_EVAL, ShardBatches, Shards, held_documents, prepare, run_ticket,
-                               split_blocks, wait_for)
+from specialize.shards import (BATCH_CHARS, MIN_BLOCKS_FOR_EVAL, ShardBatches, Shards, cut_text, held_documents,
+                               prepare, run_ticket, split_blocks, wait_for)
 from specialize.shards import tokenize_documents  # noqa: F401  (re-exported: the in-memory API)
 from specialize.tokenizer import train_bpe
 from specialize.train import evaluate_loss, make_accelerator, train
@@ -99,7 +100,10 @@ def prepare_tokenizer(cfg: PretrainConfig, documents: Iterable[str], out: Path, 
             status = (console.status(f"training a byte-level BPE tokenizer (vocab {cfg.vocab_size:,})…")
                       if cfg.progress else nullcontext())
             with status:
-                trained = train_bpe(documents, vocab_size=cfg.vocab_size)
+                # A long document in pieces cut between pre-tokens: the same word counts, so the same
+                # tokenizer, without the trainer splitting a whole huge file at once.
+                pieces = itertools.chain.from_iterable(cut_text(text, BATCH_CHARS) for text in documents)
+                trained = train_bpe(pieces, vocab_size=cfg.vocab_size)
             write_dir_atomic(saved, trained.save_pretrained)
             chars = f" on {documents.chars:,} characters" if isinstance(documents, Documents) else ""
             console.print(f"tokenizer: byte-level BPE, {len(trained):,} tokens, trained{chars} in "
