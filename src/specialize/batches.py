@@ -91,9 +91,12 @@ def blank(batch: Batch) -> Batch:
 class PlannedBatches:
     """The default source: `items` in a seeded order per epoch, collated by `collate`."""
 
-    def __init__(self, items: Sequence[Encoded], cfg: TrainConfig, collate: Callable[[list[Encoded]], Batch]):
+    def __init__(self, items: Sequence[Encoded], cfg: TrainConfig, collate: Callable[[list[Encoded]], Batch], *,
+                 fingerprint: str | None = None):
+        """`fingerprint`: a digest of the data known already (pre-training's shards carry one), which
+        saves hashing every item's ids again."""
         self.items, self.cfg, self.collate = items, cfg, collate
-        self.fingerprint: str | None = data_fingerprint(items)
+        self.fingerprint: str | None = fingerprint or data_fingerprint(items)
         self._plan: tuple[int, int, list[list[list[int]]]] | None = None  # (epoch, world, plan)
         self._steps: dict[int, int] = {}  # world -> steps per epoch (the same for every epoch)
 

@@ -149,6 +149,7 @@ def load_or_pretrain_base(cfg: DemoConfig, data: PydocsPaths, cache_dir: Path) -
             save_every=cfg.pretrain_steps, eval_every=cfg.pretrain_steps, seed=cfg.seed,
             progress=cfg.progress))
         shutil.rmtree(tmp / "checkpoints", ignore_errors=True)  # nothing resumes a cached base
+        shutil.rmtree(tmp / "data", ignore_errors=True)  # nor needs its token files
         for record_name in ("config.yaml", "train_summary.json"):  # written naming the temporary folder
             record = tmp / record_name
             write_atomic(record, record.read_text(encoding="utf-8").replace(str(tmp), str(final)))

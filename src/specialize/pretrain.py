@@ -44,7 +44,7 @@ from specialize.errors import UserError
 from specialize.files import write_dir_atomic
 from specialize.model import (SIZES, build_config, build_model, context_length, count_parameters, load_tokenizer,
                               model_dir, set_generation_ids)
-from specialize.rundir import TOKENIZER, RunDir
+from specialize.rundir import DATA, TOKENIZER, RunDir
 from specialize.documents import Documents
 from specialize.shards import (BATCH_CHARS, MIN_BLOCKS_FOR_EVAL, ShardBatches, Shards, cut_text, held_documents,
                                prepare, run_ticket, split_blocks, wait_for)
@@ -54,7 +54,6 @@ from specialize.train import evaluate_loss, make_accelerator, train
 
 console = Console(stderr=True, markup=False)  # paths and data are printed verbatim
 
-DATA = "data"  # the run's token files (specialize.shards)
 
 
 def read_documents(sources: list[str]) -> list[str]:

@@ -5,6 +5,7 @@
       .lock                 held while a process writes the run; the OS releases it if the process dies
       config.yaml           the resolved config, exactly what ran
       tokenizer/            pretrain only: the locally trained tokenizer (reused by --resume)
+      data/                 pretrain only: the corpus tokenised into memory-mapped token files
       metrics.jsonl         one JSON object per logged step / eval
       checkpoints/step-N/   atomic checkpoints (checkpoint.py)
       model/                HF folder (safetensors) with tokenizer + chat template, or a LoRA adapter
@@ -41,12 +42,13 @@ LOCK = ".lock"
 CONFIG = "config.yaml"
 MODEL = "model"
 TOKENIZER = "tokenizer"
+DATA = "data"  # pretrain only: the corpus as token files (shards.py)
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 SUMMARY = "train_summary.json"
 REFERENCE = "reference_logps.safetensors"  # preference objectives, full training: the reference's log-probs
 # what a fresh run replaces: its own files, and the experiment trackers' (tracking.py)
-OUTPUTS = (CONFIG, TOKENIZER, METRICS, CHECKPOINTS, MODEL, SUMMARY, REFERENCE, *RUN_FILES)
+OUTPUTS = (CONFIG, TOKENIZER, DATA, METRICS, CHECKPOINTS, MODEL, SUMMARY, REFERENCE, *RUN_FILES)
 
 # Locks this process holds, by run folder: held until `finish` or exit, not until a RunDir object
 # happens to be garbage-collected (a FileLock releases itself when it is).

@@ -190,8 +190,7 @@ class ShardBatches(PlannedBatches):
     (written with them) instead of by hashing every block's ids again at each start."""
 
     def __init__(self, blocks: TokenBlocks, cfg: TrainConfig, fingerprint: str):
-        super().__init__([], cfg, collate=lambda items: None)  # the loop sets the collator
-        self.items, self.fingerprint = blocks, fingerprint
+        super().__init__(blocks, cfg, collate=lambda items: None, fingerprint=fingerprint)  # the loop sets the collator
 
 
 # --- writing and opening --------------------------------------------------------------------------
