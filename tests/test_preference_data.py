@@ -159,3 +159,31 @@ def test_lora_objectives_run_on_the_same_loop(sft_run, tmp_path, objective, firs
     assert not (run / "reference_logps.safetensors").exists()
     if objective == "kto":  # pairs become desirable and undesirable rows
         assert summary["rows"] == 16 and any("kl" in r for r in run.read_metrics())
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_dropout_is_off_so_the_first_step_compares_the_model_with_itself(tiny_gpt2, tmp_path, method):
+    """GPT-2 has dropout 0.1 everywhere: with it on, step 1's DPO loss would be noise around log 2."""
+    run = finetune(FinetuneConfig(base=str(tiny_gpt2), data=[str(_pairs(tmp_path / "pairs.jsonl"))],
+                                  out=tmp_path / method, objective="dpo", method=method, max_steps=1,
+                                  micro_batch_size=8, warmup_steps=0, progress=False))
+    first = [r["loss"] for r in run.read_metrics() if "loss" in r][0]
+    assert first == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_kto_mismatched_completions_come_from_another_prompt():
+    """Unpaired pairs put a prompt's desirable and undesirable answers side by side: the KL term's
+    'mismatched' completion must be the next row with a *different* prompt, not the neighbour."""
+    from specialize.data.preference import Preference, _next_other_prompt, unpair
+
+    def user(text):
+        return [{"role": "user", "content": text}]
+
+    def said(text):
+        return [{"role": "assistant", "content": text}]
+
+    rows = unpair([Preference(user(q), said(q + " yes"), said(q + " no")) for q in ("a", "b", "c")])
+    assert [r.prompt[0]["content"] for r in rows] == ["a", "a", "b", "b", "c", "c"]
+    others = [_next_other_prompt(rows, i) for i in range(len(rows))]
+    assert [o.prompt[0]["content"] for o in others] == ["b", "b", "c", "c", "a", "a"]
+    assert _next_other_prompt(rows[:2], 0) is None  # one prompt only: no mismatched completion exists

@@ -239,6 +239,7 @@ def _finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokeniz
                       f"objective {cfg.objective} (beta {cfg.beta})")
 
     model, cfg, trainable, total = _prepare_model(cfg, accelerator, choices)
+    _disable_dropout(model)
     lora = cfg.method in ("lora", "qlora")
     run.begin(cfg, kind="finetune", main=main, say=console.print)
     accelerator.wait_for_everyone()
@@ -303,3 +304,13 @@ def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, templat
     if errors and not cfg.allow_data_errors:
         raise UserError(f"data has {len(errors)} error(s), first: {errors[0].message} "
                         "(run `specialize lint` for all; --allow-data-errors trains anyway)")
+
+
+def _disable_dropout(model) -> None:
+    """Preference objectives compare the policy with the reference on the same tokens: with dropout
+    the two differ by noise (step 1's log-ratio would not be 0), so it is off, as in TRL by default."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0  # attention that applies dropout functionally (Llama, Qwen, ...)

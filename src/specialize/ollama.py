@@ -81,7 +81,9 @@ def _text(text: str) -> str:
     """`text` as literal text of a Go template: as a quoted string action when it contains `{{`."""
     if "{{" not in text:
         return text
-    return "{{ " + json.dumps(text) + " }}"  # a JSON string is a valid Go string literal
+    # A JSON string is a valid Go string literal, as long as characters beyond the BMP are not
+    # escaped as surrogate pairs (Go rejects "\ud83d"): keep them as they are.
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
 
 
 def _ours(eos: str) -> dict[str, tuple[str, str, str]]:

@@ -269,9 +269,10 @@ def encode_preferences(prefs: list[Preference], tokenizer, template: Template, m
                 report.drop("chosen and rejected do not tokenise to the same prompt tokens", pref.source)
                 continue
         mismatched = None
-        if not pref.is_pair and len(prefs) > 1:
-            # KTO's KL estimate: this prompt with the next row's completion (TRL shifts within a batch).
-            other = prefs[(index + 1) % len(prefs)]
+        other = _next_other_prompt(prefs, index) if not pref.is_pair else None
+        if other is not None:
+            # KTO's KL estimate: this prompt with a completion written for another prompt (the next
+            # row with a different prompt: unpaired pairs put a prompt's two answers side by side).
             mismatched = _encode(pref.prompt, other.chosen, tokenizer, template, pref.source)
             if len(mismatched.input_ids) > max_seq_tokens or mismatched.target_tokens == 0:
                 mismatched = None
@@ -280,3 +281,13 @@ def encode_preferences(prefs: list[Preference], tokenizer, template: Template, m
     if not items and required:
         raise UserError(f"nothing left to train on: {'; '.join(report.lines()) or 'no rows'}")
     return items, report
+
+
+def _next_other_prompt(prefs: list, index: int):
+    """The first row after `index` (wrapping around) whose prompt differs from row `index`'s."""
+    prompt = prefs[index].prompt
+    for step in range(1, len(prefs)):
+        other = prefs[(index + step) % len(prefs)]
+        if other.prompt != prompt:
+            return other
+    return None

@@ -142,6 +142,7 @@ class PreferenceLoss:
             return sequence_logps(model, batch, only_targets)[0]
 
     def __call__(self, model, batch: PreferenceBatch, only_targets: bool = False) -> torch.Tensor:
+        self._counting = batch.active  # a target-free copy (a process with one micro-batch fewer) is not counted
         logps, tokens = sequence_logps(model, batch.sequences, only_targets)
         n, beta = batch.n, self.beta
         if self.objective == "orpo":
@@ -188,6 +189,8 @@ class PreferenceLoss:
 
     def _record(self, chosen: torch.Tensor, rejected: torch.Tensor, paired: bool = True,
                 kl: torch.Tensor | None = None) -> None:
+        if not getattr(self, "_counting", True):
+            return
         chosen, rejected = chosen.detach().double().cpu(), rejected.detach().double().cpu()
         stats = [chosen.sum(), len(chosen), rejected.sum(), len(rejected), 0.0, 0.0, 0, 0.0, 0]
         if paired:
