@@ -177,3 +177,30 @@ def test_a_stop_string_that_begins_in_the_prompt_does_not_cut_the_answer(generat
     assert (expected.text, expected.finish_reason) == (" fil", "stop")
     done = run(RunningBatch(generator), {0: [job(generator, PROMPTS[1], 8), stopped]})
     assert (done[stopped][1].text, done[stopped][1].finish_reason) == (" fil", "stop")
+
+
+def test_a_request_whose_prefill_fails_fails_alone_and_the_running_rows_go_on(generator):
+    """Out of memory on one long prompt's prefill must not take the answers already running with it."""
+    from specialize.serve.decode import AdmitFailed
+
+    batch = RunningBatch(generator)
+    first = job(generator, PROMPTS[0], 6)
+    ended = batch.admit([first])
+    real_forward = generator.model.forward
+
+    def failing(*args, **kwargs):
+        if kwargs.get("input_ids") is not None and kwargs["input_ids"].shape[1] > 1:  # a prefill
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_forward(*args, **kwargs)
+
+    generator.model.forward = failing
+    try:
+        with pytest.raises(AdmitFailed):
+            batch.admit([job(generator, PROMPTS[1], 6)])
+        assert [r.job for r in batch.rows] == [first]
+        while batch:
+            ended += batch.step()
+    finally:
+        generator.model.forward = real_forward
+    [(done, completion)] = ended
+    assert done is first and completion.text == alone(generator, first).text

@@ -69,6 +69,10 @@ class Row:
     shown: str = ""  # the streamed text so far (never a stop string nor the start of one)
 
 
+class AdmitFailed(Exception):
+    """New requests could not be prefilled; the running batch is as it was."""
+
+
 class RunningBatch:
     """The rows being generated and their shared KV cache, advanced one token at a time."""
 
@@ -91,7 +95,25 @@ class RunningBatch:
 
     @torch.inference_mode()
     def admit(self, jobs: list) -> list[tuple[object, Completion]]:
-        """Prefill `jobs` together and merge them into the batch; returns any that finished at once."""
+        """Prefill `jobs` together and merge them into the batch; returns any that finished at once.
+
+        Raises `AdmitFailed` when the prefill fails (out of memory on one long prompt, say): the
+        running batch is untouched then, so only `jobs` fail and the other rows go on.
+        """
+        try:
+            rows, cache, mask, tokens = self._prefill(jobs)
+        except Exception as e:
+            raise AdmitFailed(e) from e
+        new_last = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        new_positions = mask.sum(-1)
+        if self.cache is None:
+            self.rows, self.cache, self.mask, self.last, self.positions = rows, cache, mask, new_last, new_positions
+        else:
+            self._merge(rows, cache, mask, new_last, new_positions)
+        return self._advance(tokens, first=len(self.rows) - len(rows))
+
+    def _prefill(self, jobs: list) -> tuple:
+        """The new rows, their KV cache, mask and first tokens; changes nothing in the batch."""
         width = max(len(j.prompt_ids) for j in jobs)
         ids = torch.full((len(jobs), width), self.generator.pad_id, dtype=torch.long)  # (n, P)
         mask = torch.zeros((len(jobs), width), dtype=torch.long)  # (n, P)
@@ -104,14 +126,7 @@ class RunningBatch:
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                             use_cache=True, **self.last_only).logits[:, -1, :]  # (n, V)
         rows = [self._row(job) for job in jobs]
-        tokens = self._choose(rows, logits)
-        new_last = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        new_positions = mask.sum(-1)
-        if self.cache is None:
-            self.rows, self.cache, self.mask, self.last, self.positions = rows, cache, mask, new_last, new_positions
-        else:
-            self._merge(rows, cache, mask, new_last, new_positions)
-        return self._advance(tokens, first=len(self.rows) - len(rows))
+        return rows, cache, mask, self._choose(rows, logits)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[object, Completion]]:

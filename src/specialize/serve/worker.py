@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from specialize.generate import Generator, is_greedy
-from specialize.serve.decode import RunningBatch, supports
+from specialize.serve.decode import AdmitFailed, RunningBatch, supports
 
 
 class Sampling(NamedTuple):
@@ -157,7 +157,15 @@ class Worker:
         """Admit waiting jobs at each token boundary, advance every row by one token, hand out ended answers."""
         while (jobs := self._take(self.max_batch_size - len(batch), wait=not batch)) is not None:
             try:
-                ended = batch.admit(jobs) if jobs else []
+                try:
+                    ended = batch.admit(jobs) if jobs else []
+                except AdmitFailed as failed:  # only the new requests fail; the running rows go on
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(failed.__cause__ or failed)
+                    ended, jobs = [], []
+                    if not device_usable(self.generator.device):
+                        raise failed.__cause__ or failed  # a broken device: handled below, as for a step
                 if batch:
                     ended += batch.step()
             except Exception as e:  # the request handlers re-raise it; the middleware logs the traceback
