@@ -257,3 +257,24 @@ def test_finetune_report_to_tensorboard_writes_the_loss_curve_into_the_run(tmp_p
     expected = [(row["step"], row["loss"]) for row in run.read_metrics() if "loss" in row]
     assert [step for step, _ in logged] == [1, 2, 3]
     assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(logged, expected))
+
+
+def test_preference_rewards_reach_the_trackers(tmp_path, tiny_llama):
+    """An objective's own metrics (DPO's reward margins) go to metrics.jsonl and to the trackers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers import QA8, write_jsonl
+    from specialize.config import FinetuneConfig
+    from specialize.finetune import finetune
+
+    rows = [json.loads(line) for line in QA8.read_text().splitlines()]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": r["question"], "chosen": r["answer"],
+                                                     "rejected": "I do not know."} for r in rows])
+    out = tmp_path / "dpo"
+    run = finetune(FinetuneConfig(base=str(tiny_llama), data=[str(pairs)], out=out, objective="dpo", max_steps=2,
+                                  micro_batch_size=8, progress=False, report_to=["tensorboard"]))
+    margins = [r["rewards/margins"] for r in run.read_metrics() if "rewards/margins" in r]
+    events = EventAccumulator(str(out / "tensorboard" / "specialize"))
+    events.Reload()
+    assert len(margins) == 2
+    assert [e.value for e in events.Scalars("rewards/margins")] == pytest.approx(margins, abs=1e-6)

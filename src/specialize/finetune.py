@@ -22,7 +22,6 @@ from specialize.data.formats import Example, load_examples
 from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
-from specialize.files import append_jsonl
 from specialize.memory import estimate_memory
 from specialize.model import (add_lora, count_parameters, load_model, load_tokenizer, model_dir,
                               pick_dtype, set_generation_ids)
@@ -260,11 +259,9 @@ def _finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokeniz
         reference_path.unlink(missing_ok=True)  # an earlier full run's, which this run does not use
 
     objective = PreferenceLoss(cfg.objective, cfg.beta, cfg.dpo_loss)
-    metrics = run.metrics_path
 
-    def log_rewards(step: int, row: dict) -> None:
-        if rewards := objective.row():
-            append_jsonl(metrics, {"step": step} | rewards)
+    def log_rewards(step: int, row: dict) -> dict:
+        return objective.row()  # the loop writes it to metrics.jsonl and the trackers
 
     model, result = train(model, [], eval_items, cfg, run.path, pad_id=pad_token_id(tokenizer),
                           accelerator=accelerator, loss=objective,

@@ -102,8 +102,9 @@ def is_sharded(accelerator: Accelerator) -> bool:
 
 LossFn = Callable[[torch.nn.Module, Any, bool], torch.Tensor]
 """(model, batch, only_targets) -> the batch's loss summed over its weight units (`batches.batch_weight`)."""
-Callback = Callable[[int, dict], None]
-"""(optimizer step, the metrics row just logged): called on the main process after each logged step."""
+Callback = Callable[[int, dict], dict | None]
+"""(optimizer step, the metrics row just logged) -> extra metrics to log for that step, or None;
+called on the main process after each logged step."""
 
 
 @dataclass
@@ -315,7 +316,10 @@ def _after_step(loop: _Loop, done: int, loss_value: float, grad_norm: float | No
         loop.metrics.write(row)
         loop.trackers.log(row, done)
         if callback and accelerator.is_main_process:
-            callback(done, row)
+            extra = callback(done, row)
+            if extra:  # an objective's own metrics (reward margins): a row of their own, trackers too
+                loop.metrics.write({"step": done} | extra)
+                loop.trackers.log(extra, done)
         loop.window_tokens, loop.window_start = 0, time.perf_counter()
     eval_every = cfg.eval_every or loop.steps_per_epoch
     if eval_items and (done % eval_every == 0 or done == loop.total_steps):
