@@ -147,7 +147,7 @@ class Worker:
             if supports(self.generator.model):
                 self._run_batched(RunningBatch(self.generator))
             else:
-                while (jobs := self._take(1, wait=True)) is not None and self._alone(jobs[0]):
+                while (jobs := self._take(1, wait=True)) is not None and (not jobs or self._alone(jobs[0])):
                     pass
         except BaseException as e:  # a bug in the worker itself: fail loudly rather than hang every request
             self._fail(f"the worker thread died: {type(e).__name__}: {e}")
