@@ -54,6 +54,23 @@ def test_memory_estimate_of_a_model_without_attention_heads_is_partial_not_fatal
     assert "activations (not estimated for this architecture)" in str(estimate)
 
 
+def test_memory_estimate_follows_the_data_and_the_process(tiny_llama):
+    """With the data's largest micro-batch (tokens, targets) and what the process holds now, the
+    total is a projected peak: resident + gradients + optimizer + activations (logits at targets only)."""
+    from specialize.memory import resident_bytes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cfg = FinetuneConfig(micro_batch_size=4, max_seq_tokens=100, precision="fp32")
+    held = resident_bytes(torch.device("cpu"))
+    assert held is None or held > TINY_PARAMS * 4  # the runtime and the weights
+    estimate = estimate_memory(model, cfg, "full", tokens=150, target_tokens=30, resident=10_000_000)
+    assert estimate.tokens == 150
+    assert estimate.activations == 150 * (2 * TINY_PER_LAYER + 64) * 4 + 30 * 512 * (4 + 4)
+    assert estimate.total == 10_000_000 + estimate.gradients + estimate.optimizer + estimate.activations
+    assert "held now 10.0 MB (runtime, weights 427.3 KB, data)" in str(estimate)
+    assert "framework overhead" not in str(estimate)
+
+
 def test_memory_estimate_full_fp32_exact(tiny_llama):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     assert sum(p.numel() for p in model.parameters()) == TINY_PARAMS

@@ -22,7 +22,7 @@ from specialize.data.formats import Example, load_examples
 from specialize.data.templates import install_template, resolve_template
 from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
-from specialize.memory import estimate_memory
+from specialize.memory import estimate_memory, resident_bytes
 from specialize.model import (add_lora, count_parameters, load_model, load_tokenizer, model_dir,
                               pick_dtype, set_generation_ids)
 from specialize.rundir import RunDir
@@ -133,7 +133,7 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
             _warn("no eval example is left, so this run reports no eval loss")
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
-    model, cfg, trainable, total = _prepare_model(cfg, accelerator, choices)
+    model, cfg, trainable, total = _prepare_model(cfg, accelerator, choices, _largest_micro_batch(train_items, cfg))
     run.begin(cfg, kind="finetune", main=main, say=console.print)
     accelerator.wait_for_everyone()  # the old run's outputs are gone before anyone writes
 
@@ -153,7 +153,18 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
     return run
 
 
-def _prepare_model(cfg: FinetuneConfig, accelerator, choices: list) -> tuple:
+def _largest_micro_batch(items, cfg: FinetuneConfig) -> tuple[int, int]:
+    """(tokens, target tokens) of the largest micro-batch the data can make: the memory estimate's
+    activations follow the data, not `micro_batch_size x max_seq_tokens` (packed rows hold the
+    examples' real lengths, and only target positions are projected to the vocabulary)."""
+    lengths = sorted((len(i.input_ids) for i in items), reverse=True)[:cfg.micro_batch_size]
+    targets = sorted((i.target_tokens for i in items), reverse=True)[:cfg.micro_batch_size]
+    tokens = sum(lengths) if cfg.packing else len(lengths) * (lengths[0] if lengths else 0)
+    return tokens, sum(targets)
+
+
+def _prepare_model(cfg: FinetuneConfig, accelerator, choices: list,
+                   micro_batch: tuple[int, int] | None = None) -> tuple:
     """Load the base, resolve method and learning rate, add LoRA: (model, resolved cfg, trainable, total)."""
     main = accelerator.is_main_process
     method = cfg.method
@@ -183,7 +194,12 @@ def _prepare_model(cfg: FinetuneConfig, accelerator, choices: list) -> tuple:
     trainable, total = count_parameters(model)
     if main:
         console.print(f"model: {total:,} parameters, {trainable:,} trainable ({cfg.method})")
-        console.print(str(estimate_memory(model, cfg, cfg.method)))
+        tokens, targets = micro_batch or (None, None)
+        # Measured only where the weights already are (CPU runs); on a GPU they move there later.
+        where = next(model.parameters()).device
+        resident = resident_bytes(where) if where.type == accelerator.device.type else None
+        console.print(str(estimate_memory(model, cfg, cfg.method, tokens=tokens, target_tokens=targets,
+                                          resident=resident)))
     return model, cfg, trainable, total
 
 
