@@ -8,11 +8,10 @@ Hugging Face dataset), in source order. Files are read one at a time; JSONL a li
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from specialize.data.io import Record, data_files, read_file, read_source
+from specialize.data.io import Record, data_files, jsonl_record, read_file, read_source
 from specialize.errors import UserError
 
 
@@ -35,16 +34,10 @@ def _jsonl_records(path: Path) -> Iterator[Record]:
             except UnicodeDecodeError as e:
                 raise UserError(f"not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8",
                                 path=path, line=number) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=number) from None
-            if not isinstance(row, dict):
-                raise UserError(f"expected a JSON object per line, got {type(row).__name__}", path=path, line=number)
-            rows += 1
-            yield Record(row, str(path), number)
+            record = jsonl_record(line, path, number)
+            if record is not None:
+                rows += 1
+                yield record
     if not rows:
         raise UserError("file holds no rows", path=path)
 

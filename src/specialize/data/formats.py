@@ -18,6 +18,8 @@ the turn in the sequence as context but does not train it (see `templates.segmen
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,13 +154,19 @@ def to_example(record: Record, shape: str, system_prompt: str | None = None) -> 
     return Example(messages=messages, shape=shape, source=source, meta=meta)
 
 
-def load_examples(sources: list[str], system_prompt: str | None = None) -> list[Example]:
-    """Read every source and normalise its rows; each file's shape comes from its first row."""
+def read_shaped(sources: list[str], detect: Callable, convert: Callable) -> list:
+    """Every row of every source, as `convert(record, shape)`; each file's shape is `detect`ed
+    from its first row (`detect(row, path, line)`), so a file of another shape fails at its first row."""
     if not sources:
         raise UserError("no data given (use --data FILE)")
-    examples: list[Example] = []
+    out: list = []
     for source in sources:
         for path, records in read_source(source).items():
-            shape = detect_shape(records[0].data, path, records[0].line)
-            examples.extend(to_example(r, shape, system_prompt) for r in records)
-    return examples
+            shape = detect(records[0].data, path, records[0].line)
+            out.extend(convert(r, shape) for r in records)
+    return out
+
+
+def load_examples(sources: list[str], system_prompt: str | None = None) -> list[Example]:
+    """Read every source and normalise its rows; each file's shape comes from its first row."""
+    return read_shaped(sources, detect_shape, lambda record, shape: to_example(record, shape, system_prompt))

@@ -72,19 +72,22 @@ def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
         yield number, line.removesuffix("\r")
 
 
+def jsonl_record(line: str, path: Path, number: int) -> Record | None:
+    """One JSONL line as a Record (None for a blank line); a bad line is a UserError naming it."""
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=number) from None
+    if not isinstance(row, dict):
+        raise UserError(f"expected a JSON object per line, got {type(row).__name__}", path=path, line=number)
+    return Record(row, str(path), number)
+
+
 def _read_jsonl(path: Path) -> list[Record]:
-    records = []
-    for number, line in jsonl_lines(read_text(path)):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"invalid JSON ({e.msg} at column {e.colno})", path=path, line=number) from None
-        if not isinstance(row, dict):
-            raise UserError(f"expected a JSON object per line, got {type(row).__name__}", path=path, line=number)
-        records.append(Record(row, str(path), number))
-    return records
+    records = (jsonl_record(line, path, number) for number, line in jsonl_lines(read_text(path)))
+    return [record for record in records if record is not None]
 
 
 def _read_json(path: Path) -> list[Record]:

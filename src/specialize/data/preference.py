@@ -19,14 +19,13 @@ tokens are labelled; assistant turns inside the prompt are context (weight 0), n
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from specialize.data.formats import ROLES, Example
-from specialize.data.io import Record, read_source
+from specialize.data.formats import ROLES, Example, read_shaped
+from specialize.data.io import Record
 from specialize.data.templates import Template
-from specialize.data.tokenize import IGNORE, Encoded, encode_chat
+from specialize.data.tokenize import IGNORE, EncodeReport, Encoded, encode_chat
 from specialize.errors import UserError
 
 SHAPES: dict[str, tuple[str, ...]] = {
@@ -147,14 +146,7 @@ def to_preference(record: Record, shape: str, system_prompt: str | None = None) 
 
 def load_preferences(sources: list[str], system_prompt: str | None = None) -> list[Preference]:
     """Read every source (JSONL, JSON, CSV, Parquet) and normalise its rows; shape per file."""
-    if not sources:
-        raise UserError("no data given (use --data FILE)")
-    out: list[Preference] = []
-    for source in sources:
-        for path, records in read_source(source).items():
-            shape = detect_shape(records[0].data, path, records[0].line)
-            out.extend(to_preference(r, shape, system_prompt) for r in records)
-    return out
+    return read_shaped(sources, detect_shape, lambda record, shape: to_preference(record, shape, system_prompt))
 
 
 def unpair(prefs: list[Preference]) -> list[Preference]:
@@ -221,21 +213,6 @@ class PreferenceItem:
     source: str = ""
 
 
-@dataclass
-class PreferenceReport:
-    kept: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    first_dropped: dict[str, str] = field(default_factory=dict)
-
-    def drop(self, reason: str, source: str) -> None:
-        self.dropped[reason] += 1
-        self.first_dropped.setdefault(reason, source)
-
-    def lines(self) -> list[str]:
-        return [f"dropped {n} row(s): {reason} (first: {self.first_dropped[reason]})"
-                for reason, n in self.dropped.items()]
-
-
 def _encode(prompt: list[dict[str, Any]], answer: list[dict[str, Any]], tokenizer, template: Template,
             source: str) -> Encoded:
     # Assistant turns of the prompt are context (weight 0): only the compared answer is labelled.
@@ -249,9 +226,9 @@ def prompt_length(item: Encoded) -> int:
 
 
 def encode_preferences(prefs: list[Preference], tokenizer, template: Template, max_seq_tokens: int,
-                       required: bool = True) -> tuple[list[PreferenceItem], PreferenceReport]:
+                       required: bool = True) -> tuple[list[PreferenceItem], EncodeReport]:
     """Tokenise every row; a pair with a side longer than `max_seq_tokens` is dropped and counted, never cut."""
-    report, items = PreferenceReport(), []
+    report, items = EncodeReport(unit="row"), []
     for index, pref in enumerate(prefs):
         chosen = _encode(pref.prompt, pref.chosen, tokenizer, template, pref.source)
         rejected = _encode(pref.prompt, pref.rejected, tokenizer, template, pref.source) if pref.is_pair else None

@@ -47,13 +47,14 @@ class EncodeReport:
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     first_dropped: dict[str, str] = field(default_factory=dict)
+    unit: str = "example"  # what is counted: examples, or preference rows
 
     def drop(self, reason: str, source: str) -> None:
         self.dropped[reason] += 1
         self.first_dropped.setdefault(reason, source)
 
     def lines(self) -> list[str]:
-        return [f"dropped {n} example(s): {reason} (first: {self.first_dropped[reason]})"
+        return [f"dropped {n} {self.unit}(s): {reason} (first: {self.first_dropped[reason]})"
                 for reason, n in self.dropped.items()]
 
 
