@@ -68,16 +68,25 @@ def short_context_gpt2(tokenizer_dir, positions: int = 32):
 
 
 @contextmanager
-def serving(app) -> Iterator[str]:
-    """A real uvicorn server for `app` in a background thread, on a free port of 127.0.0.1; yields its URL."""
+def serving(app, cfg=None) -> Iterator[str]:
+    """A real uvicorn server for `app` in a background thread, on a free port of 127.0.0.1; yields its URL.
+
+    With `cfg` (a ServeConfig) it runs under `specialize serve`'s own uvicorn settings (deadlines).
+    """
     import socket
     import threading
     import time
 
     import uvicorn
 
+    if cfg is not None:
+        from specialize.serve.app import server_config
+
+        config = server_config(app, cfg, log_config=None)
+    else:
+        config = uvicorn.Config(app, log_config=None, access_log=False)
     sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -19,8 +19,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
-from helpers import QA8, short_context_gpt2
+from helpers import QA8, serving, short_context_gpt2
 
 from specialize.config import ServeConfig
 from specialize.errors import UserError
@@ -48,28 +47,9 @@ def generator(run) -> Generator:
     return generator
 
 
-@contextmanager
-def running(app) -> Iterator[str]:
-    """A real uvicorn server for `app` in a background thread, on a free port of 127.0.0.1."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def url(generator, run) -> Iterator[str]:
-    with running(create_app(generator, ServeConfig(model=str(run)))) as url:
+    with serving(create_app(generator, ServeConfig(model=str(run)))) as url:
         yield url
 
 
@@ -170,7 +150,7 @@ def test_a_full_queue_answers_503_in_openai_shape_and_the_server_recovers(genera
     monkeypatch.setattr(generator.model, "forward", lambda **kw: (prefilling(kw) and time.sleep(0.5)) or original(**kw))
     app = create_app(generator, ServeConfig(model=str(run), max_queue=1, max_batch_size=1))
     together = threading.Barrier(8)
-    with running(app) as url:
+    with serving(app) as url:
         def post(question: str) -> httpx.Response:
             return httpx.post(url + "/v1/chat/completions", json={"messages": ask(question)}, timeout=60)
 
@@ -228,7 +208,7 @@ def test_internal_errors_reach_clients_as_generic_500_and_the_log_as_tracebacks(
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(generator.model, "forward", broken)
-    with running(create_app(generator, ServeConfig(model=str(run)))) as url:
+    with serving(create_app(generator, ServeConfig(model=str(run)))) as url:
         response = httpx.post(url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0])})
         streamed = httpx.post(url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0]), "stream": True})
     assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
@@ -240,7 +220,7 @@ def test_internal_errors_reach_clients_as_generic_500_and_the_log_as_tracebacks(
 
 def test_api_key_is_required_on_every_request(generator, run, monkeypatch):
     monkeypatch.delenv("SPECIALIZE_API_KEY", raising=False)
-    with running(create_app(generator, ServeConfig(model=str(run), api_key="sk-test-key"))) as url:
+    with serving(create_app(generator, ServeConfig(model=str(run), api_key="sk-test-key"))) as url:
         for key in ("wrong", "sk-test-ke"):
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).models.list()
@@ -250,7 +230,7 @@ def test_api_key_is_required_on_every_request(generator, run, monkeypatch):
         assert keyed.chat.completions.create(model="qa8", messages=ask(QUESTIONS[3])).choices[0].message.content \
             == ANSWERS[3]
     monkeypatch.setenv("SPECIALIZE_API_KEY", "sk-from-env")
-    with running(create_app(generator, ServeConfig(model=str(run)))) as url:
+    with serving(create_app(generator, ServeConfig(model=str(run)))) as url:
         assert httpx.get(url + "/health").status_code == 401
         assert httpx.get(url + "/health", headers={"Authorization": "Bearer sk-from-env"}).status_code == 200
 
@@ -262,7 +242,7 @@ def test_logs_have_sizes_and_timings_but_no_contents_or_key(generator, run, capl
     for log_contents in (False, True):
         caplog.clear()
         app = create_app(generator, ServeConfig(model=str(run), api_key="sk-log-key", log_contents=log_contents))
-        with running(app) as url:
+        with serving(app) as url:
             client = openai.OpenAI(base_url=url + "/v1", api_key="sk-log-key", max_retries=0)
             client.chat.completions.create(model="qa8", messages=ask(secret))
             list(client.chat.completions.create(model="qa8", messages=ask(secret), stream=True))
@@ -332,7 +312,7 @@ def test_requests_that_fit_alone_run_together_each_within_its_own_context(tokeni
     alone = [generator.generate_ids([generator.tokenizer(p)["input_ids"]], max_new_tokens=n)[0]
              for p, n in ((a, 4), (b, 30))]
     app = create_app(generator, ServeConfig(model_name="short", max_batch_size=8))
-    with held_worker(generator, monkeypatch) as (calls, entered, release), running(app) as url:
+    with held_worker(generator, monkeypatch) as (calls, entered, release), serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
 
         def complete(prompt: str, max_tokens: int):
@@ -359,7 +339,7 @@ def test_max_tokens_above_the_server_cap_is_a_400(generator, run):
     assert ServeConfig().max_new_tokens == 1024
     longest = max(range(len(QUESTIONS)), key=lambda i: generator.generate([ask(QUESTIONS[i])])[0].completion_tokens)
     assert generator.generate([ask(QUESTIONS[longest])])[0].completion_tokens > 8
-    with running(create_app(generator, ServeConfig(model=str(run), max_new_tokens=8))) as url:
+    with serving(create_app(generator, ServeConfig(model=str(run), max_new_tokens=8))) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="qa8", messages=ask(QUESTIONS[0]), max_tokens=9)
@@ -377,7 +357,7 @@ def test_a_client_that_leaves_while_queued_frees_its_slot_and_is_never_generated
                                                                                   stream):
     app = create_app(generator, ServeConfig(model=str(run), max_batch_size=1))
     worker = app.state.worker
-    with held_worker(generator, monkeypatch) as (calls, entered, release), running(app) as url:
+    with held_worker(generator, monkeypatch) as (calls, entered, release), serving(app) as url:
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(httpx.post, url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0])},
                                 timeout=60)
@@ -402,7 +382,7 @@ def test_a_worker_whose_device_broke_fails_health_and_refuses_requests(generator
     usable = [True]
     monkeypatch.setattr(generator.model, "forward", broken)
     monkeypatch.setattr("specialize.serve.worker.device_usable", lambda device: usable[0])
-    with running(create_app(generator, ServeConfig(model=str(run)))) as url:
+    with serving(create_app(generator, ServeConfig(model=str(run)))) as url:
         def post() -> httpx.Response:
             return httpx.post(url + "/v1/chat/completions", json={"messages": ask(QUESTIONS[0])})
 

@@ -16,12 +16,11 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
-import uvicorn
 
+import helpers
 from specialize.config import ServeConfig
 from specialize.generate import Generator
 from specialize.serve import create_app
-from specialize.serve.app import server_config
 
 HELLO = [{"role": "user", "content": "hello there"}]
 
@@ -40,20 +39,9 @@ def generator(tiny_llama) -> Generator:
 @contextmanager
 def serving(generator: Generator, cfg: ServeConfig, app=None) -> Iterator[tuple[str, int]]:
     """`specialize serve`'s app (or `app`) and uvicorn settings in a background thread; yields (host, port)."""
-    sock = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(server_config(app or create_app(generator, cfg), cfg, log_config=None))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
-    try:
-        yield "127.0.0.1", sock.getsockname()[1]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
+    with helpers.serving(app or create_app(generator, cfg), cfg) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        yield host, int(port)
 
 
 def url(address: tuple[str, int], path: str) -> str:
