@@ -213,7 +213,7 @@ def test_raw_text_and_conversations_are_checked(capsys, tmp_path):
     code, out = run_lint(capsys, data=[str(data)], show=1)
     assert code == 1
     assert "⟦elease notes for 2.0.<|endoftext|>⟧" in out  # the first token of a sequence is never a target
-    assert f"error duplicate: 1 example repeating an earlier one" in out and f"  {data}:2 = {data}:1\n" in out
+    assert "error duplicate: 1 example repeating an earlier one" in out and f"  {data}:2 = {data}:1\n" in out
 
 
 def test_template_tokenizer_needs_a_base(capsys):
