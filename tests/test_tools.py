@@ -1,0 +1,120 @@
+"""The one tool-call format (specialize.tools): rendering, parsing, and the checks lint and serve use."""
+
+import json
+
+from helpers import ASSETS
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from specialize import tools as T
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}
+TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}  # a bare function
+
+
+def test_render_tool_calls_is_the_hermes_form():
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+             {"name": "get_time", "arguments": {}}]
+    assert T.render_tool_calls(calls) == ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                                          '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+
+
+def test_tools_system_text_copies_qwen25_wording():
+    text = T.tools_system_text([WEATHER])
+    assert text.startswith("# Tools\n\nYou may call one or more functions")
+    assert "\n<tools>\n" + json.dumps(WEATHER) + "\n</tools>\n" in text
+    assert text.endswith('<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    qwen = (ASSETS / "templates" / "qwen2.5.jinja").read_text()
+    assert T.TOOLS_INTRO.replace("\n", "\\n") in qwen and T.TOOLS_OUTRO.replace("\n", "\\n").replace('"', '\\"') in qwen
+
+
+def test_qwen25_template_renders_calls_as_render_tool_calls():
+    qwen = (ASSETS / "templates" / "qwen2.5.jinja").read_text()
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": calls}]
+    rendered = render_jinja_template([messages], tools=[WEATHER], chat_template=qwen)[0][0]
+    assert "<|im_start|>assistant\n" + T.render_tool_calls(calls) + "<|im_end|>" in rendered
+    assert T.tools_system_text([WEATHER]) + "<|im_end|>" in rendered
+
+
+def test_jinja_fragments_equal_the_python_renderings():
+    jinja = ("{%- if tools %}" + T.JINJA_TOOLS_BLOCK + "{%- endif %}|{%- for message in messages %}"
+        "{%- if message.role == 'tool' %}" + T.JINJA_RESULT + "{%- else %}" + T.JINJA_CALLS + "{%- endif %}|"
+        "{%- endfor %}")
+    calls = [{"function": {"name": "get_weather", "arguments": {"city": "Zürich"}}},
+             {"function": {"name": "get_time", "arguments": "{}"}}]
+    messages = [{"role": "assistant", "content": "", "tool_calls": calls}, {"role": "tool", "content": "12°C"}]
+    out = render_jinja_template([messages], tools=[WEATHER, TIME], chat_template=jinja)[0][0]
+    assert out == "|".join([T.tools_system_text([WEATHER, TIME]), T.render_tool_calls(calls),
+                            T.render_tool_result("12°C"), ""])
+
+
+def test_parse_round_trips_render_and_keeps_text_outside():
+    calls = [T.openai_call("get_weather", {"city": "Paris"}), T.openai_call("get_time", {})]
+    text, parsed = T.parse_tool_calls("Let me check.\n" + T.render_tool_calls(calls))
+    assert text == "Let me check."
+    assert [(c["type"], c["function"]) for c in parsed] == [(c["type"], c["function"]) for c in calls]
+    assert all(c["id"].startswith("call_") for c in parsed) and parsed[0]["id"] != parsed[1]["id"]
+
+
+def test_parse_is_tolerant_of_whitespace_and_string_arguments():
+    text, calls = T.parse_tool_calls('<tool_call>  {"name":"f","arguments":"{\\"a\\": 1}"}</tool_call>')
+    assert text == "" and calls[0]["function"] == {"name": "f", "arguments": '{"a": 1}'}
+
+
+def test_unclosed_or_non_json_call_stays_text_and_is_invalid():
+    scan = T.scan_tool_calls('ok <tool_call>\n{"name": "f", "arguments": {oops}\n</tool_call> then <tool_call>\n{"na')
+    assert scan.calls == []
+    assert scan.invalid == ['<tool_call>\n{"name": "f", "arguments": {oops}\n</tool_call>', '<tool_call>\n{"na']
+    assert scan.text.startswith("ok <tool_call>") and scan.text.endswith('{"na')
+    assert T.scan_tool_calls('<tool_call>["f"]</tool_call>').invalid == ['<tool_call>["f"]</tool_call>']
+
+
+def test_llama31_bare_json_call_is_read_and_plain_text_is_not():
+    text, calls = T.parse_tool_calls(' {"name": "get_weather", "parameters": {"city": "Oslo"}} ')
+    assert text == "" and calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert T.parse_tool_calls('{"answer": 42}') == ('{"answer": 42}', [])
+    assert T.parse_tool_calls("Paris is in France.") == ("Paris is in France.", [])
+
+
+def test_template_messages_normalises_openai_messages():
+    messages = [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief"}]},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+                {"role": "assistant", "content": "x", "tool_calls": []}]
+    assert T.template_messages(messages) == [
+        {"role": "system", "content": "Be brief"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]},
+        {"role": "assistant", "content": "x"}]
+    assert messages[1]["content"] is None  # the caller's messages are untouched
+
+
+def test_check_tools_names_each_problem():
+    assert T.check_tools([WEATHER, TIME]) == []
+    assert T.check_tools({"name": "f"}) == ["expected a list of tools, got dict"]
+    assert T.check_tools([{"type": "function", "function": {"description": "x"}}, WEATHER, WEATHER,
+                          {"name": "bad name"}, {"name": "g", "parameters": {"type": "array"}},
+                          {"name": "h", "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}}]) == [
+        "tools[0]: function has no name",
+        "tools[2]: duplicate function name 'get_weather'",
+        "tools[3]: function name 'bad name' is not 1-64 letters, digits, '_', '.' or '-'",
+        "tools[4]: parameters of 'g' must be a JSON schema of type 'object'",
+        "tools[5]: parameters of 'h' are not a valid JSON schema: 'nope' is not valid under any of the given schemas"]
+
+
+def test_check_call_unknown_not_json_and_schema_mismatch():
+    tools = [WEATHER, TIME]
+    assert T.check_call(T.openai_call("get_weather", {"city": "Paris", "days": 3}), tools) is None
+    assert T.check_call({"name": "get_time", "arguments": {}}, tools) is None
+    assert T.check_call(T.openai_call("book", {}), tools) == "unknown function 'book' (tools: get_time, get_weather)"
+    assert T.check_call({"function": {"name": "get_weather", "arguments": "{city"}}, tools).startswith(
+        "arguments of 'get_weather' are not JSON (")
+    assert T.check_call({"function": {"name": "get_weather", "arguments": "[1]"}}, tools) == (
+        "arguments of 'get_weather' must be a JSON object, got list")
+    assert T.check_call(T.openai_call("get_weather", {"days": 2}), tools) == (
+        "arguments of 'get_weather' do not match its schema: 'city' is a required property")
+    assert T.check_call(T.openai_call("get_weather", {"city": "Oslo", "days": "two"}), tools) == (
+        "arguments of 'get_weather' do not match its schema: 'two' is not of type 'integer' (at 'days')")
