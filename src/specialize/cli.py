@@ -17,8 +17,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from specialize.config import (ChatConfig, CompareConfig, ConvertConfig, DemoConfig, EvalConfig, ExportConfig,
-                               FinetuneConfig, GenerateConfig, LintConfig, PretrainConfig, ServeConfig)
+from specialize.config import (ChatConfig, CompareConfig, ConvertConfig, CurveConfig, DemoConfig, EvalConfig,
+                               ExportConfig, FinetuneConfig, GenerateConfig, LintConfig, PairsConfig, PretrainConfig,
+                               ServeConfig, StudioConfig)
 from specialize.errors import Stopped, UserError
 from specialize.flags import config_command
 
@@ -30,6 +31,11 @@ err = Console(stderr=True, markup=False)  # user text (paths, server replies) is
 @config_command(app, DemoConfig)
 def demo(cfg: DemoConfig) -> None:
     """The whole life cycle on the Python standard library docs: pretrain → finetune → compare."""
+    if cfg.updates:
+        from specialize.updates import run_updates
+
+        run_updates(cfg)
+        return
     from specialize.demo import run_demo
 
     run_demo(cfg)
@@ -109,6 +115,22 @@ def lint(cfg: LintConfig) -> None:
     raise typer.Exit(run(cfg))
 
 
+@config_command(app, CurveConfig)
+def curve(cfg: CurveConfig) -> None:
+    """Learning curve: one fine-tuning run per data fraction and seed, scored on each split and on retention."""
+    from specialize.curve import run_curve
+
+    run_curve(cfg)
+
+
+@config_command(app, PairsConfig)
+def pairs(cfg: PairsConfig) -> None:
+    """A run's own sampled answers, graded against the references → chosen/rejected preference pairs."""
+    from specialize.pairs import make_pairs
+
+    make_pairs(cfg)
+
+
 @config_command(app, ServeConfig)
 def serve(cfg: ServeConfig) -> None:
     """OpenAI-compatible HTTP server for a run."""
@@ -125,6 +147,14 @@ def serve(cfg: ServeConfig) -> None:
 def export(cfg: ExportConfig) -> None:
     """A standalone HF folder (LoRA merged) for transformers, vLLM or llama.cpp converters."""
     from specialize.export import export as run
+
+    run(cfg)
+
+
+@config_command(app, StudioConfig)
+def studio(cfg: StudioConfig) -> None:
+    """The life cycle in the browser: data and lint, training with live curves, runs, compare, playground, export."""
+    from specialize.studio import studio as run
 
     run(cfg)
 

@@ -99,11 +99,28 @@ class FinetuneConfig(TrainConfig):
     max_seq_tokens: int | None = Field(None, gt=1, description="longest sequence in tokens; longer examples are dropped "
                                        "and reported; default: the smaller of the model's context and the longest "
                                        "example")
-    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+    objective: Literal["sft", "dpo", "orpo", "kto", "grpo"] = Field(
         "sft", description="sft: next-token loss on answers; dpo, orpo: prompt/chosen/rejected pairs; kto: "
-                           "prompt/completion/label rows (or pairs); same loop, full or LoRA")
-    beta: float = Field(0.1, gt=0, description="dpo/kto: strength of the pull toward the reference model; orpo: "
-                        "weight (lambda) of the odds-ratio term")
+                           "prompt/completion/label rows (or pairs); grpo: prompts (with reference answers), "
+                           "rewarded samples; same loop, full or LoRA")
+    beta: float | None = Field(None, ge=0, description="dpo/kto: strength of the pull toward the reference model "
+                               "(default 0.1); orpo: weight (lambda) of the odds-ratio term (default 0.1); grpo: "
+                               "weight of the KL penalty to the reference (default 0: none)")
+    reward: list[str] = Field(default_factory=list, description="grpo: reward(s), summed: exact_match, f1, json, "
+                              "stop, length, judge, or module:function (your own Python code); default: f1")
+    group_size: int = Field(4, ge=2, description="grpo: answers sampled per prompt (rewards are compared within "
+                            "the group)")
+    max_new_tokens: int = Field(64, gt=0, description="grpo: most tokens per sampled answer")
+    temperature: float = Field(1.0, gt=0, le=2, description="grpo: sampling temperature of the answers")
+    judge_url: str | None = Field(None, description="grpo --reward judge: OpenAI-compatible endpoint of the judge")
+    judge_model: str | None = Field(None, description="grpo --reward judge: model name at the judge endpoint")
+    retention: list[str] = Field(default_factory=list, description="general text (perplexity) or Q&A (F1) files "
+                                 "scored before and after training, to measure what the model forgets; results "
+                                 "in train_summary.json")
+    replay_data: list[str] = Field(default_factory=list, description="general data mixed into training to reduce "
+                                   "forgetting (text or Q&A files)")
+    replay_fraction: float = Field(0.2, ge=0, lt=1, description="share of the training examples drawn from "
+                                   "--replay-data")
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (Rafailov et al. 2023) or ipo "
                                                 "(Azar et al. 2023, on per-token mean log-ratios as TRL)")
 
@@ -142,7 +159,8 @@ class EvalConfig(StageConfig):
     model: str | None = Field(None, description="run folder, model folder or hub id")
     data: str | None = Field(None, description="test set (any supported data file)")
     predictions: str | None = Field(None, description="JSONL of {prediction, reference} rows to score without a model")
-    task: Literal["qa", "classify", "extract", "generate"] = Field("qa", description="task type, picks the metrics")
+    task: Literal["qa", "classify", "extract", "generate", "tool_call"] = Field(
+        "qa", description="task type, picks the metrics (tool_call: tool-name accuracy, argument match, when to call)")
     max_new_tokens: int = Field(64, gt=0, description="most tokens per answer")
     batch_size: int = Field(32, gt=0, description="prompts per generation batch")
     docs: str | None = Field(None, description="documents for RAG (folder or JSONL of passages)")
@@ -163,7 +181,11 @@ class CompareConfig(StageConfig):
     docs: str | None = Field(None, description="documents for RAG")
     predictions: list[str] = Field(default_factory=list, description="NAME=FILE predictions of other systems")
     fewshot: int = Field(0, ge=0, description="also run base+fewshot with this many examples (0: off)")
-    task: Literal["qa", "classify", "extract", "generate"] = Field("qa", description="task type")
+    task: Literal["qa", "classify", "extract", "generate", "tool_call"] = Field("qa", description="task type")
+    runs: list[str] = Field(default_factory=list, description="other fine-tuned runs scored beside --model, as "
+                            "NAME=RUN (e.g. sft+dpo=runs/dpo)")
+    agent: bool | None = Field(None, description="also score finetuned+agent: the model may call a search_docs "
+                               "tool over --docs; default: on when the run was trained with that tool")
     max_new_tokens: int = Field(64, gt=0, description="most tokens per answer")
     batch_size: int = Field(32, gt=0, description="prompts per generation batch")
     top_k: int = Field(3, gt=0, description="passages per RAG prompt")
@@ -281,9 +303,71 @@ class DemoConfig(StageConfig):
     max_new_tokens: int = Field(40, gt=0, description="most tokens per generated answer (the longest test answer is 30)")
     eval_batch_size: int = Field(64, gt=0, description="prompts per generation batch")
     modules: list[str] | None = Field(None, description="document only these stdlib modules (default: all; for quick runs)")
+    updates: bool = Field(False, description="run the knowledge-update scenario instead: some facts change, the "
+                          "specialist is fine-tuned on the updates and compared with RAG over the updated docs")
     seed: int = Field(0, description="seed for every stage")
     rebuild: bool = Field(False, description="ignore the caches and rebuild data and base")
     progress: bool = Field(True, description="show progress bars")
+
+
+class CurveConfig(FinetuneConfig):
+    """`specialize curve`: one fine-tuning run per data fraction and seed → quality (and retention) vs examples."""
+
+    out: Path = Field(Path("runs/curve"), description="folder for curve.json, report.html and one run per point")
+    fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0],
+                                   description="shares of --data trained on, one point each (nested subsets)")
+    seeds: int = Field(2, gt=0, description="seeds per fraction (data order and subset)")
+    jobs: int | None = Field(None, gt=0, description="points trained at once, each its own process; default: what "
+                             "memory and cores allow")
+    plan: bool = Field(False, description="only write each point's finetune command into curve.json (run them on "
+                       "your scheduler, then run curve again to gather)")
+    max_new_tokens: int = Field(64, gt=0, description="most tokens per generated answer when scoring a point")
+
+    @field_validator("fractions", mode="before")
+    @classmethod
+    def _fractions(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, (str, float, int)) else value
+        if not isinstance(items, list):
+            return value
+        out = [float(f) for item in items for f in str(item).split(",") if f.strip()]
+        if not out or any(not 0 < f <= 1 for f in out):
+            raise ValueError("fractions are shares of the data in (0, 1]")
+        return sorted(set(out))
+
+
+class PairsConfig(StageConfig):
+    """`specialize pairs`: a run's own sampled answers, graded → chosen/rejected preference pairs."""
+
+    model: str = Field("", description="run folder (or model folder / hub id) to sample from")
+    data: list[str] = Field(default_factory=list, description="questions with reference answers (any Q&A format)")
+    out: Path = Field(Path("prefs.jsonl"), description="preference JSONL to write (prompt/chosen/rejected)")
+    samples: int = Field(4, ge=2, description="answers sampled per question")
+    grade: str = Field("f1", description="how answers are graded: f1, exact_match, judge, or module:function")
+    min_margin: float = Field(0.1, ge=0, description="smallest grade difference between chosen and rejected; "
+                              "questions whose answers all grade alike give no pair")
+    temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(64, gt=0, description="most tokens per answer")
+    batch_size: int = Field(16, gt=0, description="prompts per generation batch")
+    system_prompt: str | None = Field(None, description="system message for every prompt")
+    judge_url: str | None = Field(None, description="--grade judge: OpenAI-compatible endpoint of the judge")
+    judge_model: str | None = Field(None, description="--grade judge: model name at the judge endpoint")
+    seed: int = Field(0, description="sampling seed")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+
+
+class StudioConfig(StageConfig):
+    """`specialize studio`: the life cycle in the browser, over one workspace folder."""
+
+    workspace: Path = Field(Path("."), description="folder whose data and runs the studio shows; files are read "
+                            "and written only inside it")
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 exposes the studio to the network")
+    port: int = Field(7860, gt=0, lt=65536, description="TCP port")
+    token: str | None = Field(None, description="access token (or set SPECIALIZE_TOKEN); default: a random one, "
+                              "printed as the URL to open")
+    max_upload_bytes: int = Field(52_428_800, gt=0, description="largest uploaded file in bytes")
+    jobs: int = Field(1, gt=0, description="training/compare runs at once; the rest wait in a queue")
+    progress: bool = Field(True, description="show progress in the terminal")
 
 
 C = TypeVar("C", bound=StageConfig)
