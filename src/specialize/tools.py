@@ -84,10 +84,11 @@ def _name_and_arguments(call: dict) -> tuple[str, Any]:
 
 def render_tool_calls(calls: list[dict]) -> str:
     """The assistant text for calls (OpenAI's `{"function": {"name", "arguments"}}` or plain `{name, arguments}`;
-    arguments an object or a JSON string), one `<tool_call>` block per call, separated by a newline."""
+    arguments an object or a JSON string, written as `json.dumps` writes the object; a string that is not JSON
+    is written as it is), one `<tool_call>` block per call, separated by a newline."""
     blocks = []
     for call in calls:
-        name, arguments = _name_and_arguments(call)
+        name, arguments = call_arguments(call)  # a JSON string is written as templates write objects
         args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
         blocks.append(f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(name, ensure_ascii=False)}, "arguments": {args}}}'
                       f'\n{TOOL_CALL_CLOSE}')

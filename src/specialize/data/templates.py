@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
+from specialize import tools as tool_format
 from specialize.errors import UserError
 
 # A system message, when present, is put first as plain text.
@@ -41,9 +42,25 @@ ALPACA_TEMPLATE = (
     "{%- endfor -%}"
 )
 
+# With tools: the system turn lists them (after the system text), an assistant turn writes its calls after its
+# text, and consecutive tool results share one user turn: the format of `specialize.tools` (Qwen2.5's).
 CHATML_TEMPLATE = (
+    "{%- if tools -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}{%- set head = messages[0]['content'] + '\\n\\n' -%}"
+    "{%- set messages = messages[1:] -%}{%- else -%}{%- set head = '' -%}{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + head }}" + tool_format.JINJA_TOOLS_BLOCK + "{{- eos_token + '\\n' }}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}{{- '<|im_start|>user\\n' }}"
+    "{%- else -%}{{- '\\n' }}{%- endif -%}" + tool_format.JINJA_RESULT +
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}{{- eos_token + '\\n' }}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' and message.tool_calls -%}"
+    "{{- '<|im_start|>assistant\\n' }}{%- if message['content'] -%}{{- message['content'] + '\\n' }}{%- endif -%}"
+    + tool_format.JINJA_CALLS + "{{- eos_token + '\\n' }}"
+    "{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + eos_token + '\\n' }}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
@@ -65,9 +82,22 @@ class Template:
         """How messages name the template: `'tokenizer' (the chat template of models/gemma-2)`."""
         return f"'{self.name}'" + (f" (the chat template of {self.origin})" if self.origin else "")
 
-    def render(self, tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        return tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template renders tools and tool calls (ours: chatml; a tokenizer's: when its Jinja reads them)."""
+        return "tool_calls" in self.jinja or "tools" in self.jinja
+
+    def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool,
+               tools: list[dict] | None = None) -> str:
+        """The conversation as text. Messages are OpenAI's (`tools.template_messages` makes them what templates
+        read); `tools` are passed to the template as `apply_chat_template(..., tools=...)` does."""
+        uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
+        if uses_tools and not self.renders_tools:
+            raise UserError(f"template {self.label} cannot render tools or tool calls; use --template chatml, "
+                            "or a model whose chat template supports tools")
+        return tokenizer.apply_chat_template(tool_format.template_messages(messages), chat_template=self.jinja,
+                                             tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             tools=tool_format.normalize_tools(tools) if tools else None)
 
 
 class TemplateRaised(UserError):
@@ -162,7 +192,8 @@ def with_default_system(jinja: str, system_prompt: str | None) -> str:
             + _DEFAULT_SYSTEM_END + jinja)
 
 
-def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+def segments(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None = None,
+             ) -> list[tuple[str, bool]]:
     """Split a rendered conversation into (text, trained) pieces: assistant turns are trained.
 
     Each assistant turn is found as the difference between the conversation rendered up to and
@@ -172,6 +203,9 @@ def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> l
 
     An assistant turn with `"weight": 0` is split the same way but not trained: it stays in the
     sequence as context. The `weight` key is taken off before rendering, so no template sees it.
+
+    With `tools`, every rendering lists them (the tools block is prompt); an assistant turn's tool
+    calls are part of its answer, and `tool` results are prompt, like user turns.
     """
     weights = [message.get("weight", 1) for message in messages]
     messages = [{k: v for k, v in message.items() if k != "weight"} for message in messages]
@@ -182,15 +216,15 @@ def segments(template: Template, tokenizer, messages: list[dict[str, str]]) -> l
         if message["role"] != "assistant":
             continue
         try:
-            prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True)
-            full = template.render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+            full = template.render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         except TemplateError as e:
             raise TemplateRaised(f"template {template.label} cannot render this conversation: {e}") from None
         last_turn = i == max(j for j, m in enumerate(messages) if m["role"] == "assistant")
         if prompt.startswith(done) and full.startswith(prompt):
             answer = full[len(prompt):]
         elif not done and last_turn and (answer := _rendered_answer(prompt, full, messages[i - 1] if i else None,
-                                                                     message["content"])):
+                                                                     message["content"] or "")):
             # The only assistant turn, rendered differently once it is answered: Mistral's template
             # puts the system text into the user turn only while that turn is the last message.
             # Training sees the inference prompt followed by the turn as the template ends it.

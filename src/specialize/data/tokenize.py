@@ -83,7 +83,7 @@ def encode_chat(example: Example, tokenizer, template: Template, train_on_prompt
 
     Tokenizers without offsets (slow ones) are tokenised piece by piece instead.
     """
-    pieces = segments(template, tokenizer, example.messages)
+    pieces = segments(template, tokenizer, example.messages, example.tools)
     if not getattr(tokenizer, "is_fast", False):
         return _encode_pieces(pieces, tokenizer, train_on_prompt, example.source)
     text = "".join(piece for piece, _ in pieces)
