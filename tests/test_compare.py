@@ -199,3 +199,69 @@ def test_scorecard_json_keys_are_the_typed_scorecards_fields(compared):
     assert all(list(s["training"]) == list(Training.model_fields) for s in written["systems"] if s["training"])
     assert list(written["recommendation"]) == list(Recommendation.model_fields)
     assert Scorecard.model_validate(written).to_json() == written
+
+
+def test_other_runs_are_systems_with_their_cost_and_retention(tmp_path, qa8_run):
+    """--runs NAME=RUN (issue #14: sft vs sft+dpo): its own systems, training cost and retention."""
+    dpo = tmp_path / "dpo"
+    shutil.copytree(qa8_run, dpo)
+    summary = json.loads((dpo / "train_summary.json").read_text())
+    retention = {"before": {"perplexity": 9.1}, "after": {"perplexity": 9.8}}
+    (dpo / "train_summary.json").write_text(json.dumps(summary | {"seconds": 7.0, "retention": retention}))
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", UNSEEN)
+    cfg = CompareConfig(model=str(qa8_run), runs=[f"sft+dpo={dpo}"], data=[str(unseen)],
+                        docs=str(write_docs(tmp_path / "docs.jsonl")), max_new_tokens=8, out=tmp_path / "out")
+    scorecard = compare(cfg, progress=False)
+    systems = {s["name"]: s for s in scorecard["systems"]}
+    assert list(systems) == ["base", "base+rag", "finetuned", "finetuned+rag", "sft+dpo", "sft+dpo+rag"]
+    assert systems["sft+dpo"]["training"]["seconds"] == 7.0 == systems["sft+dpo+rag"]["training"]["seconds"]
+    assert systems["sft+dpo"]["retention"] == retention and systems["finetuned"]["retention"] is None
+    assert systems["base"]["retention"] is None and systems["sft+dpo"]["tool_calls_per_example"] is None
+    # the same weights answer the same: the copy is scored as itself, not as --model
+    assert systems["sft+dpo"]["splits"] == systems["finetuned"]["splits"]
+    assert systems["sft+dpo"]["splits"]["unseen"]["prompt_tokens_per_example"] == \
+        systems["sft+dpo"]["prompt_tokens_per_example"]
+    html = (cfg.out / "report.html").read_text()
+    assert "sft+dpo+rag" in html and "perplexity 9.100 -&gt; 9.800" in html
+    assert sorted(p.name for p in (cfg.out / "predictions").iterdir()) == sorted(systems)
+
+
+def test_runs_specs(tmp_path):
+    from specialize.evaluate.compare import parse_runs
+
+    (tmp_path / "r").mkdir()
+    assert parse_runs([f"dpo={tmp_path / 'r'}", f"grpo={tmp_path / 'r'}"], set()) == \
+        {"dpo": str(tmp_path / "r"), "grpo": str(tmp_path / "r")}
+    for spec, taken, message in (("dpo", set(), "expected NAME=RUN"), (f"base={tmp_path / 'r'}", set(), "'base' is"),
+                                 (f"finetuned={tmp_path / 'r'}", set(), "'finetuned' is already"),
+                                 (f"gpt4o={tmp_path / 'r'}", {"gpt4o"}, "'gpt4o' is already"),
+                                 (f"x={tmp_path / 'nope'}", set(), "run folder not found")):
+        with pytest.raises(UserError, match=message):
+            parse_runs([spec], taken)
+    with pytest.raises(UserError, match="'a\\+rag' is already the name of a system"):
+        parse_runs([f"a+rag={tmp_path / 'r'}", f"a={tmp_path / 'r'}"], set())
+
+
+def test_agent_is_on_for_runs_trained_with_search_and_needs_docs(tmp_path, qa8_run):
+    from specialize.evaluate.compare import agent_wanted
+
+    docs = str(write_docs(tmp_path / "docs.jsonl"))
+    assert not agent_wanted(CompareConfig(model=str(qa8_run), docs=docs), str(qa8_run))  # plain Q&A run
+    assert agent_wanted(CompareConfig(model=str(qa8_run), docs=docs, agent=True), str(qa8_run))
+    with pytest.raises(UserError, match="--agent needs --docs"):
+        agent_wanted(CompareConfig(model=str(qa8_run), agent=True), str(qa8_run))
+    searched = tmp_path / "searched"
+    shutil.copytree(qa8_run, searched)
+    rows = [{"tools": [{"type": "function", "function": {"name": "search_docs", "parameters": {"type": "object"}}}],
+             "messages": [{"role": "user", "content": "Q?"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"id": "c1", "type": "function",
+                               "function": {"name": "search_docs", "arguments": "{\"query\": \"Q\"}"}}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "[1] A."},
+                          {"role": "assistant", "content": "A."}]}]
+    config = yaml.safe_load((searched / "config.yaml").read_text())
+    config["data"] = [str(write_jsonl(tmp_path / "agent.jsonl", rows))]
+    (searched / "config.yaml").write_text(yaml.safe_dump(config))
+    assert agent_wanted(CompareConfig(model=str(searched), docs=docs), str(searched))
+    assert not agent_wanted(CompareConfig(model=str(searched), docs=docs, agent=False), str(searched))
+    assert not agent_wanted(CompareConfig(model=str(searched)), str(searched))  # nothing to search

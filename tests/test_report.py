@@ -124,3 +124,55 @@ def test_report_is_self_contained_and_escaped(tmp_path):
     cls = {"systems": [{"name": "clf", "training": None, "splits": {"test": cls_metrics}}]}
     html = write_report(cls, tmp_path / "cls.html").read_text(encoding="utf-8")
     assert "Confusion matrix: clf" in html
+
+
+def test_retention_any_nesting_becomes_before_after_pairs():
+    from specialize.evaluate.report import retention_changes, retention_text
+
+    assert retention_changes({"before": {"perplexity": 9.1}, "after": {"perplexity": 9.8}}) == \
+        [("perplexity", 9.1, 9.8)]
+    per_file = {"wiki.txt": {"before": {"perplexity": 12.0}, "after": {"perplexity": 15.5}},
+                "trivia.jsonl": {"before": {"f1": 0.5, "n": 20}, "after": {"f1": 0.25, "n": 20}}}
+    assert retention_changes(per_file) == [("wiki.txt perplexity", 12.0, 15.5), ("trivia.jsonl f1", 0.5, 0.25),
+                                           ("trivia.jsonl n", 20.0, 20.0)]
+    assert retention_text({"before": {"wiki.txt": {"perplexity": 12.0}}, "after": {"wiki.txt": {}}}) == \
+        "wiki.txt perplexity 12.0 -> ?"
+    assert retention_text(None) == retention_text({}) == ""
+
+
+def test_task_metrics_agent_costs_and_retention_are_shown(tmp_path):
+    """Whatever a task reports (tool_call's metrics here) gets a column, as do tool calls and retention."""
+    from rich.console import Console
+
+    from specialize.evaluate.report import scorecard_table
+
+    def tool_split(accuracy, tokens=None, calls=None):
+        metrics = {"call_accuracy": accuracy, "argument_f1": accuracy / 2, "stop_rate": 1.0, "n": 4}
+        return metrics | ({"prompt_tokens_per_example": tokens} if tokens else {}) \
+            | ({"tool_calls_per_example": calls} if calls is not None else {})
+
+    scorecard = {"task": "tool_call", "systems": [
+        {"name": "finetuned", "prompt_tokens_per_example": 120.0, "latency_s_per_example": 0.1, "training": FT,
+         "retention": {"before": {"perplexity": 9.1}, "after": {"perplexity": 9.8}},
+         "splits": {"seen": tool_split(0.75, 100.0), "unseen": tool_split(0.5, 140.0)}},
+        {"name": "finetuned+agent", "prompt_tokens_per_example": 200.0, "latency_s_per_example": 0.2,
+         "tool_calls_per_example": 0.5, "training": FT, "retention": None,
+         "splits": {"seen": tool_split(1.0, 150.0, 0.0), "unseen": tool_split(0.75, 250.0, 1.0)}}],
+        "recommendation": None}
+    console = Console(width=250, record=True)
+    console.print(scorecard_table(scorecard))
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "system" in line)
+    assert re.findall(r"[\w/.+]+", header) == ["system", "split", "stop_rate", "argument_f1", "call_accuracy",
+                                               "tool_calls_per_example", "prompt", "tok/ex", "latency", "s/ex",
+                                               "train", "s", "retention"]
+    cells = {tuple(c[:2]): c for line in text.splitlines() if "finetuned" in line
+             for c in [[cell.strip() for cell in line.strip("│ ").split("│")]]}
+    assert cells["finetuned+agent", "unseen"][2:] == \
+        ["1.000", "0.375", "0.750", "1.000", "250", "0.200", "300", "-"]
+    assert cells["finetuned", "seen"][2:] == ["1.000", "0.375", "0.750", "-", "100", "0.100", "300",
+                                              "perplexity 9.100 -> 9.800"]  # no tool calls: blank, not 0
+    html = write_report(scorecard, tmp_path / "report.html").read_text()
+    assert "<th>tool calls / example</th>" in html and "<th>retention (before -&gt; after)</th>" in html
+    assert "perplexity 9.100 -&gt; 9.800" in html
+    assert "<th>call_accuracy</th>" in html and "<th>tool_calls_per_example</th>" in html

@@ -62,13 +62,17 @@ class Passage:
     score: float = 0.0
 
 
+def format_passages(passages: list[Passage] | list[str]) -> str:
+    """Passages numbered one per line (PASSAGE_TEMPLATE): a RAG prompt's context, and a search_docs result."""
+    texts = [p.text if isinstance(p, Passage) else p for p in passages]
+    return "\n".join(PASSAGE_TEMPLATE.format(number=i, text=t) for i, t in enumerate(texts, 1))
+
+
 def rag_prompt(question: str, passages: list[Passage] | list[str]) -> str:
     """The question with numbered passages in front (RAG_TEMPLATE); the question alone if none."""
     if not passages:
         return question
-    texts = [p.text if isinstance(p, Passage) else p for p in passages]
-    context = "\n".join(PASSAGE_TEMPLATE.format(number=i, text=t) for i, t in enumerate(texts, 1))
-    return RAG_TEMPLATE.format(context=context, question=question)
+    return RAG_TEMPLATE.format(context=format_passages(passages), question=question)
 
 
 def chunk_text(text: str, chunk_words: int, overlap_words: int) -> list[str]:

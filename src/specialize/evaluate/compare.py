@@ -12,7 +12,14 @@ Systems (each answers every split; a split is one `--data` file, named by its fi
 | `base+rag`      | --base       | last user message = rag_prompt(question, top_k passages)   |
 | `finetuned`     | --model      | the run's template                                         |
 | `finetuned+rag` | --model      | as base+rag                                                |
+| `finetuned+agent` | --model    | the run's template + the `search_docs` tool; the model searches --docs when it decides to (`agent.py`) |
+| NAME, NAME+rag, NAME+agent | `--runs NAME=RUN` | as finetuned, finetuned+rag, finetuned+agent (e.g. `sft+dpo=runs/dpo`) |
 | NAME            | none         | `--predictions NAME=FILE` (or `NAME@SPLIT=FILE`), scored as is |
+
+`finetuned+agent` (and NAME+agent) runs when `--agent`, or by default when --docs is given and
+the run trained with `search_docs` calls; `--no-agent` turns it off. A fine-tuned system's
+scorecard entry carries its run's training cost and, when the run measured it, its retention
+(train_summary.json's `retention`: before/after scores on general data).
 
 The base is prompted with the fine-tuned run's template (and its system prompt, if it trained
 with one), so the comparison measures what training changed, not a prompt-format mismatch.
@@ -49,7 +56,7 @@ from specialize.evaluate.tasks import load_predictions, score
 from specialize.files import write_json, write_jsonl
 from specialize.progress import progress_bar
 
-GENERATED = ("base", "base+fewshot", "base+rag", "finetuned", "finetuned+rag")
+GENERATED = ("base", "base+fewshot", "base+rag", "finetuned", "finetuned+rag", "finetuned+agent")
 STAGED = ".predictions.tmp"  # predictions/ of this run (and judge verdicts) until it is swapped in
 
 
@@ -68,6 +75,30 @@ def training_cost(run: str) -> Training | None:
     if summary is None:
         return None
     return Training(seconds=summary.get("seconds"), tokens=summary.get("tokens"))
+
+
+def retention_of(run: str) -> dict | None:
+    """A run's measured retention (train_summary.json `retention`, as finetune wrote it), None if none."""
+    retention = (RunDir(run).read_summary() or {}).get("retention")
+    return retention if isinstance(retention, dict) and retention else None
+
+
+def parse_runs(specs: list[str], taken: set[str]) -> dict[str, str]:
+    """{name: run folder} from NAME=RUN; a name may not shadow another system (its +rag/+agent included)."""
+    runs: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--runs '{spec}': expected NAME=RUN (e.g. sft+dpo=runs/dpo)", field="runs")
+        names = {name, f"{name}+rag", f"{name}+agent"}
+        clash = sorted(names & (taken | set(GENERATED) | set(runs)))
+        if clash:
+            raise UserError(f"--runs '{spec}': '{clash[0]}' is already the name of a system; pick another",
+                            field="runs")
+        if not Path(path).is_dir():  # now, not after the other models have answered every split
+            raise UserError("run folder not found", path=path, field="runs")
+        runs[name] = path
+    return runs
 
 
 def load_base_generator(base: str, run: str | None, trust_remote_code: bool = False):
@@ -167,14 +198,52 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _system(name: str, results: dict[str, SystemResult], training: Training | None, measured: bool) -> SystemScore:
-    """A scorecard system; cost is averaged over the examples of all splits (unknown unless `measured`)."""
+def _system(name: str, results: dict[str, SystemResult], run: str | None, measured: bool) -> SystemScore:
+    """A scorecard system; cost is averaged over the examples of all splits (unknown unless `measured`).
+
+    `run` is the fine-tuned run behind the system (None: no training), for its training cost
+    and retention.
+    """
     n = sum(len(r.rows) for r in results.values())
     latency = sum(r.seconds for r in results.values()) / n
     tokens = sum(r.prompt_tokens_per_example * len(r.rows) for r in results.values()) / n
+    calls = [r.extra.get("tool_calls_per_example") for r in results.values()]
+    tool_calls = (sum(c * len(r.rows) for c, r in zip(calls, results.values())) / n
+                  if calls and all(c is not None for c in calls) else None)
     return SystemScore(name=name, latency_s_per_example=latency if measured else None,
-                       prompt_tokens_per_example=tokens if measured else None, training=training,
+                       prompt_tokens_per_example=tokens if measured else None,
+                       tool_calls_per_example=tool_calls,
+                       training=training_cost(run) if run else None,
+                       retention=retention_of(run) if run else None,
                        splits={split: r.metrics for split, r in results.items()})
+
+
+def agent_wanted(cfg: CompareConfig, run: str) -> bool:
+    """Whether a fine-tuned run also answers as an agent: `--agent/--no-agent`, else when it trained
+    with search_docs calls and there are --docs to search."""
+    from specialize.evaluate.agent import trained_with_search
+
+    wanted = getattr(cfg, "agent", None)
+    if wanted is None:
+        return bool(cfg.docs) and trained_with_search(run)
+    if wanted and not cfg.docs:
+        raise UserError("--agent needs --docs: the documents search_docs searches", field="agent")
+    return bool(wanted)
+
+
+def _plan(cfg: CompareConfig, base: str, runs: dict[str, str], retriever) -> list[tuple[str, str, str, str, int]]:
+    """(model key, model ref, system name, mode, fewshot) for every generated system, grouped by model,
+    so that each model is loaded once. Modes: plain, rag, agent."""
+    plan = []
+    if base:
+        plan += [("base", base, "base", "plain", 0)]
+        plan += [("base", base, "base+fewshot", "plain", cfg.fewshot)] if cfg.fewshot else []
+        plan += [("base", base, "base+rag", "rag", 0)] if retriever else []
+    for key, (prefix, run) in enumerate(runs.items()):
+        plan += [(f"run{key}", run, prefix, "plain", 0)]
+        plan += [(f"run{key}", run, f"{prefix}+rag", "rag", 0)] if retriever else []
+        plan += [(f"run{key}", run, f"{prefix}+agent", "agent", 0)] if agent_wanted(cfg, run) else []
+    return plan
 
 
 def compare(cfg: CompareConfig, progress: bool = True) -> dict:
@@ -185,13 +254,16 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     """
     if not cfg.data:
         raise UserError("no test data (use --data FILE; repeat it for more splits)")
-    if not (cfg.model or cfg.base or cfg.predictions):
-        raise UserError("nothing to compare: give --model RUN (and/or --base MODEL, --predictions NAME=FILE)")
+    extra_runs = list(getattr(cfg, "runs", None) or [])
+    if not (cfg.model or cfg.base or cfg.predictions or extra_runs):
+        raise UserError("nothing to compare: give --model RUN (and/or --base MODEL, --predictions NAME=FILE, "
+                        "--runs NAME=RUN)")
     if cfg.fewshot and not (cfg.base or cfg.model):
         raise UserError("--fewshot needs a base model (--base or --model RUN)")
     base = cfg.base or (find_base(cfg.model) if cfg.model else "")
     splits = load_splits(cfg.data, run_settings(cfg.model).get("system_prompt") if cfg.model else None)
     extra = parse_predictions(cfg.predictions, list(splits))
+    runs = ({"finetuned": cfg.model} if cfg.model else {}) | parse_runs(extra_runs, set(extra))
     retriever = None
     if cfg.docs:
         from specialize.retrieval import Retriever
@@ -202,40 +274,42 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     out = output_folder(cfg.out)
     shutil.rmtree(out / STAGED, ignore_errors=True)  # left by an interrupted run
     console.print(f"compare: splits {', '.join(f'{k} ({len(v)})' for k, v in splits.items())}; "
-                  f"base {base or '-'}; run {cfg.model or '-'}" + (f"; docs {cfg.docs}" if cfg.docs else ""),
+                  f"base {base or '-'}; run {cfg.model or '-'}" + (f"; docs {cfg.docs}" if cfg.docs else "")
+                  + "".join(f"; {name} {run}" for name, run in runs.items() if name != "finetuned"),
                   markup=False, highlight=False)
 
     if not retriever:
-        console.print("no --docs: base+rag and finetuned+rag are left out")
+        console.print("no --docs: the +rag systems are left out")
     results: dict[str, dict[str, SystemResult]] = {}
-    training: dict[str, Training | None] = {}
-    plan = []  # (model kind, system name, retriever, fewshot)
-    if base:
-        plan += [("base", "base", None, 0)]
-        plan += [("base", "base+fewshot", None, cfg.fewshot)] if cfg.fewshot else []
-        plan += [("base", "base+rag", retriever, 0)] if retriever else []
-    if cfg.model:
-        plan += [("run", "finetuned", None, 0)] + ([("run", "finetuned+rag", retriever, 0)] if retriever else [])
+    trained: dict[str, str | None] = {}  # system -> the run it was fine-tuned in
+    plan = _plan(cfg, base, runs, retriever)
     with progress_bar(progress) as bar:
-        for kind in ("base", "run"):
-            steps = [p for p in plan if p[0] == kind]
-            if not steps:
-                continue
-            if kind == "base":
+        for key, group in itertools.groupby(plan, key=lambda p: p[0]):
+            steps = list(group)
+            ref = steps[0][1]
+            if key == "base":
                 generator = load_base_generator(base, cfg.model or None, cfg.trust_remote_code)
             else:
                 from specialize.generate import Generator
 
-                generator = Generator.load(cfg.model, trust_remote_code=cfg.trust_remote_code)
+                generator = Generator.load(ref, trust_remote_code=cfg.trust_remote_code)
             warm_up(generator)
-            for _, name, system_retriever, k in steps:
-                training[name] = training_cost(cfg.model) if kind == "run" else None
+            for _, _, name, mode, k in steps:
+                trained[name] = ref if key != "base" else None
                 for split, examples in splits.items():
                     asked = with_fewshot(examples, shots, k, cfg.task) if k else examples
-                    results.setdefault(name, {})[split] = evaluate_system(
-                        generator, asked, cfg.task, system_retriever, top_k=cfg.top_k,
-                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, progress=bar,
-                        description=f"{name} / {split}")
+                    options = dict(top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                   progress=bar, description=f"{name} / {split}")
+                    if mode == "agent":
+                        from specialize.evaluate.agent import evaluate_agent
+
+                        result = evaluate_agent(generator, asked, cfg.task, retriever,
+                                                max_rounds=getattr(cfg, "agent_rounds", 2), **options)
+                    else:
+                        result = evaluate_system(generator, asked, cfg.task, retriever if mode == "rag" else None,
+                                                 **options)
+                    result.metrics["prompt_tokens_per_example"] = result.prompt_tokens_per_example
+                    results.setdefault(name, {})[split] = result
             del generator
             _release_memory()
 
@@ -244,7 +318,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
             rows = load_predictions(path)
             metrics, per_example = score(cfg.task, rows)
             results.setdefault(name, {})[split] = SystemResult(metrics, per_example, rows, 0.0, 0.0, 0.0, 0.0)
-        training[name] = None
+        trained[name] = None
 
     if judged:
         from specialize.evaluate.judge import Judge
@@ -256,7 +330,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
                     r.metrics.update(judge.judge_rows(cfg.task, r.rows, verdicts))
 
     # the cost of an outside system (--predictions) is unknown, not zero
-    systems = [_system(name, by_split, training[name], measured=name not in extra)
+    systems = [_system(name, by_split, trained[name], measured=name not in extra)
                for name, by_split in results.items()]
     scorecard = Scorecard(task=cfg.task, base=base or None, model=cfg.model or None,
                           splits={name: path for name, path in zip(splits, cfg.data)},

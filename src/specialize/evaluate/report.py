@@ -31,8 +31,13 @@ COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#ed
 # table column order; other numeric metrics follow alphabetically
 METRIC_ORDER = ("exact_match", "f1", "field_f1", "rouge_l", "accuracy", "macro_f1", "json_valid",
                 "stop_rate", "repetition_rate", "hallucination_rate", "mean_length",
-                "length_ratio", "n")
-NOT_RATES = {"mean_length", "length_ratio", "n"}  # not on the 0-1 scale: no bars for these
+                "length_ratio", "prompt_tokens_per_example", "tool_calls_per_example", "n")
+# not on the 0-1 scale: no bars for these
+NOT_RATES = {"mean_length", "length_ratio", "prompt_tokens_per_example", "tool_calls_per_example", "n"}
+# Metrics every task reports that the terminal table leaves to report.html; any other metric a task
+# produces (tool_call's, a judge's) gets a column, so a new task's metrics show without a change here.
+TERMINAL_SKIPS = {"repetition_rate", "mean_length", "n", "prompt_tokens_per_example", "length_ratio",
+                  "off_label_rate", "json_valid"}
 MAX_EXAMPLE_CHARS = 600
 
 CSS = """body{font-family:sans-serif;margin:2em;color:#222;max-width:1200px}
@@ -110,6 +115,37 @@ def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: s
                    f'fill="{color}"/><text x="{width - right + 24}" y="{top + 9 + 16 * i}">'
                    f'{escape(name)}</text>')
     return "\n".join(out) + "</svg>"
+
+
+def retention_changes(retention: Mapping | None) -> list[tuple[str, float | None, float | None]]:
+    """(label, before, after) for every score in a run's retention record.
+
+    The record pairs "before" and "after" at any depth (`{"before": {"perplexity": 9.1}, "after":
+    {...}}`, or the same per retention file, `{"wiki.txt": {"before": ..., "after": ...}}`); the
+    label is the path without them ("perplexity", "wiki.txt perplexity").
+    """
+    found: dict[str, dict[str, float]] = {}
+
+    def walk(node, path: tuple[str, ...]) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, path + (str(key),))
+        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+            when = next((p for p in path if p in ("before", "after")), None)
+            if when:
+                label = " ".join(p for p in path if p not in ("before", "after"))
+                found.setdefault(label, {})[when] = float(node)
+
+    walk(retention or {}, ())
+    return [(label, v.get("before"), v.get("after")) for label, v in found.items()]
+
+
+def retention_text(retention: Mapping | None) -> str:
+    """One line per score: `perplexity 9.10 -> 9.80`; empty when the run measured none."""
+    def num(x: float | None) -> str:
+        return "?" if x is None else f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
+
+    return "; ".join(f"{label} {num(before)} -> {num(after)}" for label, before, after in retention_changes(retention))
 
 
 def _bars(metrics: list[str], systems: list[SystemScore], split: str) -> str:
@@ -273,11 +309,19 @@ def write_report(scorecard: Scorecard | Mapping, out_path: str | Path, loss_curv
         html.append(f'<div class="rec"><h2>Recommendation: {escape(rec.system)}</h2>'
                     f"<ul>{reasons}</ul></div>")
     html.append("<h2>Cost</h2>")
+    agents = any(s.tool_calls_per_example is not None for s in systems)
+    retained = any(s.retention for s in systems)
     html.append(_table(
-        ["system", "prompt tokens / example", "latency s / example", "training s", "training tokens"],
-        [[f"<th>{escape(s.name)}</th>", _cell(s.prompt_tokens_per_example), _cell(s.latency_s_per_example),
-          _cell(s.training.seconds if s.training else None), _cell(s.training.tokens if s.training else None)]
+        ["system", "prompt tokens / example", *(["tool calls / example"] if agents else []), "latency s / example",
+         "training s", "training tokens", *(["retention (before -> after)"] if retained else [])],
+        [[f"<th>{escape(s.name)}</th>", _cell(s.prompt_tokens_per_example),
+          *([_cell(s.tool_calls_per_example)] if agents else []), _cell(s.latency_s_per_example),
+          _cell(s.training.seconds if s.training else None), _cell(s.training.tokens if s.training else None),
+          *([_text_cell(retention_text(s.retention))] if retained else [])]
          for s in systems]))
+    if retained:
+        html.append("<p>Retention: the run's scores on general data before and after fine-tuning "
+                    "(perplexity: lower is better; F1: higher is better): what fine-tuning made it forget.</p>")
     splits = list(dict.fromkeys(split for s in systems for split in s.splits))
     for split in splits:
         html.extend(_split_section(split, systems))
@@ -299,17 +343,25 @@ def scorecard_table(scorecard: Scorecard | Mapping) -> Table:
         first = main_metric(systems)
     except ValueError:
         first = None
-    present = {k for s in systems for m in s.splits.values() for k in m}
+    present = {k for s in systems for m in s.splits.values() for k, v in m.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     metrics = [first] * bool(first) + [k for k in TABLE_METRICS if k in present and k != first]
+    metrics += sorted(present - set(metrics) - TERMINAL_SKIPS)  # e.g. tool_call's metrics, tool_calls_per_example
+    retained = any(s.retention for s in systems)
     table = Table(title=f"compare ({scorecard.task})")
-    for column in ("system", "split", *metrics, "prompt tok/ex", "latency s/ex", "train s"):
-        table.add_column(column, justify="left" if column in ("system", "split") else "right")
+    for column in ("system", "split", *metrics, "prompt tok/ex", "latency s/ex", "train s",
+                   *(["retention"] if retained else [])):
+        table.add_column(column, justify="left" if column in ("system", "split", "retention") else "right")
     for s in systems:
         for split, m in s.splits.items():
-            cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else "-" for k in metrics]
-            tokens, latency = s.prompt_tokens_per_example, s.latency_s_per_example
+            cells = [f"{m[k]:.3f}" if isinstance(m.get(k), float) else str(m[k]) if isinstance(m.get(k), int)
+                     else "-" for k in metrics]
+            # per split when measured there (an agent searches more on one split than another)
+            tokens = m.get("prompt_tokens_per_example", s.prompt_tokens_per_example)
+            latency = s.latency_s_per_example
             train_s = s.training.seconds if s.training else None
             table.add_row(s.name, split, *cells, "-" if tokens is None else f"{tokens:.0f}",
                           "-" if latency is None else f"{latency:.3f}",
-                          "-" if train_s is None else f"{train_s:.0f}")
+                          "-" if train_s is None else f"{train_s:.0f}",
+                          *([retention_text(s.retention) or "-"] if retained else []))
     return table

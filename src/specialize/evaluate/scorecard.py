@@ -7,7 +7,9 @@ file, the report that reads it and this docstring cannot drift apart.
      "splits": {"test": "test.jsonl"},                  # split name → the --data file it came from
      "systems": [{"name": "finetuned+rag", "latency_s_per_example": 0.41,
                   "prompt_tokens_per_example": 812.0,
+                  "tool_calls_per_example": null,                      # agent systems: search calls
                   "training": {"seconds": 310.0, "tokens": 1200000},   # null: no training
+                  "retention": null,                                   # the run's train_summary retention
                   "splits": {"test": {"exact_match": 0.61, "f1": 0.74, "stop_rate": 0.98, "n": 200, ...}}}],
      "recommendation": {"system": "finetuned+rag", "metric": "f1", "reasons": ["...", ...]},
      "demo": {...}}                                     # `specialize demo` only
@@ -48,8 +50,10 @@ class SystemScore(BaseModel):
 
     name: str
     latency_s_per_example: float | None = None  # None: unknown (a --predictions system)
-    prompt_tokens_per_example: float | None = None
+    prompt_tokens_per_example: float | None = None  # agent systems: summed over its rounds
+    tool_calls_per_example: float | None = None  # agent systems only: tool calls it made per question
     training: Training | None = None  # None: no training
+    retention: dict[str, Any] | None = None  # fine-tuned systems: train_summary.json's "retention", as written
     splits: dict[str, dict[str, Any]]  # split → metrics of `evaluate.score` (+ judge_* when judged)
 
 
