@@ -17,6 +17,10 @@ finetune trains on, so lint cannot disagree with training.
 | `duplicate`              | error*   | the same conversation again, after folding case and whitespace         |
 | `near_duplicate`         | error*   | word 3-shingle Jaccard ≥ threshold with an earlier row                 |
 | `special_tokens_in_data` | warning  | text holding a special token's string (`<|endoftext|>`): a control token |
+| tool codes               | error    | tools, calls and tool results that do not fit together (see `lint_tools`) |
+
+Preference data (prompt/chosen/rejected, OpenAI's, KTO's) is recognised by its fields and checked
+by `lint_preferences` instead.
 
 *Errors for `lint`, a gate run on purpose; warnings with `for_training=True` (what finetune
 passes), because finetune drops and reports over-long examples itself, and duplicates only
@@ -34,17 +38,31 @@ from rich.console import Console
 from rich.text import Text
 
 from specialize.config import LintConfig
-from specialize.data.formats import Example, load_examples
+from specialize.data.formats import Example, load_examples, message_text
+from specialize.data.lint_preferences import is_preference_data, lint_preferences
+from specialize.data.lint_tools import MESSAGES as TOOL_MESSAGES
+from specialize.data.lint_tools import TOOL_CODES, tool_problems
+from specialize.data.marking import (
+    byte_tokenizer,
+    length_report,
+    marked,
+    runs,
+    trained_pieces,
+)
 from specialize.data.similarity import duplicates, matches, normalise
-from specialize.data.templates import Template, TemplateRaised, end_of_turn_tokens, resolve_template
+from specialize.data.templates import (
+    Template,
+    TemplateRaised,
+    end_of_turn_tokens,
+    resolve_template,
+)
 from specialize.data.tokenize import Encoded, encode_chat, encode_text
 from specialize.defaults import model_context
-from specialize.data.marking import byte_tokenizer, length_report, marked, runs, trained_pieces  # noqa: F401
 from specialize.errors import UserError
 from specialize.model import load_tokenizer
 
-CODES = ("no_trained_tokens", "eos_not_trained", "empty_answer", "template_roundtrip", "template_error", "leakage",
-         "too_long",
+CODES = ("no_trained_tokens", "eos_not_trained", "empty_answer", "template_roundtrip", "template_error",
+         *TOOL_CODES, "leakage", "too_long",
          "duplicate", "near_duplicate", "special_tokens_in_data")
 LINT_ONLY_ERRORS = {"too_long", "duplicate", "near_duplicate"}
 WARNINGS = {"special_tokens_in_data"}
@@ -147,7 +165,7 @@ def _encode_conversation(example: Example, tokenizer, template: Template, max_se
     """Encode one conversation with `encode_chat` and run the checks that need only its ids and labels."""
     try:
         item = encode_chat(example, tokenizer, template)
-        prompt = template.render(tokenizer, example.prompt_messages, add_generation_prompt=True)
+        prompt = template.render(tokenizer, example.prompt_messages, add_generation_prompt=True, tools=example.tools)
     except (TemplateRaised, TemplateError) as e:  # the template refuses this conversation
         return _Conversation(example, failure=f"{example.source}: {e}", failure_code="template_error")
     except UserError as e:  # a template that cannot render this conversation turn by turn
@@ -182,7 +200,7 @@ def _check_conversations(batch: list[_Conversation], tokenizer, found: _Found) -
         detail = _roundtrip_detail(c.item.input_ids, next(inference), tokenizer, source)
         if detail:
             found.add("template_roundtrip", source, detail)
-        answers = [m["content"] for m in c.example.messages if m["role"] == "assistant"]
+        answers = [message_text(m) for m in c.example.messages if m["role"] == "assistant"]
         if id(c) in blank or any(_blank(answer) for answer in answers):
             found.add("empty_answer", source)
 
@@ -193,7 +211,7 @@ def _similarity_text(example: Example, prompt_only: bool) -> str:
     if example.text is not None:
         return example.text
     messages = example.prompt_messages if prompt_only else example.messages
-    return "\n".join(m["content"] for m in messages if m["role"] != "system")
+    return "\n".join(message_text(m) for m in messages if m["role"] != "system")
 
 
 def _pair(row: Example, earlier: Example, similarity: float | None) -> str:
@@ -204,7 +222,7 @@ def _pair(row: Example, earlier: Example, similarity: float | None) -> str:
 def _check_duplicates(examples: list[Example], threshold: float, found: _Found) -> None:
     """Exact duplicates of the whole conversation (roles included), then near duplicates of its words."""
     keys = [example.text if example.text is not None else  # \0: a separator that normalise leaves alone
-            "\0".join(f"{m['role']}\0{normalise(m['content'])}" for m in example.messages) for example in examples]
+            "\0".join(f"{m['role']}\0{normalise(message_text(m))}" for m in example.messages) for example in examples]
     exact, near = duplicates(keys, [_similarity_text(e, prompt_only=False) for e in examples], threshold)
     for i, j in exact:
         found.add("duplicate", _pair(examples[i], examples[j], None))
@@ -222,6 +240,8 @@ def _check_leakage(train: list[Example], eval_examples: list[Example], threshold
 def _message(code: str, n: int, found: _Found, max_seq_tokens: int | None, threshold: float) -> str:
     rows = _plural(n, "example")
     detail = f": {found.detail[code]}" if code in found.detail else ""
+    if code in TOOL_MESSAGES:
+        return f"{rows} {TOOL_MESSAGES[code]}{detail}"
     return {
         "no_trained_tokens": f"{rows} with no trained token: the template leaves nothing to learn",
         "eos_not_trained": f"{rows} where an answer does not end in a trained EOS: the model won't learn to stop",
@@ -262,6 +282,8 @@ def analyse(train: list[Example], eval_examples: list[Example], tokenizer, templ
             if hits:
                 found.special |= hits
                 found.add("special_tokens_in_data", example.source)
+            for code, detail in dict(reversed(tool_problems(example))).items():  # one per code: the first
+                found.add(code, example.source, f"first at {example.source} {detail}")
             if example.text is not None:  # raw text: windows, every token trained; nothing else to check
                 windows = encode_text(example, tokenizer, max_seq_tokens or 10**9)
             else:
@@ -304,8 +326,10 @@ def lint(cfg: LintConfig) -> int:
     """Print what the model will learn from the data and what is wrong with it; 1 on errors, else 0."""
     if not cfg.data:
         raise UserError("no data given (use --data FILE)")
-    train = load_examples(cfg.data, cfg.system_prompt)
-    eval_examples = load_examples(cfg.eval_data, cfg.system_prompt) if cfg.eval_data else []
+    preference = is_preference_data(cfg.data)
+    if not preference:
+        train = load_examples(cfg.data, cfg.system_prompt)
+        eval_examples = load_examples(cfg.eval_data, cfg.system_prompt) if cfg.eval_data else []
     console = Console(highlight=False, emoji=False, markup=False, soft_wrap=True)
     plain = not console.is_terminal or console.no_color
     if cfg.base:
@@ -316,6 +340,8 @@ def lint(cfg: LintConfig) -> int:
         raise UserError("--template tokenizer needs --base MODEL (the tokenizer whose chat template to use)")
     else:
         tokenizer, max_seq_tokens, unit = byte_tokenizer(), None, "bytes"
+    if preference:
+        return lint_preferences(cfg, tokenizer, max_seq_tokens, unit, console, plain)
     template = resolve_template(cfg.template, tokenizer, {e.shape for e in train})  # exactly as finetune does
     analysis = analyse(train, eval_examples, tokenizer, template, max_seq_tokens,
                        near_duplicate_threshold=cfg.near_duplicate_threshold, train_on_prompt=cfg.train_on_prompt)

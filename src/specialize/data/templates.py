@@ -93,7 +93,7 @@ class Template:
         read); `tools` are passed to the template as `apply_chat_template(..., tools=...)` does."""
         uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
         if uses_tools and not self.renders_tools:
-            raise UserError(f"template {self.label} cannot render tools or tool calls; use --template chatml, "
+            raise TemplateRaised(f"template {self.label} cannot render tools or tool calls; use --template chatml, "
                             "or a model whose chat template supports tools")
         return tokenizer.apply_chat_template(tool_format.template_messages(messages), chat_template=self.jinja,
                                              tokenize=False, add_generation_prompt=add_generation_prompt,
