@@ -19,6 +19,7 @@ from specialize.data.tokenize import encode_examples, pad_token_id
 from specialize.errors import UserError
 from specialize.model import load_tokenizer, model_dir, set_generation_ids
 from specialize.prepare import console, largest_micro_batch, prepare_model, warn
+from specialize.retention import compare_scores, load_retention, measure, replay_items
 from specialize.rundir import RunDir
 from specialize.train import make_accelerator, train
 
@@ -71,7 +72,8 @@ def finetune(cfg: FinetuneConfig) -> RunDir:
     accelerator = make_accelerator(cfg.precision, cfg.report_to, cfg.out)
     main = accelerator.is_main_process
     # First, before minutes of loading: a folder we may not write is refused at once.
-    with RunDir.start(cfg, kind="finetune", inputs=[model_dir(cfg.base), *cfg.data, *cfg.eval_data, cfg.rag_docs],
+    with RunDir.start(cfg, kind="finetune", inputs=[model_dir(cfg.base), *cfg.data, *cfg.eval_data, cfg.rag_docs,
+                                                       *cfg.replay_data, *cfg.retention],
                       main=main) as run:
         return _finetune(cfg, run, accelerator)
 
@@ -122,12 +124,20 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
             warn("no eval example is left, so this run reports no eval loss")
         console.print(f"data: {len(train_items)} training sequences, {len(eval_items)} eval, template '{template.name}'")
 
+    say = console.print if main else (lambda *a, **k: None)
+    retention_sets = load_retention(cfg.retention, base=cfg.base, tokenizer=tokenizer, context=context, say=say)
+    replay = _replay(cfg, train_items, tokenizer, template, retention_sets, say) if cfg.replay_data else None
+    if replay:
+        train_items = train_items + replay["items"]
+
     model, cfg, trainable, total = prepare_model(cfg, accelerator, choices, largest_micro_batch(train_items, cfg))
     run.begin(cfg, kind="finetune", main=main, say=console.print)
     accelerator.wait_for_everyone()  # the old run's outputs are gone before anyone writes
 
-    model, result = train(model, train_items, eval_items, cfg, run.path, pad_id=pad_token_id(tokenizer),
-                          accelerator=accelerator)
+    pad_id = pad_token_id(tokenizer)
+    before = _retention_scores(retention_sets, model, tokenizer, template, cfg, accelerator, pad_id)
+    model, result = train(model, train_items, eval_items, cfg, run.path, pad_id=pad_id, accelerator=accelerator)
+    after = _retention_scores(retention_sets, model, tokenizer, template, cfg, accelerator, pad_id)
     if main:
         install_template(tokenizer, template, cfg.system_prompt)
         set_generation_ids(model, tokenizer)
@@ -135,11 +145,42 @@ def _finetune(cfg: FinetuneConfig, run: RunDir, accelerator) -> RunDir:
                                     "objective": cfg.objective, "template": template.name,
                                     "trainable_parameters": trainable, "total_parameters": total,
                                     "dropped": dict(report.dropped)}
+        if retention_sets:
+            summary["retention"] = compare_scores(retention_sets, before, after)
+            for name, row in summary["retention"].items():
+                console.print(f"retention on {name}: {row['kind']} {row['before']:.4g} -> {row['after']:.4g} "
+                              f"({row['change']:+.4g})")
+        if replay:
+            summary["replay"] = {k: v for k, v in replay.items() if k != "items"}
         run.finish(model, tokenizer, summary, state_dict=result.full_state_dict)
         console.print(f"done: {result.steps} steps, {result.tokens:,} target tokens in {result.seconds:.1f}s, "
                       f"final loss {result.train_loss:.4f} → {run.model}")
     accelerator.wait_for_everyone()
     return run
+
+
+def _retention_scores(sets, model, tokenizer, template, cfg: FinetuneConfig, accelerator, pad_id: int) -> dict:
+    """Retention scores of the model as it is now (before training: the prepared base, LoRA's
+    adapters still zero; after: the trained model)."""
+    if not sets:
+        return {}
+    if cfg.method != "qlora" and next(model.parameters()).device != accelerator.device:
+        model.to(accelerator.device)  # before training, the base may still be where it was loaded
+    return measure(sets, model, tokenizer, template, cfg, accelerator, pad_id)
+
+
+def _replay(cfg: FinetuneConfig, train_items, tokenizer, template, retention_sets, say) -> dict:
+    """General data drawn into training: `replay_fraction` of the trained target tokens."""
+    examples = load_examples(cfg.replay_data, cfg.system_prompt)
+    leave_out = {text for s in retention_sets for text in s.texts}
+    items, left_out = replay_items(examples, train_items, cfg.replay_fraction, cfg.seed, tokenizer, template,
+                                   cfg.max_seq_tokens, leave_out)
+    tokens = sum(i.target_tokens for i in items)
+    share = tokens / max(tokens + sum(i.target_tokens for i in train_items), 1)
+    say(f"replay: {len(items)} sequences from {', '.join(cfg.replay_data)} ({tokens:,} target tokens, "
+        f"{share:.0%} of training)" + (f"; {left_out} retention document(s) left out" if left_out else ""))
+    return {"items": items, "sequences": len(items), "target_tokens": tokens, "share": share,
+            "fraction": cfg.replay_fraction, "files": list(cfg.replay_data), "left_out": left_out}
 
 
 def _lint(cfg: FinetuneConfig, train_examples, eval_examples, tokenizer, template, max_seq_tokens: int) -> None:
