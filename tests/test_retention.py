@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import QA8, write_jsonl
+
 from specialize.config import EvalConfig, FinetuneConfig, PretrainConfig
 from specialize.errors import UserError
 
@@ -37,8 +37,8 @@ def pretrained(tmp_path_factory) -> Path:
 def _finetune(base: Path, out: Path, **kw):
     from specialize.finetune import finetune
 
-    values = dict(base=str(base), data=[str(QA8)], out=out, method="full", max_steps=3, learning_rate=5e-3,
-                  micro_batch_size=8, eval_fraction=0.0, progress=False)
+    values = {"base": str(base), "data": [str(QA8)], "out": out, "method": "full", "max_steps": 3,
+              "learning_rate": 5e-3, "micro_batch_size": 8, "eval_fraction": 0.0, "progress": False}
     return finetune(FinetuneConfig(**(values | kw)))
 
 
@@ -91,10 +91,11 @@ def test_qa_retention_is_f1_of_the_saved_model(pretrained, tmp_path):
 
 
 def test_replay_carries_its_share_of_target_tokens_and_skips_retention_documents(pretrained, tmp_path):
+    from transformers import AutoTokenizer
+
     from specialize.data.formats import Example
     from specialize.data.tokenize import Encoded
     from specialize.retention import replay_items
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(pretrained / "model")
     task = [Encoded([1] * 11, [-100] + [5] * 10)] * 8  # 80 target tokens

@@ -27,7 +27,7 @@ from pathlib import Path
 from specialize.data.formats import Example, load_examples
 from specialize.data.tokenize import Encoded
 from specialize.errors import UserError
-from specialize.rundir import DATA, RunDir
+from specialize.rundir import RunDir
 
 DEFAULT_NAME = "held-out documents"  # the default set's name in train_summary.json
 MAX_BLOCK_TOKENS = 1024  # text blocks of a base that is not a pretrain run: its context, at most this
