@@ -9,9 +9,13 @@ Two input shapes:
   `user`; consecutive messages from the same side are merged into one turn.
 
 Both shapes then follow the same two rules, because a training example must teach the model
-to answer a customer: leading agent turns (greetings before the customer wrote anything) and
-trailing customer turns (questions nobody answered) are cut, and a conversation without any
-agent reply is dropped with a reason.
+to answer a customer: leading agent turns (greetings before the customer wrote anything, and the
+tool results of such turns) and trailing customer turns (questions nobody answered, tool results
+no turn answers) are cut, and a conversation without any agent reply is dropped with a reason.
+
+JSONL rows keep OpenAI's tool-calling fields (`tools`, `parallel_tool_calls`, assistant
+`tool_calls`, `tool` turns, `developer`, text-part lists), and every row written is first read
+back as `finetune` reads it (`formats.to_example`), so the output is accepted by lint and finetune.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from collections import Counter
 from pathlib import Path
 
 from specialize.config import ConvertConfig
-from specialize.data.io import csv_rows, jsonl_lines
+from specialize.data.formats import to_example
+from specialize.data.io import Record, csv_rows, jsonl_lines
 from specialize.errors import UserError
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+ROW_FIELDS = ("tools", "parallel_tool_calls")  # row fields of OpenAI's format kept beside the messages
 
 
 def trim_conversation(messages: list[dict], changed: Counter) -> tuple[list[dict] | None, str | None]:
@@ -34,7 +40,7 @@ def trim_conversation(messages: list[dict], changed: Counter) -> tuple[list[dict
     system = [m for m in messages if m["role"] in ("system", "developer")]
     turns = [m for m in messages if m["role"] not in ("system", "developer")]
     start = 0
-    while start < len(turns) and turns[start]["role"] == "assistant":
+    while start < len(turns) and turns[start]["role"] in ("assistant", "tool"):
         start += 1
     end = len(turns)
     while end > start and turns[end - 1]["role"] != "assistant":
@@ -70,7 +76,10 @@ def read_jsonl(path: Path, text: str, display: str) -> tuple[list[dict], Counter
         if kept is None:
             dropped[reason] += 1
             continue
-        rows.append({"messages": kept, "source": {"file": display, "line": number, "converter": "chat"}})
+        out = {"messages": kept, **{k: row[k] for k in ROW_FIELDS if k in row},
+               "source": {"file": display, "line": number, "converter": "chat"}}
+        to_example(Record(out, display, number), "messages")  # what finetune will read: fails here, naming the line
+        rows.append(out)
     return rows, dropped, changed
 
 
