@@ -322,6 +322,9 @@ class CurveConfig(FinetuneConfig):
     plan: bool = Field(False, description="only write each point's finetune command into curve.json (run them on "
                        "your scheduler, then run curve again to gather)")
     max_new_tokens: int = Field(64, gt=0, description="most tokens per generated answer when scoring a point")
+    compare: list[str] = Field(default_factory=list, description="other curve folders (the same curve with "
+                               "--method lora, or --replay-data) drawn in this report: quality and retention "
+                               "side by side")
 
     @field_validator("fractions", mode="before")
     @classmethod
