@@ -79,6 +79,43 @@ def test_training_data_never_touches_unseen_facts(two_runs):
             assert row["kind"] == "context" or " ".join(row["answer"].split()) in " ".join(row["question"].split())
 
 
+def test_agent_data_answers_what_was_trained_and_searches_for_the_rest(two_runs):
+    """The agent's curriculum: search_docs offered on every row; trained facts answered directly, other
+    functions searched for with the question, the passage back as the tool's result, then the answer."""
+    from specialize.evaluate.agent import TOOLS
+
+    tmp, cache, first, _, _ = two_runs
+    out = tmp / "first"
+    rows = [json.loads(line) for line in (out / "agent_data.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"direct", "search"} and all(r["tools"] == TOOLS for r in rows)
+    pydocs = next((cache / "pydocs").iterdir())
+    trained = {json.loads(line)["id"] for line in (pydocs / "train.jsonl").open()}
+    unseen = {json.loads(line)["id"] for line in (pydocs / "unseen.jsonl").open()}
+    reading = {r["id"] for r in map(json.loads, (out / "finetune_data.jsonl").read_text().splitlines())
+               if r["kind"] == "reading"}
+    for row in rows:
+        messages = row["messages"]
+        if row["kind"] == "direct":
+            assert row["id"] in trained and [m["role"] for m in messages] == ["user", "assistant"]
+            assert "tool_calls" not in messages[1]
+        else:
+            assert row["id"] in reading and row["id"] not in unseen | trained
+            assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+            call = messages[1]["tool_calls"][0]
+            assert call["function"]["name"] == "search_docs"
+            assert json.loads(call["function"]["arguments"]) == {"query": messages[0]["content"]}
+            assert messages[2]["content"].startswith("[1] ")
+            assert " ".join(messages[3]["content"].split()) in " ".join(messages[2]["content"].split())
+    counts = first["demo"]["finetune_rows"]
+    assert counts["direct"] == sum(r["kind"] == "direct" for r in rows) > 0
+    assert counts["search"] == sum(r["kind"] == "search" for r in rows) > 0
+    # the agent is trained with the template that renders tools, and compared
+    assert "template: chatml" in (out / "finetuned" / "config.yaml").read_text()
+    agent = next(s for s in first["systems"] if s["name"] == "finetuned+agent")
+    assert agent["tool_calls_per_example"] is not None
+    assert all("search_rate" in m for m in agent["splits"].values())
+
+
 def test_base_is_cached_and_reused(two_runs):
     _, cache, first, second, stamp = two_runs
     base = Path(first["demo"]["base"])

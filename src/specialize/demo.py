@@ -8,10 +8,12 @@
    `default_cache_dir()/demo-base/<key>/` and reused by later runs (`--rebuild` retrains it);
 4. fine-tune: full weights on the Q&A (closed-book, and some with the retrieved passage) plus
    reading practice on other functions' passages, so that the model learns the facts and how
-   to read context → `DIR/finetune_data.jsonl`, `DIR/finetuned/`;
-5. compare (`specialize.evaluate.compare`): base, base+rag, finetuned, finetuned+rag on `seen`
-   (trained facts, new phrasings) and `unseen` (facts only the documents hold)
-   → `DIR/scorecard.json`, `DIR/report.html`, `DIR/predictions/`;
+   to read context → `DIR/finetune_data.jsonl`, `DIR/finetuned/`; with the agent (default), also
+   tool use → `DIR/agent_data.jsonl`: trained facts answered directly with the `search_docs`
+   tool offered, other functions searched for first;
+5. compare (`specialize.evaluate.compare`): base, base+rag, finetuned, finetuned+rag (and
+   finetuned+agent) on `seen` (trained facts, new phrasings) and `unseen` (facts only the
+   documents hold) → `DIR/scorecard.json`, `DIR/report.html`, `DIR/predictions/`;
 6. a plain-words summary of what the numbers mean.
 
 Budgets are step counts, not minutes: the same config trains as much on every machine,
@@ -26,11 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import random
-import re
 import shutil
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -38,10 +37,10 @@ from rich.console import Console
 
 from specialize.cache import build_into_place, default_cache_dir
 from specialize.config import CompareConfig, DemoConfig, FinetuneConfig, PretrainConfig
-from specialize.data.io import jsonl_lines
 from specialize.evaluate.scorecard import Scorecard
+from specialize.examples.demo_data import norm, read_jsonl, write_passages, write_training_data
 from specialize.examples.pydocs import PydocsPaths, load_or_build
-from specialize.files import write_atomic, write_json, write_jsonl
+from specialize.files import write_atomic, write_json
 
 console = Console(stderr=True, markup=False)  # paths are printed verbatim
 
@@ -50,45 +49,7 @@ BASE_FORMAT = 2  # 2: held-out documents, not blocks
 BASE_MARKER = "demo_base.json"  # written last into a cached base: its key inputs and build time
 PRETRAIN_BLOCK_TOKENS = 256
 PRETRAIN_BATCH_BLOCKS = 16
-SYSTEMS = ("base", "base+rag", "finetuned", "finetuned+rag")
-
-
-# --- the RAG store -------------------------------------------------------------------------------
-
-
-def write_passages(corpus_dir: Path, path: Path, chunk_words: int, overlap_words: int) -> int:
-    """One passage per documented object (longer ones in windows), titled by its dotted name.
-
-    A corpus file is the module docstring followed by one section per function, class or method,
-    each opening with its signature at the start of a line (see pydocs `_render_module`). Cutting
-    there instead of every N words keeps a docstring whole and alone, so the top passage for
-    "what does json.dumps do?" starts with json.dumps's own purpose; the title repeats the name,
-    which BM25 then weighs like a heading. Returns the number of passages written.
-    """
-    from specialize.retrieval import chunk_text
-
-    rows = []
-    for file in sorted(Path(corpus_dir).glob("*.txt")):
-        module = file.stem
-        entry_head = re.compile(r"^(?:class )?(" + re.escape(module) + r"\.[\w.]+)\(")
-        sections: list[tuple[str, list[str]]] = [(module, [])]  # (title, lines)
-        for line in file.read_text(encoding="utf-8").splitlines():
-            head = entry_head.match(line)
-            if head:
-                sections.append((head.group(1), []))
-            sections[-1][1].append(line)
-        for title, lines in sections:
-            # Docstrings are indented under their signature; dedented, a passage's sentences start
-            # with the same tokens as an answer does ("Return", not " Return"), so copying is exact.
-            text = (lines[0] + "\n" + textwrap.dedent("\n".join(lines[1:]))).strip()
-            if not text:
-                continue
-            chunks = chunk_text(text, chunk_words, overlap_words)
-            for n, chunk in enumerate(chunks, start=1):
-                source = f"{file.name}:{title}" + (f"#{n}" if len(chunks) > 1 else "")
-                rows.append({"text": chunk, "title": title, "source": source})
-    write_jsonl(path, rows)
-    return len(rows)
+SYSTEMS = ("base", "base+rag", "finetuned", "finetuned+rag", "finetuned+agent")
 
 
 # --- the cached base -----------------------------------------------------------------------------
@@ -162,74 +123,20 @@ def load_or_pretrain_base(cfg: DemoConfig, data: PydocsPaths, cache_dir: Path) -
 # --- fine-tuning and comparing -------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for _, line in jsonl_lines(Path(path).read_text(encoding="utf-8")) if line.strip()]
+def agent_on(cfg: DemoConfig) -> bool:
+    """Whether the demo trains and compares the search_docs agent (DemoConfig.agent, default on)."""
+    return bool(getattr(cfg, "agent", True))
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.split()).casefold()
+def finetune_config(cfg: DemoConfig, base: Path, training_data: list[Path], out: Path) -> FinetuneConfig:
+    """Full fine-tuning on `write_training_data`'s rows (their context is already in the prompts).
 
-
-def _pick(seed: int, key: str, n: int) -> int:
-    """A deterministic choice in range(n) for (seed, key), the same on every machine."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\0{key}".encode()).digest()[:8], "big") % n
-
-
-def write_training_data(cfg: DemoConfig, data: PydocsPaths, passages: Path, path: Path) -> dict[str, int]:
-    """The fine-tuning set: the Q&A, some of it with context, plus practice in reading context.
-
-    - closed book: every training phrasing of every `train` fact, as pydocs wrote it;
-    - with context: `rag_fraction` of those rows get the retrieved passage in front of the
-      question (`rag_prompt`, the prompt compare's RAG systems send), so that context about a
-      known fact does not throw the model off;
-    - reading practice: `reading_facts` facts from outside both test splits, each asked once,
-      always with its retrieved passage, kept only where the passage holds the answer.
-
-    The reading rows are what teach the model to use context at all. For a fact it has to
-    memorise anyway (it is also asked closed-book), copying from the passage never lowers the
-    loss, so a model trained on the Q&A with context in some prompts ignores passages: RAG added
-    +0.02 F1 on unseen facts. Reading rows must be many and each asked once, or a model this small
-    memorises them too (750 of them: +0.04); with ~2,300 it gained +0.14 to +0.19.
-
-    Context goes into the prompts here rather than through `finetune --rag-docs`, which gives
-    it to a random share of all rows alike; the reading rows need it on every one of them.
-    Returns the row counts.
+    The agent's rows need a template that renders tools and calls: chatml; without them, the
+    plain Q&A template.
     """
-    from specialize.examples.pydocs import TRAIN_TEMPLATES
-    from specialize.retrieval import Retriever, rag_prompt
-
-    retriever = Retriever.build(passages)
-    rng = random.Random(cfg.seed)
-    closed = _read_jsonl(data.train)
-    rows, with_context = [], []
-    for row in closed:
-        if rng.random() < cfg.rag_fraction:
-            with_context.append(row)
-        else:
-            rows.append(row | {"kind": "closed_book"})
-    found = retriever.search_many([row["question"] for row in with_context], cfg.top_k)
-    rows += [row | {"question": rag_prompt(row["question"], hits), "kind": "context"}
-             for row, hits in zip(with_context, found)]
-
-    # The shortest purposes first, like pydocs' own splits: answers a tiny model can copy.
-    others = sorted((f for f in _read_jsonl(data.facts) if f["split"] == "unused"),
-                    key=lambda f: (len(f["purpose"].split()), len(f["purpose"]), f["id"]))[: cfg.reading_facts]
-    questions = [TRAIN_TEMPLATES[_pick(cfg.seed, f["id"], len(TRAIN_TEMPLATES))].format(
-        qualname=f["id"], name=f["name"], module=f["module"], kind=f["kind"]) for f in others]
-    reading = 0
-    for fact, question, hits in zip(others, questions, retriever.search_many(questions, cfg.top_k)):
-        if any(_norm(fact["purpose"]) in _norm(p.text) for p in hits):
-            rows.append({"question": rag_prompt(question, hits), "answer": fact["purpose"], "id": fact["id"],
-                         "module": fact["module"], "kind": "reading"})
-            reading += 1
-    write_jsonl(path, rows)
-    return {"closed_book": len(closed) - len(with_context), "context": len(with_context), "reading": reading}
-
-
-def finetune_config(cfg: DemoConfig, base: Path, training_data: Path, out: Path) -> FinetuneConfig:
-    """Full fine-tuning on `write_training_data`'s rows (their context is already in the prompts)."""
     return FinetuneConfig(
-        base=str(base), data=[str(training_data)], out=out, method="full", template="qa",
+        base=str(base), data=[str(p) for p in training_data], out=out, method="full",
+        template="chatml" if len(training_data) > 1 else "qa",
         max_steps=cfg.finetune_steps, learning_rate=cfg.finetune_learning_rate,
         micro_batch_size=cfg.finetune_batch_size, eval_fraction=0.0, save_every=cfg.finetune_steps,
         seed=cfg.seed, progress=cfg.progress)
@@ -240,7 +147,7 @@ def compare_config(cfg: DemoConfig, base: Path, run: Path, data: PydocsPaths, pa
     """What `specialize compare` would be given: base, run, the two splits and the RAG store."""
     return CompareConfig(base=str(base), model=str(run), data=[str(data.seen), str(data.unseen)],
                          docs=str(passages), task="qa", top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.eval_batch_size, out=out)
+                         batch_size=cfg.eval_batch_size, out=out, agent=agent_on(cfg))
 
 
 def retrieval_hits(out: Path) -> dict[str, float]:
@@ -250,8 +157,8 @@ def retrieval_hits(out: Path) -> dict[str, float]:
     """
     hits = {}
     for file in sorted((out / "predictions" / "finetuned+rag").glob("*.jsonl")):
-        rows = _read_jsonl(file)
-        found = [any(_norm(ref) in _norm(row.get("context") or "") for ref in
+        rows = read_jsonl(file)
+        found = [any(norm(ref) in norm(row.get("context") or "") for ref in
                      ([row["reference"]] if isinstance(row["reference"], str) else row["reference"]))
                  for row in rows]
         hits[file.stem] = sum(found) / max(len(found), 1)
@@ -266,6 +173,7 @@ DESCRIPTIONS = {
     "base+rag": "the same, with the best-matching passage of the docs above the question",
     "finetuned": "the base after fine-tuning on the Q&A",
     "finetuned+rag": "the fine-tuned model, with the passage above the question",
+    "finetuned+agent": "the fine-tuned model, offered a search_docs tool it calls when it decides to",
 }
 
 
@@ -283,7 +191,7 @@ def summary_lines(scorecard: dict, hits: dict[str, float], timings: dict[str, fl
         if name in metrics:
             cells = "   ".join(f"{split} F1 {m['f1']:.2f} EM {m['exact_match']:.2f} "
                                f"stop {m.get('stop_rate', 0):.2f}" for split, m in metrics[name].items())
-            lines.append(f"  {name:<14} {cells}   ({DESCRIPTIONS[name]})")
+            lines.append(f"  {name:<15} {cells}   ({DESCRIPTIONS[name]})")
     lines += [
         "",
         (f"- Fine-tuning taught the trained facts: F1 on seen went from {f1('base', 'seen'):.2f} to "
@@ -298,6 +206,8 @@ def summary_lines(scorecard: dict, hits: dict[str, float], timings: dict[str, fl
     if "unseen" in hits:
         lines.append(f"- Retrieval put the passage holding the answer first for {hits['unseen']:.0%} of the unseen "
                      "questions; where it did, a model this small still copies the answer imperfectly.")
+    if "finetuned+agent" in metrics:
+        lines += agent_lines(scorecard)
     lines.append(f"- The base does not use passages ({f1('base', 'unseen'):.2f} -> {f1('base+rag', 'unseen'):.2f} "
                  "on unseen): reading context is learnt, which is why the fine-tuning set has reading practice.")
     rec = scorecard.get("recommendation")
@@ -306,6 +216,23 @@ def summary_lines(scorecard: dict, hits: dict[str, float], timings: dict[str, fl
     lines.append("For your own data: fine-tune on what users ask again and again, retrieve for everything else.")
     lines.append("Time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
                  + f". Details: {out / 'report.html'}")
+    return lines
+
+
+def agent_lines(scorecard: dict) -> list[str]:
+    """The agent against RAG: when it searched, what it scored, what its prompts cost."""
+    systems = {s["name"]: s for s in scorecard["systems"]}
+    agent, rag = systems["finetuned+agent"], systems.get("finetuned+rag")
+    searched = {split: m.get("search_rate", 0.0) for split, m in agent["splits"].items()}
+    lines = ["- The agent searched for " + " and ".join(f"{rate:.0%} of {split}" for split, rate in searched.items())
+             + " questions (ideal: none of seen, all of unseen)."]
+    if rag:
+        f1 = " ".join(f"{split} {m['f1']:.2f} vs {rag['splits'][split]['f1']:.2f};"
+                      for split, m in agent["splits"].items())
+        tokens = (f"{agent['prompt_tokens_per_example']:.0f} vs {rag['prompt_tokens_per_example']:.0f} "
+                  f"({agent['prompt_tokens_per_example'] / rag['prompt_tokens_per_example'] - 1:+.0%})")
+        lines.append(f"  F1 agent vs finetuned+rag: {f1} prompt tokens per question (all rounds, with the "
+                     f"tool list every prompt carries): {tokens}.")
     return lines
 
 
@@ -348,14 +275,20 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     console.rule("3/5 fine-tune: full weights on the Q&A, with retrieved context in some prompts")
     training_data = out / "finetune_data.jsonl"
-    rows = write_training_data(cfg, data, passages, training_data)
+    agent_data = out / "agent_data.jsonl" if agent_on(cfg) else None
+    rows = write_training_data(cfg, data, passages, training_data, agent_data)
     console.print(f"fine-tuning data: {rows['closed_book']:,} closed-book questions, {rows['context']:,} with "
                   f"their retrieved passage, {rows['reading']:,} reading-practice questions about other "
                   f"functions → {training_data}")
-    run = finetune(finetune_config(cfg, base, training_data, out / "finetuned"))
+    if agent_data:
+        console.print(f"agent data: {rows['direct']:,} trained questions answered directly with search_docs "
+                      f"offered, {rows['search']:,} searched for first → {agent_data}")
+    run = finetune(finetune_config(cfg, base, [training_data] + ([agent_data] if agent_data else []),
+                                   out / "finetuned"))
     lap("finetune")
 
-    console.rule("4/5 compare: base, base+rag, finetuned, finetuned+rag on seen and unseen")
+    console.rule("4/5 compare: base, base+rag, finetuned, finetuned+rag" + (", finetuned+agent" if agent_data else "")
+                 + " on seen and unseen")
     scorecard = compare(compare_config(cfg, base, run, data, passages, out), progress=cfg.progress)
     lap("evaluate")
 
