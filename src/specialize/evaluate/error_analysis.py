@@ -5,10 +5,10 @@ step (more data, a stop token, retrieval, a stricter output format). The rules, 
 
 Quality (exactly one per example):
 - `correct`       the task's match rule holds (exact match for qa / extract, the label for
-                  classify, ROUGE-L >= 0.5 for generate) and none of the flags below except
+                  classify, ROUGE-L >= 0.5 for generate, the same calls for tool_call) and none of the flags below except
                   `too_long` is raised; a match that has such a flag becomes `partly_right`.
-- `partly_right`  some overlap (token or field F1 > 0 for qa / extract, ROUGE-L >= 0.2 for
-                  generate), or a match with a behaviour flag.
+- `partly_right`  some overlap (token or field F1 > 0 for qa / extract / tool_call, ROUGE-L >= 0.2
+                  for generate), or a match with a behaviour flag.
 - `wrong`         no overlap (classify: any other label).
 
 Flags (any number):
@@ -16,11 +16,12 @@ Flags (any number):
 - `repetitive`    some word 4-gram occurs at least 3 times (a generation loop).
 - `never_stopped` the row says `stopped: false` (hit the token limit instead of EOS).
 - `bad_format`    extract with JSON targets: the prediction is not one JSON object;
-                  classify: the label is not one of the gold labels of the test set.
+                  classify: the label is not one of the gold labels of the test set;
+                  tool_call: a `<tool_call>` block that is not a JSON call, or never closed.
 - `unsupported`   the hallucination proxy: more than half of the prediction's content words
                   (lower-cased, punctuation split off, stop words dropped) appear in neither
                   the references, the retrieved context nor the question. Not used for
-                  classify, where a wrong label is already `wrong`.
+                  classify, where a wrong label is already `wrong`, nor tool_call.
 """
 
 from __future__ import annotations

@@ -206,3 +206,60 @@ def best_field_f1(prediction: str, references: list[str]) -> float:
 def word_count(text: str) -> int:
     """Words separated by white space: the unit of every length metric."""
     return len(text.split())
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls (task tool_call): the model's output and the reference are read by the one parser,
+# `specialize.tools.scan_tool_calls`, so a call counts exactly when the server would run it.
+# ---------------------------------------------------------------------------------------------
+
+def _call_key(call: dict) -> tuple[str, str]:
+    from specialize.tools import call_arguments
+
+    name, arguments = call_arguments(call)
+    return name, json.dumps(arguments, sort_keys=True, ensure_ascii=False)
+
+
+def call_fields(calls: list[dict]) -> collections.Counter:
+    """(path, value) pairs of calls as a multiset: `(name, "<called>")` per call, then each argument under
+    `name.key` (normalised as in `json_fields`), so names and arguments both count."""
+    from specialize.tools import call_arguments
+
+    pairs: collections.Counter = collections.Counter()
+    for call in calls:
+        name, arguments = call_arguments(call)
+        pairs[(name, "<called>")] += 1
+        if isinstance(arguments, dict):
+            pairs.update(json_fields(arguments, prefix=name + "."))
+    return pairs
+
+
+def tool_call_scores(prediction: str, reference: str) -> dict:
+    """One prediction against one reference turn (text and/or `<tool_call>` blocks).
+
+    Returns `should_call`/`called` (a malformed call block counts as a call attempted), `invalid`
+    (malformed blocks), `tool_name_accuracy` and `arguments_exact_match` (the calls as multisets;
+    only when the reference calls), `field_f1` (F1 of `call_fields`; 1.0 when neither side calls),
+    and `exact_match` (the calls match exactly, or neither calls and the texts match as SQuAD does).
+    """
+    from specialize.tools import scan_tool_calls
+
+    pred, ref = scan_tool_calls(prediction), scan_tool_calls(reference)
+    should_call, called = bool(ref.calls), bool(pred.calls or pred.invalid)
+    out: dict = {"should_call": should_call, "called": called, "invalid": len(pred.invalid)}
+    gold, got = call_fields(ref.calls), call_fields(pred.calls)
+    same = sum((gold & got).values())
+    if not gold and not got:
+        out["field_f1"] = float(not pred.invalid)
+    else:
+        out["field_f1"] = 0.0 if same == 0 else 2 * same / (sum(gold.values()) + sum(got.values()))
+    if should_call:
+        names = (lambda calls: sorted(_call_key(c)[0] for c in calls))
+        out["tool_name_accuracy"] = float(names(pred.calls) == names(ref.calls))
+        exact = sorted(map(_call_key, pred.calls)) == sorted(map(_call_key, ref.calls)) and not pred.invalid
+        out["arguments_exact_match"] = float(exact)
+        out["exact_match"] = float(exact)
+    else:
+        out["exact_match"] = float(not called and compute_exact(ref.text, pred.text) == 1)
+        out["answer_f1"] = 0.0 if called else compute_f1(ref.text, pred.text)
+    return out

@@ -15,8 +15,18 @@ Metrics per task (all means over rows, 0-1 scale, except `mean_length` in words 
 | classify | accuracy, macro_f1 (gold classes), off_label_rate, confusion_matrix |
 | extract  | JSON targets: exact_match, field_f1, json_valid; else exact_match, f1 |
 | generate | rouge_l, length_ratio (prediction words / reference words, summed)  |
+| tool_call | field_f1, exact_match, tool_name_accuracy, arguments_exact_match, json_valid, call_precision, call_recall, answer_f1 |
 
-and for every task: repetition_rate, hallucination_rate (not classify), mean_length, n,
+tool_call rows hold the assistant turn as the model writes it: text and/or `<tool_call>` blocks
+(`specialize.tools`; Llama 3.1's bare JSON call is read too). `field_f1` scores names and
+arguments together (`metrics.call_fields`) and is 1.0 for a row where neither side calls;
+`tool_name_accuracy` and `arguments_exact_match` are over rows whose reference calls;
+`json_valid` over rows where the model attempted a call (a malformed block is an attempt);
+`call_precision`/`call_recall` say whether the model called when it should and answered directly
+when it should not; `answer_f1` is the text F1 of rows answered without a call. A metric with no
+row to average over is left out.
+
+and for every task: repetition_rate, hallucination_rate (not classify or tool_call), mean_length, n,
 stop_rate (only when rows carry `stopped`), error_counts. Extract targets are JSON when every
 row's first reference parses as a JSON object.
 """
@@ -31,7 +41,7 @@ from specialize.errors import UserError
 from specialize.evaluate import error_analysis as ea
 from specialize.evaluate import metrics as m
 
-TASKS = ("qa", "classify", "extract", "generate")
+TASKS = ("qa", "classify", "extract", "generate", "tool_call")
 
 
 def _row_error(message: str, path: str | Path | None, line: int | None,
@@ -144,6 +154,13 @@ def score(task: str, rows: list[dict]) -> tuple[dict, list[dict]]:
             ex["score"] = ex["accuracy"]
             match, partial = bool(ex["accuracy"]), False
             flags["bad_format"] = label not in gold_labels
+        elif task == "tool_call":
+            scores = max((m.tool_call_scores(pred, ref) for ref in refs),
+                         key=lambda s: (s["exact_match"], s["field_f1"]))
+            ex.update(scores)
+            ex["score"] = ex["field_f1"]
+            match, partial = bool(ex["exact_match"]), ex["field_f1"] > 0 or ex.get("answer_f1", 0) > 0
+            flags["bad_format"] = scores["invalid"] > 0
         elif json_targets:
             ex["json_valid"] = float(m.parse_json_object(pred) is not None)
             ex["field_f1"] = m.best_field_f1(pred, refs)
@@ -164,7 +181,7 @@ def score(task: str, rows: list[dict]) -> tuple[dict, list[dict]]:
             match = ex["rouge_l"] >= ea.GENERATE_CORRECT_ROUGE
             partial = ex["rouge_l"] >= ea.GENERATE_PARTLY_ROUGE
 
-        if task != "classify":
+        if task not in ("classify", "tool_call"):
             sources = refs + [row[k] for k in ("context", "question") if row.get(k)]
             ex["unsupported_share"] = ea.unsupported_share(pred, sources)
             # an exact match restates the reference, whatever the word-level check says
@@ -189,6 +206,8 @@ def _aggregate(task: str, rows: list[dict], per_example: list[dict], json_target
             refs = [m.normalize_label(r) for r in row["reference"]]
             gold.append(ex["label"] if ex["label"] in refs else refs[0])
         out.update(m.classification_metrics(gold, [ex["label"] for ex in per_example]))
+    elif task == "tool_call":
+        out.update(_tool_call_metrics(per_example))
     else:
         keys = {"qa": ("exact_match", "f1", "rouge_l"), "generate": ("rouge_l",)}.get(task)
         if keys is None:
@@ -202,9 +221,42 @@ def _aggregate(task: str, rows: list[dict], per_example: list[dict], json_target
     if all("stopped" in row for row in rows):
         out["stop_rate"] = _mean([float(row["stopped"]) for row in rows])
     out["repetition_rate"] = _mean([float(f["repetitive"]) for f in flags])
-    if task != "classify":
+    if task not in ("classify", "tool_call"):
         out["hallucination_rate"] = _mean([float(f["unsupported"]) for f in flags])
     out["mean_length"] = _mean([float(ex["length"]) for ex in per_example])
     out["n"] = len(per_example)
     out["error_counts"] = ea.count_categories(per_example)
     return out
+
+
+def _tool_call_metrics(per_example: list[dict]) -> dict:
+    """tool_call's set-level metrics; each over the rows it is defined on (see the module docstring)."""
+    should = [ex for ex in per_example if ex["should_call"]]
+    called = [ex for ex in per_example if ex["called"]]
+    direct = [ex for ex in per_example if not ex["should_call"]]
+    both = sum(ex["called"] for ex in should)
+    out = {"field_f1": _mean([ex["field_f1"] for ex in per_example]),
+           "exact_match": _mean([ex["exact_match"] for ex in per_example])}
+    if should:
+        out["tool_name_accuracy"] = _mean([ex["tool_name_accuracy"] for ex in should])
+        out["arguments_exact_match"] = _mean([ex["arguments_exact_match"] for ex in should])
+        out["call_recall"] = both / len(should)
+    if called:
+        out["json_valid"] = _mean([float(ex["invalid"] == 0) for ex in called])
+        out["call_precision"] = both / len(called)
+    if direct:
+        out["answer_f1"] = _mean([ex["answer_f1"] for ex in direct])
+    return out
+
+
+def detect_task(task: str, references: list[str]) -> str:
+    """`tool_call` for the default task (`qa`) when a reference holds a tool call; else `task` unchanged.
+
+    Eval and compare call this with the test set's references (`Example.reference`), so a tool-calling
+    test set is scored as one without `--task tool_call`.
+    """
+    from specialize.tools import scan_tool_calls
+
+    if task == "qa" and any(scan_tool_calls(ref).calls for ref in references):
+        return "tool_call"
+    return task
