@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from helpers import QA8
 from typer.testing import CliRunner
 
-from helpers import QA8
 from specialize.config import CurveConfig
 from specialize.curve import finetune_command, nested_subsets, run_curve
 from specialize.curve_report import summarize
@@ -21,7 +22,7 @@ def test_subsets_are_nested_within_a_seed_and_differ_across_seeds():
     for seed in (0, 1):
         subsets = nested_subsets(64, fractions, seed)
         assert [len(subsets[f]) for f in fractions] == [6, 16, 32, 64]  # round(f x n)
-        for small, large in zip(fractions, fractions[1:]):
+        for small, large in itertools.pairwise(fractions):
             assert set(subsets[small]) < set(subsets[large])
     assert nested_subsets(64, fractions, 0)[0.25] != nested_subsets(64, fractions, 1)[0.25]
     assert nested_subsets(64, fractions, 0) == nested_subsets(64, fractions, 0)  # the same on every run
