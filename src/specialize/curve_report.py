@@ -21,7 +21,7 @@ from html import escape
 from pathlib import Path
 from statistics import mean
 
-from specialize.evaluate.report import COLORS, CSS, _fmt, _plot, _table, _ticks
+from specialize.evaluate.report import COLORS, CSS, _cell, _plot, _table, _ticks
 from specialize.files import write_atomic
 
 METRIC = "f1"
@@ -195,11 +195,11 @@ def write_curve_report(curve: dict, path: str | Path, others: dict[str, dict] | 
         scores = p.get("scores", {})
         retention = "; ".join(f"{name} {kind} {value:.3g}" for name, row in (p.get("retention") or {}).items()
                               for kind, value in row.items() if kind != "change")
-        rows.append([escape(p["name"]), _fmt(p["examples"]), _fmt(p["seed"])]
-                    + [_fmt(scores.get(s, {}).get("f1")) for s in curve["splits"]]
-                    + [_fmt(scores.get(s, {}).get("exact_match")) for s in curve["splits"]]
-                    + [escape(retention) or "–", _fmt(p.get("seconds")),
-                       '<code>' + escape(" ".join(p.get("command", []))) + "</code>"])
+        rows.append([_cell(p["name"]), _cell(p["examples"]), _cell(p["seed"])]
+                    + [_cell(scores.get(s, {}).get("f1")) for s in curve["splits"]]
+                    + [_cell(scores.get(s, {}).get("exact_match")) for s in curve["splits"]]
+                    + [_cell(retention or None), _cell(p.get("seconds")),
+                       f'<td class="text">{escape(" ".join(p.get("command", [])))}</td>'])
     body.append(_table(header, rows))
     html = ("<!doctype html><html><head><meta charset='utf-8'><title>specialize curve</title>"
             f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>")
@@ -247,7 +247,7 @@ def _variants_table(curves: dict[str, dict], splits: list[str]) -> list[str]:
         for p in largest:
             for name, row in (p.get("retention") or {}).items():
                 retention.setdefault(name, []).append(row["change"])
-        rows.append([escape(label), _fmt(most)] + [_fmt(mean(p["scores"][s]["f1"] for p in largest)) for s in splits]
-                    + ["; ".join(f"{escape(n)} {mean(v):+.3g}" for n, v in retention.items()) or "–"])
+        rows.append([_cell(label), _cell(most)] + [_cell(mean(p["scores"][s]["f1"] for p in largest)) for s in splits]
+                    + [_cell("; ".join(f"{n} {mean(v):+.3g}" for n, v in retention.items()) or None)])
     return ["<h2>Full vs LoRA vs replay (the largest size, mean over seeds)</h2>",
             _table(["curve", "examples"] + [f"{s} F1" for s in splits] + ["retention change"], rows)]
