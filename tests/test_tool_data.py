@@ -168,3 +168,12 @@ def test_a_template_without_tools_refuses_tool_data(tmp_path, tokenizer_dir):
     gemma = family_tokenizer(BY_NAME["gemma2"], tokenizer_dir)
     with pytest.raises(UserError, match=r"template 'tokenizer'.* cannot render tools"):
         encode_chat(example, gemma, resolve_template("auto", gemma, {"messages"}))
+
+
+def test_qwen3_template_trains_one_call_turn_after_its_empty_think_block(tmp_path, tokenizer_dir):
+    """Qwen3's template rewrites earlier assistant turns (their think block goes), so a conversation with
+    several assistant turns is refused turn by turn (as without tools); one call turn trains as rendered."""
+    tokenizer = family_tokenizer(BY_NAME["qwen3"], tokenizer_dir)
+    example = _example(tmp_path, {**OPENAI_ROW, "messages": OPENAI_ROW["messages"][1:3]})
+    item = encode_chat(example, tokenizer, resolve_template("auto", tokenizer, {"messages"}))
+    assert _trained_texts(item, tokenizer) == [f"<think>\n\n</think>\n\n{CALLS_TEXT}<|im_end|>\n"]
