@@ -25,7 +25,7 @@ from typing import Any
 from specialize.data.formats import ROLES, Example, read_shaped
 from specialize.data.io import Record
 from specialize.data.templates import Template
-from specialize.data.tokenize import IGNORE, EncodeReport, Encoded, encode_chat
+from specialize.data.tokenize import IGNORE, Encoded, EncodeReport, encode_chat
 from specialize.errors import UserError
 
 SHAPES: dict[str, tuple[str, ...]] = {
@@ -213,9 +213,10 @@ class PreferenceItem:
     source: str = ""
 
 
-def _encode(prompt: list[dict[str, Any]], answer: list[dict[str, Any]], tokenizer, template: Template,
-            source: str) -> Encoded:
-    # Assistant turns of the prompt are context (weight 0): only the compared answer is labelled.
+def encode_answer(prompt: list[dict[str, Any]], answer: list[dict[str, Any]], tokenizer, template: Template,
+                  source: str) -> Encoded:
+    """The prompt and one answer as SFT tokenises them; only the answer and its end of turn are labelled
+    (assistant turns of the prompt are context, weight 0). GRPO encodes its sampled answers so too."""
     context = [dict(m, weight=0) if m["role"] == "assistant" else m for m in prompt]
     return encode_chat(Example(messages=context + answer, shape="preference", source=source), tokenizer, template)
 
@@ -230,8 +231,8 @@ def encode_preferences(prefs: list[Preference], tokenizer, template: Template, m
     """Tokenise every row; a pair with a side longer than `max_seq_tokens` is dropped and counted, never cut."""
     report, items = EncodeReport(unit="row"), []
     for index, pref in enumerate(prefs):
-        chosen = _encode(pref.prompt, pref.chosen, tokenizer, template, pref.source)
-        rejected = _encode(pref.prompt, pref.rejected, tokenizer, template, pref.source) if pref.is_pair else None
+        chosen = encode_answer(pref.prompt, pref.chosen, tokenizer, template, pref.source)
+        rejected = encode_answer(pref.prompt, pref.rejected, tokenizer, template, pref.source) if pref.is_pair else None
         sides = [chosen] + ([rejected] if rejected is not None else [])
         if any(len(side.input_ids) > max_seq_tokens for side in sides):
             report.drop(f"longer than --max-seq-tokens {max_seq_tokens}", pref.source)
@@ -250,7 +251,7 @@ def encode_preferences(prefs: list[Preference], tokenizer, template: Template, m
         if other is not None:
             # KTO's KL estimate: this prompt with a completion written for another prompt (the next
             # row with a different prompt: unpaired pairs put a prompt's two answers side by side).
-            mismatched = _encode(pref.prompt, other.chosen, tokenizer, template, pref.source)
+            mismatched = encode_answer(pref.prompt, other.chosen, tokenizer, template, pref.source)
             if len(mismatched.input_ids) > max_seq_tokens or mismatched.target_tokens == 0:
                 mismatched = None
         items.append(PreferenceItem(chosen, rejected, pref.desirable, mismatched, source=pref.source))

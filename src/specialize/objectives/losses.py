@@ -1,9 +1,9 @@
-"""The preference losses as formulas on per-sequence log-probabilities, one function per paper.
+"""The preference and reward losses as formulas, one function per paper.
 
-Inputs are summed log-probabilities of each answer's tokens (shape (B,)): `policy_*` under the
-model being trained, `reference_*` under the reference model (the model before this run).
-Every function returns per-example losses (B,), so the caller can sum them (the loop divides
-by the step's examples) or average them.
+Preference inputs are summed log-probabilities of each answer's tokens (shape (B,)): `policy_*`
+under the model being trained, `reference_*` under the reference model (the model before this
+run); those functions return per-example losses (B,), which the caller sums (the loop divides by
+the step's examples). GRPO's are per completion token (N,), see `grpo_per_token`.
 """
 
 from __future__ import annotations
@@ -71,3 +71,38 @@ def kl_estimate(policy_mismatched: torch.Tensor, reference_mismatched: torch.Ten
     if policy_mismatched.numel() == 0:
         return torch.zeros((), device=policy_mismatched.device)
     return (policy_mismatched - reference_mismatched).mean().clamp(min=0).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO (Shao et al. 2024, DeepSeekMath §4.1), per token, as TRL 1.16's GRPOTrainer computes it.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """Â_i = (r_i - mean(group)) / (std(group) + eps) for consecutive groups of `group_size` (B,) -> (B,).
+
+    The group's standard deviation has Bessel's correction and eps is 1e-4, as TRL's
+    `scale_rewards="group"` (its default); a group whose rewards are all equal gets advantage 0.
+    """
+    grouped = rewards.view(-1, group_size)  # (G groups, group_size)
+    mean, std = grouped.mean(dim=1, keepdim=True), grouped.std(dim=1, keepdim=True)
+    return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def grpo_per_token(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, beta: float = 0.0,
+                   reference_logps: torch.Tensor | None = None, epsilon: float = 0.2) -> torch.Tensor:
+    """The clipped surrogate plus the KL penalty, per completion token (N,) -> (N,):
+
+        -min(ρ·Â, clip(ρ, 1-ε, 1+ε)·Â) + β·(exp(ref - π) - (ref - π) - 1),   ρ = exp(π - π_old)
+
+    (the KL term is Schulman's unbiased k3 estimator, as in the paper and TRL). With one optimizer
+    step per batch of samples, π_old is π itself (detached): ρ = 1, nothing is clipped, and the
+    gradient is -Â·∇π (+ the KL's). The caller sums these over every completion token of the step
+    and divides by their count: TRL's default `loss_type="dapo"` (Yu et al. 2025), which weighs
+    every token alike instead of averaging per sequence first (the original GRPO's length bias).
+    """
+    ratio = torch.exp(logps - old_logps)
+    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+    if beta:
+        delta = reference_logps - logps
+        per_token = per_token + beta * (torch.exp(delta) - delta - 1)
+    return per_token

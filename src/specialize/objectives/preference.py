@@ -49,7 +49,7 @@ class PreferenceBatch:
     def weight(self) -> int:
         return self.n if self.active else 0
 
-    def to(self, device) -> "PreferenceBatch":
+    def to(self, device) -> PreferenceBatch:
         move = (lambda t: None if t is None else t.to(device))
         return PreferenceBatch(self.sequences.to(device), self.n, move(self.desirable),
                                None if self.mismatched is None else self.mismatched.to(device),
