@@ -26,7 +26,13 @@ from transformers.generation.streamers import BaseStreamer
 from specialize.data.templates import Template, ours
 from specialize.data.tokenize import pad_token_id
 from specialize.errors import UserError
-from specialize.model import context_length, load_model, load_tokenizer, pick_dtype, stop_token_ids
+from specialize.model import (
+    context_length,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    stop_token_ids,
+)
 
 
 @dataclass
@@ -35,6 +41,9 @@ class Completion:
     finish_reason: str  # "stop" (a stop token or string), "length", or "cancelled" (stream_ids only)
     prompt_tokens: int
     completion_tokens: int
+    # The server's `logprobs`: per answer token (token id, log-probability, [(id, log-probability)] of the
+    # most likely tokens), from the model's own distribution; None when not asked for.
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -180,7 +189,7 @@ class Generator:
 
     @classmethod
     def load(cls, ref: str | Path, *, trust_remote_code: bool = False, device: torch.device | None = None,
-             precision: str = "auto") -> "Generator":
+             precision: str = "auto") -> Generator:
         device = device or default_device()
         tokenizer = load_tokenizer(ref, trust_remote_code)
         model = load_model(ref, trust_remote_code=trust_remote_code, dtype=pick_dtype(precision, device))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import json
 import logging
 import os
@@ -27,107 +26,45 @@ from pathlib import Path
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specialize.config import ServeConfig
 from specialize.errors import UserError
 from specialize.generate import Completion, Generator
+from specialize.serve import tools as tooling
+from specialize.serve.constrained import Grammars
+from specialize.serve.gate import (
+    CLIENT_GONE,
+    CancellingStream,
+    ClientGone,
+    Gate,
+    unless_gone,
+)
 from specialize.serve.limits import BodyLimit, deadline_protocol
-from specialize.serve.schema import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
-                                     completion_body, error_chunk, stream_chunk, usage_chunk, usage_of)
+from specialize.serve.schema import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+    chat_logprobs,
+    completion_body,
+    error_chunk,
+    stream_chunk,
+    text_logprobs,
+    usage_chunk,
+    usage_of,
+)
 from specialize.serve.worker import Job, QueueFull, Sampling, Worker, WorkerFailed
 
 logger = logging.getLogger("specialize.serve")
 DEFAULT_MAX_TOKENS = 256  # answer budget when a request sets none (clipped to the cap and the context window)
-DISCONNECT_POLL_S = 0.2  # how often a waiting request checks that its client is still there
-CLIENT_GONE = 499  # nginx's "client closed request": only ever seen in our log
 # A prompt longer than this many characters per token of context cannot fit: it is refused before
 # tokenising (which would cost seconds and gigabytes for megabytes of text). Real text averages
 # 3-5 characters per token; no tokenizer averages 32 over a whole prompt.
 MAX_CHARS_PER_TOKEN = 32
-# Settings that ServeConfig may not have yet (read with getattr, these defaults otherwise).
 
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _unless_gone(request: Request, waiting: asyncio.Future):
-    """`waiting`'s result, or `_ClientGone` (and `waiting` cancelled) once the client has disconnected."""
-    try:
-        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S))[0]:
-            if await request.is_disconnected():
-                raise _ClientGone
-    except BaseException:  # gone, or this handler was cancelled: nobody will read the result
-        waiting.cancel()
-        raise
-    return waiting.result()
-
-
-class _CancellingStream(StreamingResponse):
-    """A stream that runs `on_close` however it ends: finished, failed, or its client gone, even
-    before its body generator first ran (a generator that never started runs no `finally`)."""
-
-    def __init__(self, content, on_close, **kwargs):
-        super().__init__(content, **kwargs)
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-class _Gate:
-    """ASGI middleware: API key check, one log line per request, and no traceback to clients.
-
-    The log line has method, path, status, token counts and latency; message contents only
-    with `log_contents`, and never the key.
-    """
-
-    def __init__(self, app, key: str | None, health_open: bool = False):
-        self.app, self.key, self.health_open = app, key.encode() if key else None, health_open
-
-    def _authorised(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, state = time.perf_counter(), scope.setdefault("state", {})
-        status = 0
-
-        async def send_and_note(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            if self.key is not None and not self._authorised(scope):
-                if self.health_open and scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
-                    state["anonymous"] = True  # answered, but with the status alone
-                    return await self.app(scope, receive, send_and_note)
-                await APIError(401, "missing or wrong API key (send the header Authorization: Bearer KEY)",
-                               code="invalid_api_key").response()(scope, receive, send_and_note)
-            else:
-                await self.app(scope, receive, send_and_note)
-        except Exception:
-            logger.exception("internal error in %s %s", scope["method"], scope["path"])
-            if status == 0:  # nothing sent yet: the client gets a generic 500, never the traceback
-                await APIError(500, "internal server error", "server_error").response()(scope, receive, send_and_note)
-            status = status or 500
-        finally:
-            status = status or CLIENT_GONE  # nothing sent: the client left before its request was in
-            usage = state.get("usage")
-            tokens = f" prompt={usage['prompt_tokens']} completion={usage['completion_tokens']}" if usage else ""
-            logger.info("%s %s %d%s %.3fs", scope["method"], scope["path"], status, tokens,
-                        time.perf_counter() - start)
 
 
 def served_name(ref: str) -> str:
@@ -141,8 +78,14 @@ def invalid_request(errors: list[dict]) -> APIError:
     param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
     if err.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {err.get('msg', '')}")
-    message = f"{param}: {err.get('msg', 'invalid')}" if param else err.get("msg", "invalid request")
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")  # pydantic's prefix for our own checks
+    message = f"{param}: {msg}" if param else msg
     return APIError(400, message, param=param)
+
+
+def finish(completion: Completion, calls: list) -> str:
+    """The answer's finish_reason: "tool_calls" when it ended by itself after calling tools."""
+    return "tool_calls" if calls and completion.finish_reason == "stop" else completion.finish_reason
 
 
 def _parsed(model: type[BaseModel], raw: bytes):
@@ -158,6 +101,7 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
     key = cfg.api_key or os.environ.get("SPECIALIZE_API_KEY") or None
     context = generator.context_length
     worker = Worker(generator, cfg.max_batch_size, cfg.max_queue)
+    grammars = Grammars(generator)  # llguidance's view of the tokenizer: built on the first request that needs it
     max_chars = context * MAX_CHARS_PER_TOKEN if context is not None else None
 
     @asynccontextmanager
@@ -177,7 +121,7 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="specialize", lifespan=lifespan)
     app.state.worker = worker
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
-    app.add_middleware(_Gate, key=key, health_open=cfg.health_open)  # outermost: runs first
+    app.add_middleware(Gate, key=key, health_open=cfg.health_open)  # outermost: runs first
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -217,16 +161,26 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
                            code="context_length_exceeded")
         return requested or min(default, room)
 
+    def logprobs_of(kind: str, entries: list | None, offset: int = 0) -> dict | None:
+        if entries is None:
+            return None
+        return chat_logprobs(entries, grammars.token_bytes) if kind == "chat" else \
+            text_logprobs(entries, grammars.token_bytes, offset)
+
     async def answer(request: Request, body: SamplingRequest, kind: str, ids: list[int], max_tokens: int | None,
-                     contents):
+                     contents, options: dict | None = None, parse_calls: bool = False):
+        """Generate for one request. `options` are the Job's grammar, logprobs and end settings; `parse_calls`:
+        the answer's tool calls become `tool_calls` (and finish_reason "tool_calls")."""
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
         sampling = Sampling.of(body.temperature, body.top_p, body.stop_list(), body.seed)
-        job = Job(ids, budget(max_tokens, len(ids)), sampling)
+        job = Job(ids, budget(max_tokens, len(ids)), sampling, **(options or {}))
         rid, created = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
         if body.stream:
             job.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+            if job.top_logprobs is not None:  # a list before its piece: the logprobs of the piece's tokens
+                job.on_logprobs = lambda entries: loop.call_soon_threadsafe(pieces.put_nowait, entries)
         try:
             future = worker.submit(job)
         except QueueFull:
@@ -243,38 +197,76 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
 
         if not body.stream:
             try:
-                completion = await _unless_gone(request, asyncio.wrap_future(future))
-            except _ClientGone:
+                completion = await unless_gone(request, asyncio.wrap_future(future))
+            except ClientGone:
                 return Response(status_code=CLIENT_GONE)
             finally:  # gone, or this handler cancelled: free the queue slot, stop generating for nobody
                 if not future.done():
                     worker.cancel(job)
             note(completion)
-            return completion_body(kind, rid, created, name, completion)
+            logprobs = logprobs_of(kind, completion.logprobs)
+            if not parse_calls:
+                return completion_body(kind, rid, created, name, completion, logprobs=logprobs)
+            content, calls = tooling.reply(completion.text, parse_calls)
+            message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
+            return completion_body(kind, rid, created, name, completion, message, finish(completion, calls), logprobs)
 
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        calls = tooling.ToolStream() if parse_calls else None
+        sent = {"calls": 0, "logprobs": 0, "chars": 0}
+
+        def chunks(parts: list, entries: list | None) -> list[str]:
+            """Events for content pieces and calls; the first carries the logprobs that came with them."""
+            out = []
+            for part in parts:
+                lp = logprobs_of(kind, entries, sent["chars"]) if entries else None
+                if isinstance(part, str):
+                    out.append(stream_chunk(kind, rid, created, name, part, usage_null=usage, logprobs=lp))
+                    sent["chars"] += len(part)
+                else:
+                    delta = {"index": sent["calls"], "id": part["id"], "type": "function", "function": part["function"]}
+                    out.append(stream_chunk(kind, rid, created, name, tool_calls=[delta], usage_null=usage,
+                                            logprobs=lp))
+                    sent["calls"] += 1
+                if entries:
+                    sent["logprobs"] += len(entries)
+                    entries = None
+            return out
 
         async def events():
             try:
                 if kind == "chat":
                     yield stream_chunk(kind, rid, created, name, role=True, usage_null=usage)
-                while (piece := await _unless_gone(request, asyncio.ensure_future(pieces.get()))) is not None:
-                    yield stream_chunk(kind, rid, created, name, piece, usage_null=usage)
+                entries: list = []  # logprobs that arrived for the next piece
+                while (piece := await unless_gone(request, asyncio.ensure_future(pieces.get()))) is not None:
+                    if isinstance(piece, list):
+                        entries += piece
+                        continue
+                    parts = calls.feed(piece) if calls is not None else [piece]
+                    for event in chunks(parts, entries):
+                        yield event
+                    if parts:
+                        entries = []
                 completion = future.result()
                 note(completion)
-                yield stream_chunk(kind, rid, created, name, finish=completion.finish_reason, usage_null=usage)
+                for event in chunks(calls.finish() if calls is not None else [], entries):
+                    yield event
+                rest = completion.logprobs[sent["logprobs"]:] if completion.logprobs is not None else None
+                yield stream_chunk(kind, rid, created, name, finish=finish(completion, [None] * sent["calls"]),
+                                   usage_null=usage, logprobs=logprobs_of(kind, rest, sent["chars"]) if rest else None)
                 if usage:
                     yield usage_chunk(kind, rid, created, name, completion)
                 yield "data: [DONE]\n\n"
-            except _ClientGone:
+            except ClientGone:
                 pass  # the response's on_close cancels the job
             except Exception:  # headers are sent: report in-stream, as OpenAI does
                 logger.exception("internal error while streaming %s", rid)
                 yield error_chunk()
 
         # on_close: however the stream ends, a job still waiting or running is cancelled
-        return _CancellingStream(events(), on_close=lambda: worker.cancel(job), media_type="text/event-stream",
+        return CancellingStream(events(), on_close=lambda: worker.cancel(job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/health")
@@ -304,8 +296,12 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
                                 f"{context} tokens can hold (at most {MAX_CHARS_PER_TOKEN} characters per token)",
                            param=param, code="context_length_exceeded")
 
-    def chat_prompt(raw: bytes) -> tuple[ChatCompletionRequest, list[dict[str, str]], list[int]]:
-        """Parse, render and tokenise a chat request: runs in a worker thread, never in the event loop."""
+    def chat_prompt(raw: bytes) -> tuple[ChatCompletionRequest, list[dict], list[int], dict, bool]:
+        """Parse, check, render and tokenise a chat request: runs in a worker thread, never in the event loop.
+
+        Returns the body, the messages, the prompt's ids, the Job options (grammar, logprobs, where to end)
+        and whether the answer's tool calls are parsed.
+        """
         body = _parsed(ChatCompletionRequest, raw)
         check_model(body.model)
         # Cheap bounds first: rendering 100,000 tiny messages takes seconds, and each message costs
@@ -314,19 +310,35 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
             raise APIError(400, f"the conversation has {len(body.messages):,} messages, more than the model's "
                                 f"context of {context} tokens can hold", param="messages",
                            code="context_length_exceeded")
-        check_chars("".join(m.content for m in body.messages), "messages")
+        check_chars("".join((m.content or "") + "".join(c.function.arguments for c in m.tool_calls or [])
+                            for m in body.messages) + json.dumps(body.tools or []), "messages")
+        plan = tooling.plan(body)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        options = {"top_logprobs": top, "end_after": plan.end_after}
+        needs_batch = [what for what, wanted in (("response_format", plan.grammar_param == "response_format"),
+                                                 ("tool_choice", plan.grammar is not None or plan.end_after),
+                                                 ("logprobs", top is not None)) if wanted]
+        if needs_batch and not worker.batched:
+            raise APIError(400, f"{needs_batch[0]} is not supported for this model: it answers one request at a "
+                                f"time (its KV cache cannot be batched), and only the batched path enforces "
+                                f"grammars and reports logprobs", param=needs_batch[0], code="unsupported")
         messages = [m.as_dict() for m in body.messages]
         try:
-            text = generator.prompt_text(messages)
+            text = tooling.render(generator, messages, plan.tools)
         except jinja2.TemplateError as e:
             raise APIError(400, f"the run's chat template rejects these messages: {e}", param="messages") from None
         check_chars(text, "messages")
-        return body, messages, generator.text_ids(text)
+        if plan.grammar is not None:
+            options["constraint"] = grammars.constraint(plan.grammar, plan.grammar_param)
+        return body, messages, generator.text_ids(text), options, plan.parse_calls
 
     def text_prompt(raw: bytes) -> tuple[CompletionRequest, str, list[int]]:
         """Parse and tokenise a completion request (raw text, with the special tokens the tokenizer adds)."""
         body = _parsed(CompletionRequest, raw)
         check_model(body.model)
+        if body.logprobs is not None and not worker.batched:
+            raise APIError(400, "logprobs is not supported for this model: it answers one request at a time",
+                           param="logprobs", code="unsupported")
         prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
         check_chars(prompt, "prompt")
         return body, prompt, generator.tokenizer(prompt)["input_ids"]
@@ -335,13 +347,14 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
     # rendering and tokenising, happens off the event loop: 4 MB of tiny messages take a second.
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body, messages, ids = await asyncio.to_thread(chat_prompt, await request.body())
-        return await answer(request, body, "chat", ids, body.max_tokens or body.max_completion_tokens, messages)
+        body, messages, ids, options, parse_calls = await asyncio.to_thread(chat_prompt, await request.body())
+        return await answer(request, body, "chat", ids, body.max_tokens or body.max_completion_tokens, messages,
+                            options, parse_calls)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         body, prompt, ids = await asyncio.to_thread(text_prompt, await request.body())
-        return await answer(request, body, "text", ids, body.max_tokens, prompt)
+        return await answer(request, body, "text", ids, body.max_tokens, prompt, {"top_logprobs": body.logprobs})
 
     return app
 
@@ -386,7 +399,9 @@ def server_config(app: FastAPI, cfg: ServeConfig, **options):
     `options` go to `uvicorn.Config` as they are (tests pass `log_config=None`).
     """
     import uvicorn
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol  # httptools when installed, else h11
+    from uvicorn.protocols.http.auto import (
+        AutoHTTPProtocol,  # httptools when installed, else h11
+    )
 
     protocol = deadline_protocol(AutoHTTPProtocol, cfg.header_timeout_s,
                                  cfg.read_timeout_s)

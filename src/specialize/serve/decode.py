@@ -17,7 +17,7 @@ answer equals `Generator.generate_ids(..., seed=)` whoever shares the batch.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,13 @@ def supports(model) -> bool:
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-def _emit(row: Row, piece: str) -> None:
-    """Stream `piece` to the row's client; a client that cannot take it leaves, without failing its neighbours."""
+def _emit(row: Row, piece: str, tokens: int) -> None:
+    """Stream `piece` (and the logprobs of the first `tokens` tokens not sent yet) to the row's client;
+    a client that cannot take it leaves, without failing its neighbours."""
     try:
+        if row.job.on_logprobs is not None and tokens > row.sent_logprobs:
+            row.job.on_logprobs(row.logprobs[row.sent_logprobs: tokens])
+            row.sent_logprobs = tokens
         row.job.on_text(piece)
     except Exception:  # e.g. its event loop closed: the server is shutting down
         row.job.cancelled.set()
@@ -67,6 +71,8 @@ class Row:
     rng: torch.Generator | None  # a seeded request's own random stream; None: the global one
     tokens: list[int] = field(default_factory=list)
     shown: str = ""  # the streamed text so far (never a stop string nor the start of one)
+    logprobs: list = field(default_factory=list)  # per token: (id, log-probability, top [(id, log-probability)])
+    sent_logprobs: int = 0  # how many of them were streamed
 
 
 class AdmitFailed(Exception):
@@ -159,8 +165,17 @@ class RunningBatch:
         return Row(job, processors, not is_greedy(s.temperature), rng)
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """Each row's next token from its logits (B, V), as `model.generate` picks it."""
+        """Each row's next token from its logits (B, V), as `model.generate` picks it, within the row's grammar.
+
+        Logprobs are the model's own distribution (before the grammar, temperature and top_p), as vLLM reports them.
+        """
         logits = logits.to(torch.float32)
+        logprobs = {i: logits[i].log_softmax(-1) for i, row in enumerate(rows)
+                    if row.job.top_logprobs is not None}  # (V,) each
+        for i, row in enumerate(rows):
+            if row.job.constraint is not None:
+                allowed = row.job.constraint.mask(logits.shape[-1], logits.device)  # (V,)
+                logits[i].masked_fill_(~allowed, float("-inf"))
         tokens = logits.argmax(dim=-1).tolist()  # (B,): right for every plain greedy row
         for i, row in enumerate(rows):
             if not row.sample and not row.processors:
@@ -173,6 +188,10 @@ class RunningBatch:
                 tokens[i] = int(torch.multinomial(F.softmax(scores, dim=-1), 1, generator=row.rng))
             else:
                 tokens[i] = int(scores.argmax(dim=-1))
+        for i, lp in logprobs.items():
+            top = lp.topk(rows[i].job.top_logprobs) if rows[i].job.top_logprobs else None
+            rows[i].logprobs.append((tokens[i], float(lp[tokens[i]]),
+                                     list(zip(top.indices.tolist(), top.values.tolist())) if top else []))
         return tokens
 
     def _advance(self, tokens: list[int], first: int) -> list[tuple[object, Completion]]:
@@ -182,16 +201,20 @@ class RunningBatch:
         for i, token in enumerate(tokens, start=first):
             row = self.rows[i]
             row.tokens.append(token)
+            if row.job.constraint is not None:
+                row.job.constraint.take(token)
             stop = _stops(list(row.job.sampling.stop))
             visible = row.tokens[: g._first_stop(row.tokens)]
-            text = g.tokenizer.decode(visible, skip_special_tokens=True) if stop or row.job.on_text else ""
+            end_after = row.job.end_after
+            text = g.tokenizer.decode(visible, skip_special_tokens=True) \
+                if stop or end_after or row.job.on_text else ""
             if row.job.on_text is not None:
                 end = _safe_end(text, stop)
                 if end > len(row.shown) and text.startswith(row.shown):
-                    _emit(row, text[len(row.shown):end])
+                    _emit(row, text[len(row.shown):end], len(visible))
                     row.shown = text[:end]
             if (len(visible) < len(row.tokens) or len(row.tokens) >= row.job.max_tokens
-                    or any(s in text for s in stop)):
+                    or any(s in text for s in stop) or (end_after and end_after in text)):
                 ended.append((row.job, self._complete(row)))
                 keep[i] = False
         if ended:
@@ -202,10 +225,15 @@ class RunningBatch:
         job = row.job
         completion = self.generator._finish(list(row.tokens), len(job.prompt_ids), job.max_tokens,
                                             _stops(list(job.sampling.stop)), cancelled=cancelled)
+        if job.end_after and job.end_after in completion.text:  # what came after it is not part of the answer
+            cut = completion.text.index(job.end_after) + len(job.end_after)
+            completion = replace(completion, text=completion.text[:cut], finish_reason="stop")
+        if job.top_logprobs is not None:
+            completion.logprobs = row.logprobs[: completion.completion_tokens]
         text = completion.text
         if job.on_text is not None and text.startswith(row.shown) and len(text) > len(row.shown):
-            _emit(row, text[len(row.shown):])  # whatever was held back at the end
-        return completion
+            _emit(row, text[len(row.shown):], completion.completion_tokens)  # whatever was held back at the end
+        return completion  # logprobs not streamed yet go with the last chunk (completion.logprobs has them all)
 
     def _keep(self, keep: list[bool]) -> None:
         """Keep only the rows marked True, and cut the leading columns that only padding uses now."""

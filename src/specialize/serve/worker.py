@@ -38,7 +38,7 @@ class Sampling(NamedTuple):
     seed: int | None
 
     @classmethod
-    def of(cls, temperature: float | None, top_p: float | None, stop: list[str], seed: int | None) -> "Sampling":
+    def of(cls, temperature: float | None, top_p: float | None, stop: list[str], seed: int | None) -> Sampling:
         """Normalised: greedy ignores top_p and seed."""
         if is_greedy(temperature):
             return cls(0.0, 1.0, tuple(stop), None)
@@ -53,6 +53,10 @@ class Job:
     max_tokens: int
     sampling: Sampling
     on_text: Callable[[str], None] | None = None  # streaming: gets each piece of text, in the worker thread
+    constraint: object | None = None  # constrained.Constraint: the grammar the answer must follow
+    top_logprobs: int | None = None  # None: no logprobs; k: each token's log-probability and the k likeliest
+    on_logprobs: Callable[[list], None] | None = None  # streaming: the logprobs of the next piece, just before it
+    end_after: str | None = None  # the answer ends once it holds this text (kept): a single tool call
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -84,12 +88,18 @@ class Worker:
         self._closed = False
         self.failure: str | None = None  # why the worker stopped answering; None while it is healthy
         self.dropped = 0  # jobs whose client went away while they waited: never generated
+        self._batched = supports(generator.model)
         self._thread = threading.Thread(target=self._run, name="specialize-serve-worker", daemon=True)
         self._thread.start()
 
     @property
     def waiting(self) -> int:
         return len(self._pending)
+
+    @property
+    def batched(self) -> bool:
+        """Whether jobs run in the running batch, which alone enforces grammars and reports logprobs."""
+        return self._batched
 
     @property
     def healthy(self) -> bool:
@@ -144,7 +154,7 @@ class Worker:
 
     def _run(self) -> None:
         try:
-            if supports(self.generator.model):
+            if self._batched:
                 self._run_batched(RunningBatch(self.generator))
             else:
                 while (jobs := self._take(1, wait=True)) is not None and (not jobs or self._alone(jobs[0])):
