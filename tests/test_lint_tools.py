@@ -126,3 +126,16 @@ def test_prompt_completion_without_label_stays_sft(tmp_path, capsys):
     data = str(write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "Hi?", "completion": "Hello."}]))
     code, out = run_lint(capsys, data=[data])
     assert code == 0 and "1 training example, 0 eval" in out
+
+
+def test_lint_with_a_family_base_renders_tools_through_its_template(tmp_path, capsys, tokenizer_dir):
+    from families import BY_NAME, save_family
+
+    base = save_family(BY_NAME["qwen2.5"], tokenizer_dir, tmp_path / "qwen")
+    data = write_jsonl(tmp_path / "tools.jsonl", [row([call("get_weather", '{"city": "Oslo"}')])])
+    _, out = run_lint(capsys, data=[str(data)], base=str(base), show=1)
+    # the tools block in the tests' 512-token BPE is longer than the tiny model's 512 positions: too_long only;
+    # no template_roundtrip: the inference prompt (with tools) is the prefix training has
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("error")] == ["error too_long"]
+    assert "template 'tokenizer'" in out and "# Tools\n\nYou may call one or more functions" in out
+    assert '⟦<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>\n⟧' in out
