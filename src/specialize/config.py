@@ -357,6 +357,7 @@ class PairsConfig(StageConfig):
     judge_model: str | None = Field(None, description="--grade judge: model name at the judge endpoint")
     seed: int = Field(0, description="sampling seed")
     trust_remote_code: bool = Field(False, description="run model code shipped with a hub repo")
+    progress: bool = Field(True, description="show a progress bar")
 
 
 class StudioConfig(StageConfig):
