@@ -64,3 +64,16 @@ def test_tool_call_task_is_detected_from_references():
     assert detect_task("qa", ["Paris.", PARIS]) == "tool_call"
     assert detect_task("qa", ["Paris."]) == "qa"
     assert detect_task("extract", [PARIS]) == "extract"  # an explicit task is kept
+
+
+def test_eval_scores_a_predictions_file_as_tool_call(tmp_path, capsys):
+    from helpers import write_jsonl
+
+    from specialize.config import EvalConfig
+    from specialize.evaluate.run import run_eval
+
+    path = write_jsonl(tmp_path / "preds.jsonl", [{"prediction": PARIS, "reference": PARIS},
+                                                  {"prediction": "Hello.", "reference": PARIS}])
+    metrics = run_eval(EvalConfig(predictions=str(path), task="tool_call", json_output=True))
+    assert metrics["call_recall"] == 0.5 and metrics["tool_name_accuracy"] == 0.5 and metrics["field_f1"] == 0.5
+    assert '"call_recall": 0.5' in capsys.readouterr().out
