@@ -170,10 +170,32 @@ def test_a_template_without_tools_refuses_tool_data(tmp_path, tokenizer_dir):
         encode_chat(example, gemma, resolve_template("auto", gemma, {"messages"}))
 
 
-def test_qwen3_template_trains_one_call_turn_after_its_empty_think_block(tmp_path, tokenizer_dir):
-    """Qwen3's template rewrites earlier assistant turns (their think block goes), so a conversation with
-    several assistant turns is refused turn by turn (as without tools); one call turn trains as rendered."""
+def test_qwen3_template_rewrites_history_and_every_turn_is_trained_after_its_inference_prompt(tmp_path,
+                                                                                            tokenizer_dir):
+    """Qwen3's template drops an earlier assistant turn's think block once later turns follow, so no rendering
+    extends the previous one. The conversation is trained as rendered once: each turn right after the exact
+    prompt inference renders for it, earlier turns as the history shows them, the last with its think block."""
     tokenizer = family_tokenizer(BY_NAME["qwen3"], tokenizer_dir)
-    example = _example(tmp_path, {**OPENAI_ROW, "messages": OPENAI_ROW["messages"][1:3]})
-    item = encode_chat(example, tokenizer, resolve_template("auto", tokenizer, {"messages"}))
-    assert _trained_texts(item, tokenizer) == [f"<think>\n\n</think>\n\n{CALLS_TEXT}<|im_end|>\n"]
+    template = resolve_template("auto", tokenizer, {"messages"})
+    one = encode_chat(_example(tmp_path, {**OPENAI_ROW, "messages": OPENAI_ROW["messages"][1:3]}), tokenizer, template)
+    assert _trained_texts(one, tokenizer) == [f"<think>\n\n</think>\n\n{CALLS_TEXT}<|im_end|>\n"]
+    example = _example(tmp_path, OPENAI_ROW)
+    item = encode_chat(example, tokenizer, template)
+    assert _trained_texts(item, tokenizer) == [f"{CALLS_TEXT}<|im_end|>\n",
+                                               "<think>\n\n</think>\n\n12 degrees.<|im_end|>\n"]
+    for (start, _), last in zip(runs(item.labels), (2, 4)):
+        prompt = template.render(tokenizer, example.messages[:last], True, tools=example.tools)
+        assert item.input_ids[:start] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
+def test_a_template_whose_prompts_are_not_prefixes_is_still_refused(tokenizer_dir):
+    from specialize.data.formats import Example
+    from specialize.data.templates import Template
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    template = Template("tokenizer", "{%- for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{%- endfor %}"
+                                     "{%- if add_generation_prompt %}{{ 'bot: ' }}{%- endif %}")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}]
+    with pytest.raises(UserError, match="does not render turn 1 as an extension of the previous turns"):
+        encode_chat(Example(messages=messages), tokenizer, template)

@@ -8,7 +8,10 @@ prompt with `apply_chat_template(messages, add_generation_prompt=True)` without 
 Ours, for models that have no chat template:
 - `qa`:     `### Question:\\n{question}\\n\\n### Answer:\\n{answer}<eos>`
 - `alpaca`: the Stanford Alpaca preamble, `### Instruction:` / `### Response:`
-- `chatml`: `<|im_start|>{role}\\n{content}<eos>\\n`, generation prompt `<|im_start|>assistant\\n`
+- `chatml`: `<|im_start|>{role}\\n{content}<eos>\\n`, generation prompt `<|im_start|>assistant\\n`;
+  with tools, the format of `specialize.tools` (tools in the system turn, `<tool_call>` blocks,
+  `<tool_response>` results), so `apply_chat_template(messages, tools=...)` on a saved run renders
+  tool conversations exactly as training did. `qa` and `alpaca` do not render tools.
 """
 
 from __future__ import annotations
@@ -229,6 +232,8 @@ def segments(template: Template, tokenizer, messages: list[dict], tools: list[di
             # puts the system text into the user turn only while that turn is the last message.
             # Training sees the inference prompt followed by the turn as the template ends it.
             pass
+        elif (rewritten := _history_pieces(template, tokenizer, messages, tools, weights)) is not None:
+            return rewritten
         else:
             raise UserError(f"template '{template.name}' does not render turn {i} as an extension of the "
                             "previous turns; use --template qa/chatml")
@@ -240,6 +245,47 @@ def segments(template: Template, tokenizer, messages: list[dict], tools: list[di
         pieces.append((prompt[len(done):], False))
         pieces.append((answer, weights[i] != 0))
         done = full
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def _history_pieces(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None,
+                    weights: list[int]) -> list[tuple[str, bool]] | None:
+    """The pieces of a conversation whose template rewrites earlier assistant turns once a later turn
+    follows (Qwen3 drops their think block), or None when the template is not of that kind.
+
+    The whole conversation is rendered once. Every assistant turn's inference prompt must be a prefix
+    of it, so each turn is still trained right after exactly the prompt inference renders for it; an
+    earlier turn is trained as the conversation's history shows it (up to its end-of-turn token and
+    the white space after it), the last one as inference renders it.
+    """
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    try:
+        final = template.render(tokenizer, messages, add_generation_prompt=False, tools=tools)
+        prompts = [template.render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) for i in turns]
+    except TemplateError:
+        return None
+    starts = [len(prompt) for prompt in prompts]
+    if not all(final.startswith(prompt) for prompt in prompts) or starts != sorted(set(starts)):
+        return None
+    ends = [end for end in end_of_turn_tokens(tokenizer) if end]
+    pieces: list[tuple[str, bool]] = []
+    done = 0
+    for k, (i, start) in enumerate(zip(turns, starts)):
+        if k + 1 < len(turns):
+            found = [(at, len(end)) for end in ends if (at := final.find(end, start, starts[k + 1])) >= 0]
+            if not found:
+                return None
+            at, length = min(found)
+            stop = at + length
+            while stop < starts[k + 1] and final[stop].isspace():
+                stop += 1
+        else:
+            stop = len(final)
+        answer = final[start:stop]
+        if k + 1 == len(turns) and tokenizer.eos_token and not any(end in answer for end in ends):
+            answer += tokenizer.eos_token  # as segments does: the final answer ends in a trained EOS
+        pieces += [(final[done:start], False), (answer, weights[i] != 0)]
+        done = stop
     return [(text, trained) for text, trained in pieces if text]
 
 
