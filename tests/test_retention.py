@@ -131,3 +131,13 @@ def test_mixed_retention_folder_is_one_clear_error(pretrained, tmp_path):
         _finetune(pretrained, tmp_path / "ft", retention=[str(mixed)])
     assert str(e.value) == f"{mixed}: a retention file holds either text (perplexity) or Q&A (F1), not both"
     assert not (tmp_path / "ft" / "model").exists()
+
+
+def test_retention_with_another_objective_is_refused_up_front(tmp_path):
+    from specialize.finetune import finetune
+
+    with pytest.raises(UserError) as e:
+        finetune(FinetuneConfig(base="unused", data=[str(QA8)], out=tmp_path / "ft", objective="dpo",
+                                retention=[str(QA8)], progress=False))
+    assert str(e.value) == "--retention and --replay-data work with --objective sft only, not dpo"
+    assert not (tmp_path / "ft").exists()

@@ -69,6 +69,8 @@ def finetune(cfg: FinetuneConfig) -> RunDir:
     """Fine-tune and write the run folder; returns it."""
     if not cfg.base:
         raise UserError("no base model given (use --base HUB_ID_OR_FOLDER)")
+    if cfg.objective != "sft" and (cfg.retention or cfg.replay_data):
+        raise UserError(f"--retention and --replay-data work with --objective sft only, not {cfg.objective}")
     accelerator = make_accelerator(cfg.precision, cfg.report_to, cfg.out)
     main = accelerator.is_main_process
     # First, before minutes of loading: a folder we may not write is refused at once.
