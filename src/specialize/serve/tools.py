@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specialize.data.templates import TemplateRaised
 from specialize.serve import constrained
 from specialize.serve.schema import APIError, ChatCompletionRequest
 from specialize.tools import (
@@ -121,10 +122,11 @@ def render(generator, messages: list[dict], tools: list[dict] | None) -> str:
 
 
 def _render(generator, messages: list[dict], tools: list[dict] | None) -> str:
-    if not tools:
-        return generator.prompt_text(messages)
-    return generator.tokenizer.apply_chat_template(messages, chat_template=generator.template.jinja, tools=tools,
-                                                   tokenize=False, add_generation_prompt=True)
+    try:
+        return generator.template.render(generator.tokenizer, messages, add_generation_prompt=True, tools=tools)
+    except TemplateRaised as e:  # a template without tool support, or one whose Jinja refuses the conversation
+        raise APIError(400, f"the run's chat template cannot render this conversation: {e}",
+                       param="tools" if tools else "messages") from None
 
 
 def reply(text: str, parse_calls: bool) -> tuple[str | None, list[dict]]:
