@@ -213,7 +213,7 @@ class Batch:
             inputs["attention_mask"] = self.attention_mask
         return inputs
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         move = (lambda t: None if t is None else t.to(device))
         return Batch(move(self.input_ids), move(self.targets), move(self.attention_mask), move(self.position_ids))
 
