@@ -23,6 +23,9 @@ from specialize.files import write_jsonl
 # Share of the trained facts' phrasings asked with search_docs offered and answered directly (agent
 # on): what teaches the model not to search for what it knows. Drawn after rag_fraction's share.
 AGENT_DIRECT_FRACTION = 0.4
+# One in SEARCH_SHARE reading-practice functions is also a search trajectory: about as many rows as the
+# direct ones, so that neither "search" nor "answer" is what the tool's presence alone predicts.
+SEARCH_SHARE = 4
 
 
 # --- the RAG store -------------------------------------------------------------------------------
@@ -110,7 +113,7 @@ def write_training_data(cfg: DemoConfig, data: PydocsPaths, passages: Path, path
 
     With `agent_path` (messages with the search_docs tool offered, the shape tool calls need):
     - direct: AGENT_DIRECT_FRACTION of the trained facts' phrasings, answered without a call;
-    - search: half of the reading facts again, in another phrasing, as a trajectory: a
+    - search: one in SEARCH_SHARE reading facts again, in another phrasing, as a trajectory: a
       search_docs call with the question, the retrieved passage as its result, the answer.
     So the model sees the tool offered for what it knows (answer) and for what it does not
     (search). Returns the row counts.
@@ -155,7 +158,7 @@ def write_training_data(cfg: DemoConfig, data: PydocsPaths, passages: Path, path
         return counts
     direct = len(agent_rows)
     # Another phrasing than the reading row's, so the pair is two questions, not one asked twice.
-    searched = [f for f in others if _pick(cfg.seed, "search\0" + f["id"], 2) == 0]
+    searched = [f for f in others if _pick(cfg.seed, "search\0" + f["id"], SEARCH_SHARE) == 0]
     questions = [TRAIN_TEMPLATES[(_pick(cfg.seed, f["id"], len(TRAIN_TEMPLATES)) + 1) % len(TRAIN_TEMPLATES)].format(
         qualname=f["id"], name=f["name"], module=f["module"], kind=f["kind"]) for f in searched]
     for fact, question, hits in zip(searched, questions, retriever.search_many(questions, cfg.top_k)):
