@@ -154,3 +154,40 @@ def test_a_bad_message_shape_is_a_400_naming_the_field(client):
         response = httpx.post(f"{base}chat/completions", json={"messages": messages}, timeout=30)
         assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5", "gemma2"])
+def test_real_family_tokenizers_are_constrained_or_refused(tmp_path, tokenizer_dir, family):
+    """Special tokens, a BOS-adding tokenizer, several stop tokens: the grammar holds; Gemma 2 (one request at a
+    time, sliding-window cache) refuses rather than ignoring the request."""
+    from families import BY_NAME, save_family
+
+    path = save_family(BY_NAME[family], tokenizer_dir, tmp_path / family)
+    generator = Generator.load(path)
+    generator.model.config.max_position_embeddings = 2048  # rotary positions: room for Qwen's tool prompt
+    cfg = ServeConfig(model=str(path), model_name=family)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": SCHEMA}}]
+    with serving(create_app(generator, cfg), cfg) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        requests = [{"response_format": WEATHER}, {"logprobs": True}]
+        if family == "qwen2.5":  # its own template renders tools
+            requests.append({"tools": tools, "tool_choice": "required", "parallel_tool_calls": False,
+                             "max_tokens": 120})
+        for extra in requests:
+            if family == "gemma2":
+                with pytest.raises(openai.BadRequestError) as raised:
+                    client.chat.completions.create(model=family, messages=ASK, **({"max_tokens": 60} | extra))
+                assert raised.value.body["code"] == "unsupported"
+                continue
+            response = client.chat.completions.create(model=family, messages=ASK, **({"max_tokens": 60} | extra))
+            choice = response.choices[0]
+            if "response_format" in extra:
+                assert choice.finish_reason == "stop"
+                jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+            elif "tools" in extra:
+                assert choice.finish_reason == "tool_calls"
+                [made] = choice.message.tool_calls
+                jsonschema.validate(json.loads(made.function.arguments), SCHEMA)
+            else:
+                assert len(choice.logprobs.content) == response.usage.completion_tokens > 0 and "".join(t.token for t in choice.logprobs.content) \
+                    == choice.message.content

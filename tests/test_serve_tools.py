@@ -16,7 +16,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from helpers import corpus, serving, write_jsonl
+from helpers import corpus, save_llama, serving, write_jsonl
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from specialize.config import FinetuneConfig, ServeConfig
@@ -24,6 +24,9 @@ from specialize.data.templates import ours
 from specialize.finetune import finetune
 from specialize.generate import Generator
 from specialize.serve import create_app
+from specialize.serve.decode import RunningBatch
+from specialize.serve.tools import ToolStream, reply
+from specialize.serve.worker import Job, Sampling
 from specialize.tokenizer import train_bpe
 from specialize.tools import render_tool_calls, tools_system_text
 
@@ -138,6 +141,56 @@ def test_a_template_that_cannot_render_tools_is_a_400(base):
         assert raised.value.body["param"] == "tools" and "cannot render" in raised.value.body["message"]
 
 
+def test_auto_with_a_json_response_format_answers_json_or_calls(untrained):
+    schema = {"type": "object", "additionalProperties": False, "required": ["ok"],
+              "properties": {"ok": {"type": "boolean"}}}
+    for seed in (1, 2, 3):
+        choice = untrained.chat.completions.create(
+            model="untrained", messages=ASK, tools=TOOLS, max_tokens=80, temperature=1.0, seed=seed,
+            parallel_tool_calls=False,
+            response_format={"type": "json_schema", "json_schema": {"name": "ok", "schema": schema}}).choices[0]
+        if choice.message.tool_calls:
+            assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+        else:
+            assert choice.finish_reason == "stop"
+            jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+SAMPLE = ('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>')
+
+
+@pytest.mark.parametrize("text", [SAMPLE, "  plain <tool answer, no call  ", "a <tool_call>not json</tool_call> b",
+                                  'x <tool_call>\n{"name": "get_time", "arguments": {}}'])
+def test_streamed_pieces_join_to_the_unstreamed_answer_and_never_show_part_of_a_tag(text):
+    content, calls = reply(text, parse_calls=True)
+    for size in (1, 2, 5, len(text)):
+        stream, events = ToolStream(), []
+        for i in range(0, len(text), size):
+            events += stream.feed(text[i: i + size])
+        events += stream.finish()
+        shown = "".join(e for e in events if isinstance(e, str))
+        assert shown == (content or "")
+        assert [e["function"] for e in events if isinstance(e, dict)] == [c["function"] for c in calls]
+        if calls:  # a text piece is never a prefix of the tag (it would leak, then the call follow)
+            assert not any(isinstance(e, str) and "<tool" in e for e in events)
+
+
+def test_end_after_ends_the_answer_at_the_first_call_keeping_it(tmp_path, tokenizer_dir):
+    """parallel_tool_calls false under auto: the answer ends once it holds `</tool_call>` (here: any text)."""
+    generator = Generator.load(save_llama(tmp_path / "llama", tokenizer_dir))
+    ids = generator.text_ids("Return a new list of the items in the iterable, sorted")
+    free = generator.generate_ids([ids], max_new_tokens=30)[0].text
+    marker = free[len(free) // 3: len(free) // 3 + 3]
+    job = Job(ids, 30, Sampling.of(0.0, None, [], None), end_after=marker)
+    batch = RunningBatch(generator)
+    ended = batch.admit([job])
+    while not ended:
+        ended = batch.step()
+    [(_, completion)] = ended
+    assert completion.text == free[: free.index(marker) + len(marker)] and completion.finish_reason == "stop"
+
+
 # ------------------------------------------------------------------ end to end: a model trained to call tools
 
 RESULT = "sunny, 21 C"
@@ -184,6 +237,11 @@ def test_a_model_trained_on_tool_chats_calls_continues_and_obeys_tool_choice(tra
                     {"role": "tool", "tool_call_id": made.id, "content": RESULT}]
     answer = trained.chat.completions.create(model="tooly", messages=follow, tools=TOOLS, max_tokens=40).choices[0]
     assert (answer.message.content, answer.message.tool_calls, answer.finish_reason) == (REPLY, None, "stop")
+
+    single = trained.chat.completions.create(model="tooly", messages=ASK, tools=TOOLS, parallel_tool_calls=False,
+                                             max_tokens=40).choices[0]
+    assert [(c.function.name, c.function.arguments) for c in single.message.tool_calls] == \
+        [(made.function.name, made.function.arguments)]
 
     plain = trained.chat.completions.create(model="tooly", messages=ASK, tools=TOOLS, tool_choice="none",
                                             max_tokens=40).choices[0]
