@@ -19,7 +19,14 @@ from specialize.errors import UserError
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md", ".html", ".htm", ".rst")
 HIDDEN = ".studio"  # the studio's own folder in the workspace: job logs
 LISTED_FILES = 2000  # a workspace holding a whole disk still lists quickly
-SKIPPED_DIRS = {"model", "checkpoints", "data", "tokenizer", "predictions", "__pycache__", "node_modules"}
+SKIPPED_DIRS = {"__pycache__", "node_modules", "site-packages"}
+
+
+def _holds_a_model(folder: Path) -> bool:
+    """A run or a model folder: its JSON files are configs and tokenizers, not data."""
+    from specialize.rundir import RunDir
+
+    return RunDir.is_run(folder) or (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()
 
 
 class OutsideWorkspace(UserError):
@@ -68,7 +75,7 @@ class Workspace:
         for folder, dirs, names in os.walk(self.root):
             here = Path(folder)
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
-                             and not (here / d).is_symlink())
+                             and not (here / d).is_symlink() and not _holds_a_model(here / d))
             for name in sorted(names):
                 path = here / name
                 if name.startswith(".") or path.suffix.lower() not in suffixes or path.is_symlink():

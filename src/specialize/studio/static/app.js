@@ -178,7 +178,8 @@ async function buildForm() {
   const { fields } = await api("/api/forms/finetune");
   state.form = fields;
   // The fields a first run needs come first, whatever CLI help panel they are in.
-  const primary = ["base", "data", "out", "method", "max_steps", "epochs", "learning_rate", "eval_data", "eval_every"];
+  const primary = ["base", "data", "out", "method", "max_steps", "epochs", "learning_rate", "micro_batch_size",
+    "eval_data", "eval_every"];
   const groups = { "Fine-tuning": primary.map((n) => fields.find((f) => f.name === n)).filter(Boolean) };
   for (const f of fields) {
     if (primary.includes(f.name)) continue;
@@ -251,6 +252,7 @@ const jobFor = (target) => state.jobs.find((j) => j.target === target);
 // ---- runs -------------------------------------------------------------------------------------
 async function refreshRuns() {
   const { runs } = await api("/api/runs");
+  if (JSON.stringify(runs) === JSON.stringify(state.runs)) return;  // no redraw: a click is not lost to one
   state.runs = runs;
   $("runs").tBodies[0].replaceChildren(...runs.map((r) => el("tr", { class: "run", "data-run": r.path,
     onclick: () => openRun(r.path) },
@@ -359,8 +361,8 @@ function drawChats() {
   const names = { run: "the run", base: "its base", rag: "the run + RAG" };
   $("chat-columns").replaceChildren(...chatSystems().map((sys) => {
     const history = state.chats[sys] = state.chats[sys] || [];
-    return el("div", { class: "chat-column", id: `chat-${sys}` }, el("h3", {}, names[sys]),
-      history.map((m) => el("div", { class: `bubble ${m.role}` }, m.content)));
+    return el("div", { class: "chat-column", id: `answers-${sys}` }, el("h3", {}, names[sys]),
+      history.map((m) => el("div", { class: `bubble ${m.role}${m.role === "assistant" ? " done" : ""}` }, m.content)));
   }));
 }
 
@@ -370,7 +372,7 @@ async function send(text) {
     history.push({ role: "user", content: text });
     const answer = { role: "assistant", content: "" };
     drawChats();
-    const column = $(`chat-${sys}`);
+    const column = $(`answers-${sys}`);
     const bubble = column.appendChild(el("div", { class: "bubble assistant streaming" }));
     const body = { run: $("chat-run").value, system: sys, messages: history, max_new_tokens: +$("chat-max").value,
       temperature: +$("chat-temp").value };
@@ -463,7 +465,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   showTab((location.hash || "#data").slice(1));
   guarded(async () => { await refreshFiles(); await buildForm(); await refreshJobs(); await refreshRuns(); drawChats(); });
-  every(1500, async () => {
+  every(1000, async () => {
     await refreshJobs();
     if (state.detail && !$("tab-runs").hidden) await pollRun();
     if (!$("tab-compare").hidden) await showCompare();
