@@ -26,13 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 from specialize.data.templates import Template, ours
 from specialize.data.tokenize import pad_token_id
 from specialize.errors import UserError
-from specialize.model import (
-    context_length,
-    load_model,
-    load_tokenizer,
-    pick_dtype,
-    stop_token_ids,
-)
+from specialize.model import context_length, load_model, load_tokenizer, pick_dtype, stop_token_ids
 
 
 @dataclass
@@ -189,7 +183,7 @@ class Generator:
 
     @classmethod
     def load(cls, ref: str | Path, *, trust_remote_code: bool = False, device: torch.device | None = None,
-             precision: str = "auto") -> Generator:
+             precision: str = "auto") -> "Generator":
         device = device or default_device()
         tokenizer = load_tokenizer(ref, trust_remote_code)
         model = load_model(ref, trust_remote_code=trust_remote_code, dtype=pick_dtype(precision, device))

@@ -27,7 +27,6 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specialize.config import ServeConfig
@@ -35,27 +34,11 @@ from specialize.errors import UserError
 from specialize.generate import Completion, Generator
 from specialize.serve import tools as tooling
 from specialize.serve.constrained import Grammars
-from specialize.serve.gate import (
-    CLIENT_GONE,
-    CancellingStream,
-    ClientGone,
-    Gate,
-    unless_gone,
-)
+from specialize.serve.gate import CLIENT_GONE, CancellingStream, ClientGone, Gate, unless_gone
 from specialize.serve.limits import BodyLimit, deadline_protocol
-from specialize.serve.schema import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    SamplingRequest,
-    chat_logprobs,
-    completion_body,
-    error_chunk,
-    stream_chunk,
-    text_logprobs,
-    usage_chunk,
-    usage_of,
-)
+from specialize.serve.schema import (APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
+                                     chat_logprobs, completion_body, error_chunk, invalid_request, parsed,
+                                     stream_chunk, text_logprobs, usage_chunk, usage_of)
 from specialize.serve.worker import Job, QueueFull, Sampling, Worker, WorkerFailed
 
 logger = logging.getLogger("specialize.serve")
@@ -66,33 +49,9 @@ DEFAULT_MAX_TOKENS = 256  # answer budget when a request sets none (clipped to t
 MAX_CHARS_PER_TOKEN = 32
 
 
-
 def served_name(ref: str) -> str:
     """The name in /v1/models: a local run's folder name, or the hub id as given."""
     return Path(ref).resolve().name if Path(ref).exists() else ref
-
-
-def invalid_request(errors: list[dict]) -> APIError:
-    """The first of pydantic's validation errors as a 400, naming the field (`messages.0.content`)."""
-    err = errors[0]
-    param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
-    if err.get("type") == "json_invalid":
-        return APIError(400, f"request body is not valid JSON: {err.get('msg', '')}")
-    msg = err.get("msg", "invalid").removeprefix("Value error, ")  # pydantic's prefix for our own checks
-    message = f"{param}: {msg}" if param else msg
-    return APIError(400, message, param=param)
-
-
-def finish(completion: Completion, calls: list) -> str:
-    """The answer's finish_reason: "tool_calls" when it ended by itself after calling tools."""
-    return "tool_calls" if calls and completion.finish_reason == "stop" else completion.finish_reason
-
-
-def _parsed(model: type[BaseModel], raw: bytes):
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as e:
-        raise invalid_request(e.errors(include_input=False)) from None
 
 
 def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
@@ -209,7 +168,8 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
                 return completion_body(kind, rid, created, name, completion, logprobs=logprobs)
             content, calls = tooling.reply(completion.text, parse_calls)
             message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls else {})
-            return completion_body(kind, rid, created, name, completion, message, finish(completion, calls), logprobs)
+            return completion_body(kind, rid, created, name, completion, message,
+                                   tooling.finish_reason(completion, calls), logprobs)
 
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -254,8 +214,9 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
                 for event in chunks(calls.finish() if calls is not None else [], entries):
                     yield event
                 rest = completion.logprobs[sent["logprobs"]:] if completion.logprobs is not None else None
-                yield stream_chunk(kind, rid, created, name, finish=finish(completion, [None] * sent["calls"]),
-                                   usage_null=usage, logprobs=logprobs_of(kind, rest, sent["chars"]) if rest else None)
+                yield stream_chunk(kind, rid, created, name, usage_null=usage,
+                                   finish=tooling.finish_reason(completion, [None] * sent["calls"]),
+                                   logprobs=logprobs_of(kind, rest, sent["chars"]) if rest else None)
                 if usage:
                     yield usage_chunk(kind, rid, created, name, completion)
                 yield "data: [DONE]\n\n"
@@ -302,7 +263,7 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
         Returns the body, the messages, the prompt's ids, the Job options (grammar, logprobs, where to end)
         and whether the answer's tool calls are parsed.
         """
-        body = _parsed(ChatCompletionRequest, raw)
+        body = parsed(ChatCompletionRequest, raw)
         check_model(body.model)
         # Cheap bounds first: rendering 100,000 tiny messages takes seconds, and each message costs
         # at least one token of the template's markup.
@@ -334,7 +295,7 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
 
     def text_prompt(raw: bytes) -> tuple[CompletionRequest, str, list[int]]:
         """Parse and tokenise a completion request (raw text, with the special tokens the tokenizer adds)."""
-        body = _parsed(CompletionRequest, raw)
+        body = parsed(CompletionRequest, raw)
         check_model(body.model)
         if body.logprobs is not None and not worker.batched:
             raise APIError(400, "logprobs is not supported for this model: it answers one request at a time",

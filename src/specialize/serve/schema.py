@@ -11,7 +11,7 @@ import json
 from typing import Annotated, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from specialize.generate import Completion
 
@@ -210,6 +210,25 @@ class CompletionRequest(SamplingRequest):
         if isinstance(prompt, list) and len(prompt) != 1:
             raise ValueError("exactly one prompt per request is supported")
         return prompt
+
+
+def invalid_request(errors: list[dict]) -> APIError:
+    """The first of pydantic's validation errors as a 400, naming the field (`messages.0.content`)."""
+    err = errors[0]
+    param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {err.get('msg', '')}")
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")  # pydantic's prefix for our own checks
+    message = f"{param}: {msg}" if param else msg
+    return APIError(400, message, param=param)
+
+
+def parsed(model: type[BaseModel], raw: bytes):
+    """The request body as `model`; a 400 naming the first field that is wrong."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise invalid_request(e.errors(include_input=False)) from None
 
 
 # ----------------------------------------------------------------------------- responses

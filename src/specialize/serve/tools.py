@@ -24,16 +24,8 @@ from dataclasses import dataclass
 from specialize.data.templates import TemplateRaised
 from specialize.serve import constrained
 from specialize.serve.schema import APIError, ChatCompletionRequest
-from specialize.tools import (
-    TOOL_CALL_CLOSE,
-    TOOL_CALL_OPEN,
-    check_tools,
-    function_of,
-    normalize_tools,
-    parse_tool_calls,
-    scan_tool_calls,
-    template_messages,
-)
+from specialize.tools import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, check_tools, function_of, normalize_tools,
+                              parse_tool_calls, scan_tool_calls, template_messages)
 
 
 @dataclass(frozen=True)
@@ -135,6 +127,11 @@ def reply(text: str, parse_calls: bool) -> tuple[str | None, list[dict]]:
         return text, []
     content, calls = parse_tool_calls(text)  # content is stripped, as a stream (ToolStream) shows it
     return (content or None) if calls else content, calls
+
+
+def finish_reason(completion, calls: list) -> str:
+    """The answer's finish_reason: "tool_calls" when it ended by itself after calling tools."""
+    return "tool_calls" if calls and completion.finish_reason == "stop" else completion.finish_reason
 
 
 class ToolStream:
