@@ -63,6 +63,22 @@ def test_json_schema_answers_are_json_the_schema_allows_greedy_sampled_and_strea
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_the_clients_own_parse_helpers_get_their_pydantic_model(client):
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        city: str = Field(max_length=8)
+        days: int = Field(ge=1, le=9)
+
+    parsed = client.chat.completions.parse(model="tiny-llama", messages=ASK, response_format=Weather, max_tokens=60)
+    assert isinstance(parsed.choices[0].message.parsed, Weather)
+    with client.chat.completions.stream(model="tiny-llama", messages=ASK, response_format=Weather,
+                                        max_tokens=60) as stream:
+        for _ in stream:
+            pass
+        assert stream.get_final_completion().choices[0].message.parsed == parsed.choices[0].message.parsed
+
+
 def test_json_object_answers_are_a_json_object(client):
     choice = client.chat.completions.create(model="tiny-llama", messages=ASK, max_tokens=120,
                                             response_format={"type": "json_object"}).choices[0]

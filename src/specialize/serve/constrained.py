@@ -124,8 +124,11 @@ class Grammars:
         """The llguidance view of the served tokenizer; APIError 400 when it cannot have one."""
         with self._lock:
             if self._tokenizer is None:
-                import llguidance.hf
-
+                try:
+                    import llguidance.hf
+                except ImportError:
+                    raise APIError(400, "constrained decoding and logprobs need llguidance on the server "
+                                        "(pip install llguidance)", code="unsupported") from None
                 try:
                     self._tokenizer = llguidance.hf.from_tokenizer(self.generator.tokenizer, n_vocab=self.vocab,
                                                                    eos_token=list(self.generator.stop_ids))
@@ -151,5 +154,5 @@ class Grammars:
             return self.generator.tokenizer.convert_ids_to_tokens(token).encode()
         try:
             return self.tokenizer().decode_bytes([token])
-        except APIError:
+        except APIError:  # no llguidance, or a slow tokenizer: the decoded text is the best there is
             return self.generator.tokenizer.decode([token]).encode()
