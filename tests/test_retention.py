@@ -141,3 +141,11 @@ def test_retention_with_another_objective_is_refused_up_front(tmp_path):
                                 retention=[str(QA8)], progress=False))
     assert str(e.value) == "--retention and --replay-data work with --objective sft only, not dpo"
     assert not (tmp_path / "ft").exists()
+
+
+def test_lora_starts_from_the_base(pretrained, tmp_path):
+    """LoRA's "before" is the base itself (adapters start at zero), so full and LoRA runs share it."""
+    base_summary = json.loads((pretrained / "train_summary.json").read_text())
+    row = _finetune(pretrained, tmp_path / "lora", method="lora").read_summary()["retention"]["held-out documents"]
+    assert row["before"] == pytest.approx(base_summary["eval_perplexity"], rel=1e-5)
+    assert row["after"] != pytest.approx(row["before"], rel=1e-6)
