@@ -26,6 +26,9 @@ def test_pick_pair_best_and_worst_with_ties_toward_stopping():
     assert pick_pair([0.5, 0.55, 0.5, 0.5, 0.5], answers, 0.1) is None  # margin 0.05 < 0.1
     assert pick_pair([0.5] * 5, answers, 0.0) is None  # no margin at all, even with --min-margin 0
     assert pick_pair([1.0, 0.0], [_c("same"), _c(" same ")], 0.1) is None  # the same answer twice
+    # an empty answer is never paired (check_preferences refuses an empty side): the next worst is rejected
+    assert pick_pair([1.0, 0.0, 0.5], [_c("good"), _c(" "), _c("meh")], 0.1) == (0, 2)
+    assert pick_pair([1.0, 0.0], [_c("good"), _c("")], 0.1) is None
 
 
 def test_pairs_from_a_run_train_dpo(qa8_run, tmp_path):
@@ -39,7 +42,7 @@ def test_pairs_from_a_run_train_dpo(qa8_run, tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     line = next(x for x in result.output.splitlines() if "pairs written" in x)
     assert line == (f"8 questions, {len(rows)} pairs written to {out}, {8 - len(rows)} skipped (grades less than "
-                    "--min-margin 0.1 apart)")
+                    "--min-margin 0.1 apart; empty answers are never paired)")
     assert rows, "temperature 2 should make some answers differ"
     questions = {json.loads(x)["question"]: json.loads(x)["answer"] for x in QA8.read_text().splitlines()}
     from specialize.evaluate.metrics import token_f1

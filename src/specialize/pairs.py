@@ -33,12 +33,12 @@ console = Console(stderr=True, markup=False)
 class PairsSummary:
     questions: int
     pairs: int
-    no_margin: int  # questions whose best and worst answers grade less than min_margin apart
+    no_margin: int  # questions whose best and worst non-empty answers grade less than min_margin apart
     out: Path
 
     def line(self, min_margin: float) -> str:
         return (f"{self.questions} questions, {self.pairs} pairs written to {self.out}, {self.no_margin} skipped "
-                f"(grades less than --min-margin {min_margin} apart)")
+                f"(grades less than --min-margin {min_margin} apart; empty answers are never paired)")
 
 
 def pick_pair(grades: list[float], completions: list[Completion], min_margin: float) -> tuple[int, int] | None:
@@ -46,9 +46,13 @@ def pick_pair(grades: list[float], completions: list[Completion], min_margin: fl
 
     Chosen: the best grade, preferring an answer that ended by itself; rejected: the worst grade,
     preferring one cut at the token budget; the first in sampling order after that. Answers with the
-    same text are never paired, and the margin must be above 0 even with --min-margin 0.
+    same text are never paired, and the margin must be above 0 even with --min-margin 0. Empty
+    answers are left out: preference data with an empty side is refused by `check_preferences`
+    (for written data it is a mistake), so such a pair could not be trained without --allow-data-errors.
     """
-    order = range(len(grades))
+    order = [i for i in range(len(grades)) if completions[i].text.strip()]
+    if len(order) < 2:
+        return None
     chosen = min(order, key=lambda i: (-grades[i], not completions[i].stopped, i))
     rejected = min(order, key=lambda i: (grades[i], completions[i].stopped, i))
     margin = grades[chosen] - grades[rejected]
