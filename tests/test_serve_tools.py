@@ -161,7 +161,8 @@ SAMPLE = ('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa
 
 
 @pytest.mark.parametrize("text", [SAMPLE, "  plain <tool answer, no call  ", "a <tool_call>not json</tool_call> b",
-                                  'x <tool_call>\n{"name": "get_time", "arguments": {}}'])
+                                  'x <tool_call>\n{"name": "get_time", "arguments": {}}',
+                                  ' {"name": "get_time", "parameters": {"city": "Oslo"}}', '{"ok": true} '])
 def test_streamed_pieces_join_to_the_unstreamed_answer_and_never_show_part_of_a_tag(text):
     content, calls = reply(text, parse_calls=True)
     for size in (1, 2, 5, len(text)):

@@ -139,7 +139,8 @@ class ToolStream:
 
     Text that may be the start of `<tool_call>` is held back, so no part of a tag shows as content;
     a block is handed out as a call once it closes (or as content, if it is not a valid call, as
-    the non-streamed answer keeps it). Whitespace around calls is held until more text follows, so the
+    the non-streamed answer keeps it). An answer that starts as a JSON object is held to its end
+    (it may be a bare call). Whitespace around calls is held until more text follows, so the
     pieces join to the non-streamed content.
     """
 
@@ -149,6 +150,26 @@ class ToolStream:
     def feed(self, piece: str) -> list[str | dict]:
         """Content strings and calls (OpenAI's dicts) that `piece` makes certain."""
         self.buffer += piece
+        return [] if self._maybe_bare_call() else self._drain()
+
+    def finish(self) -> list[str | dict]:
+        """What is left at the end: an unclosed block or a partial tag is content after all."""
+        if self._maybe_bare_call():
+            scan = scan_tool_calls(self.buffer)
+            if scan.calls and not scan.invalid:
+                self.buffer, self.calls = "", len(scan.calls)
+                return list(scan.calls)
+        out = self._drain()
+        self._content(self.buffer, out)
+        self.buffer = ""
+        return out
+
+    def _maybe_bare_call(self) -> bool:
+        """Llama 3.1 writes a call as the whole answer, one bare JSON object: only its end can tell."""
+        return not self.started and not self.calls and self.buffer.lstrip().startswith("{") \
+            and TOOL_CALL_OPEN not in self.buffer
+
+    def _drain(self) -> list[str | dict]:
         out: list[str | dict] = []
         while True:
             start = self.buffer.find(TOOL_CALL_OPEN)
@@ -171,13 +192,6 @@ class ToolStream:
                 self.calls += len(calls)
             else:
                 self._content(block, out)
-
-    def finish(self) -> list[str | dict]:
-        """What is left at the end: an unclosed block or a partial tag is content after all."""
-        out: list[str | dict] = []
-        self._content(self.buffer, out)
-        self.buffer = ""
-        return out
 
     def _content(self, text: str, out: list) -> None:
         if not self.started:
