@@ -207,5 +207,6 @@ def test_real_family_tokenizers_are_constrained_or_refused(tmp_path, tokenizer_d
                 [made] = choice.message.tool_calls
                 jsonschema.validate(json.loads(made.function.arguments), SCHEMA)
             else:
-                assert len(choice.logprobs.content) == response.usage.completion_tokens > 0 and "".join(t.token for t in choice.logprobs.content) \
-                    == choice.message.content
+                tokens = [t.token for t in choice.logprobs.content]
+                assert len(tokens) == response.usage.completion_tokens > 0
+                assert "".join(tokens) == choice.message.content

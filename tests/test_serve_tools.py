@@ -44,7 +44,7 @@ def call(name: str, city: str, call_id: str = "call_1") -> dict:
 
 
 def tiny_base(path, texts):
-    """A 2-layer Llama with a 1,024-token context and a BPE that knows the tool prompt (short prompts, quick training)."""
+    """A 2-layer Llama with a 1,024-token context and a BPE that knows the tool prompt (quicker training)."""
     tokenizer = train_bpe(corpus() + texts, vocab_size=2048)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
