@@ -149,9 +149,8 @@ class Grammars:
         return Constraint(matcher, list(self.generator.stop_ids))
 
     def token_bytes(self, token: int) -> bytes:
-        """The exact bytes of one token (byte-level BPE pieces of a character, SentencePiece's ▁), for logprobs."""
-        if self.generator.tokenizer.convert_ids_to_tokens(token) in self.generator.tokenizer.all_special_tokens:
-            return self.generator.tokenizer.convert_ids_to_tokens(token).encode()
+        """The exact bytes of one token, for logprobs: part of a character for byte-level BPE, a space for
+        SentencePiece's ▁, the token's own text for special tokens."""
         try:
             return self.tokenizer().decode_bytes([token])
         except APIError:  # no llguidance, or a slow tokenizer: the decoded text is the best there is
