@@ -1,7 +1,8 @@
 """The OpenAI wire format `specialize serve` speaks: request bodies, responses, stream chunks, errors.
 
-Request bodies are pydantic models that ignore unknown fields (`user`, `presence_penalty`, ...)
-as OpenAI-compatible servers do; a body that fails validation becomes a 400 in OpenAI's error
+Request bodies are pydantic models that ignore fields without effect on the answer (`user`,
+`metadata`, ...) as OpenAI-compatible servers do; a setting that would change the answer but cannot be
+honoured (`logit_bias`, penalties, `n` > 1) is refused; a body that fails validation becomes a 400 in OpenAI's error
 shape, `{"error": {"message", "type", "param", "code"}}` (see `APIError`).
 """
 
@@ -25,7 +26,7 @@ MAX_LEGACY_LOGPROBS = 5  # and for the completions API's logprobs
 # ----------------------------------------------------------------------------- request bodies
 
 class _Body(BaseModel):
-    # Unknown fields (user, presence_penalty, ...) are ignored, as OpenAI-compatible servers do.
+    # Unknown fields (user, metadata, ...) are ignored, as OpenAI-compatible servers do.
     model_config = ConfigDict(extra="ignore")
 
 
