@@ -6,6 +6,7 @@ removed (tried one by one when they were written). The browser flow is tests/tes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -16,8 +17,8 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from filelock import FileLock
-
 from helpers import QA8
+
 from specialize.config import FinetuneConfig, StudioConfig
 from specialize.errors import UserError
 from specialize.studio import resolve_token
@@ -98,11 +99,14 @@ def test_state_changes_need_the_studio_header_and_the_studio_origin(workspace):
 
 
 # -- paths stay in the workspace ------------------------------------------------------------------
-OUTSIDE = ["../secret.jsonl", "data/../../secret.jsonl", "/etc/passwd", "C:/Windows/win.ini", "..\\secret.jsonl"]
+OUTSIDE = [("../secret.jsonl", "'..' is not allowed"), ("data/../../secret.jsonl", "'..' is not allowed"),
+           ("..\\secret.jsonl", "'..' is not allowed"), ("/etc/passwd", "absolute paths are not allowed"),
+           ("C:/Windows/win.ini", "absolute paths are not allowed"),
+           ("link/secret.jsonl", "leads out of the workspace"), ("escape.jsonl", "leads out of the workspace")]
 
 
-@pytest.mark.parametrize("path", OUTSIDE + ["link/secret.jsonl", "escape.jsonl"])
-def test_paths_outside_the_workspace_are_refused(workspace, path):
+@pytest.mark.parametrize("path, refusal", OUTSIDE)
+def test_paths_outside_the_workspace_are_refused(workspace, path, refusal):
     (workspace / "link").symlink_to(workspace.parent, target_is_directory=True)  # a folder link out
     (workspace / "escape.jsonl").symlink_to(workspace.parent / "secret.jsonl")  # a file link out
     c = client(workspace)
@@ -114,10 +118,20 @@ def test_paths_outside_the_workspace_are_refused(workspace, path):
               c.post("/api/jobs/finetune", json={"data": ["data/qa.jsonl"], "base": path, "out": "runs/a"},
                      headers=WRITE),
               c.post("/api/jobs/finetune", json={"data": ["data/qa.jsonl"], "base": "m", "out": path},
-                     headers=WRITE)):
+                     headers=WRITE),
+              c.post("/api/jobs/compare", json={"model": "runs/a", "data": ["data/qa.jsonl"], "docs": path},
+                     headers=WRITE),
+              c.post("/api/convert", json={"inputs": [path], "to": "x.jsonl"}, headers=WRITE),
+              c.post("/api/convert", json={"inputs": ["data/qa.jsonl"], "to": path}, headers=WRITE),
+              c.get("/api/runs/metrics", params={"run": path}),
+              c.get("/api/runs/scorecard", params={"run": path}),
+              c.get("/api/exports/info", params={"path": path})):
         assert r.status_code == 400, r.text
         assert "outside" not in r.text and "secret?" not in r.text
-        assert any(word in r.json()["error"] for word in ("'..'", "absolute", "leads out"))
+        assert refusal in r.json()["error"]
+    chat = c.post("/api/chat", json={"run": path, "messages": [{"role": "user", "content": "hi"}]}, headers=WRITE)
+    assert [json.loads(line) for line in chat.text.splitlines()] == [{"error": chat.json()["error"]}]
+    assert refusal in chat.json()["error"]
     assert "secret" not in json.dumps(c.get("/api/files").json()["files"])
     assert not c.app.state.queue.jobs
 
@@ -144,6 +158,45 @@ def test_upload_over_the_limit_is_413_and_leaves_nothing(workspace):
     ok = c.put("/api/files", params={"path": "up/small.jsonl"}, content=b'{"text": "hi"}\n', headers=WRITE)
     assert ok.json() == {"path": "up/small.jsonl", "bytes": 15}
     assert (workspace / "up" / "small.jsonl").read_bytes() == b'{"text": "hi"}\n'
+
+
+def test_a_body_announced_too_large_is_refused_before_it_is_read():
+    from specialize.studio.guard import Guard
+
+    async def app(scope, receive, send):
+        raise AssertionError("the route ran")
+
+    async def receive():
+        raise AssertionError("the body was read")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "PUT", "path": "/api/files", "query_string": b"path=x.jsonl",
+             "headers": [(b"authorization", f"Bearer {TOKEN}".encode()), (b"content-length", b"1000000000")]}
+    asyncio.run(Guard(app, TOKEN, "c", max_upload_bytes=100)(scope, receive, send))
+    assert sent[0]["status"] == 413
+
+
+def test_any_other_body_is_capped_while_it_streams(workspace):
+    def chunks():  # a JSON body sent without Content-Length, past the 1 MiB cap of non-upload requests
+        yield b'{"data": ["'
+        for _ in range(40):
+            yield b"a" * 32768
+        yield b'"]}'
+    r = client(workspace).post("/api/lint", content=chunks(), headers=WRITE)
+    assert r.status_code == 413 and r.json()["error"] == "request body larger than 1,048,576 bytes"
+
+
+def test_save_upload_stops_at_the_limit_and_leaves_nothing(tmp_path):
+    async def chunks():
+        for _ in range(5):
+            yield b"z" * 40
+    with pytest.raises(UserError, match="upload larger than the limit of 100 bytes"):
+        asyncio.run(Workspace(tmp_path).save_upload("big.jsonl", chunks(), limit=100))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_uploads_are_one_clear_error(workspace):

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-
 from helpers import QA8, serving, write_jsonl
+
 from specialize.config import CompareConfig, StudioConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -176,7 +175,9 @@ def test_the_life_cycle_in_the_browser(browser, studio, workspace, tmp_path):
     wait(d, lambda d: {r.get_attribute("data-run") for r in all_by(d, "tr.run")} == {"runs/qa8", "runs/new"},
          what="both runs listed")
     click(d, 'tr.run[data-run="runs/qa8"]')
-    wait(d, lambda d: points(d, "loss") > 0, what="the finished run's curve")
+    wait(d, lambda d: points(d, "loss") == 150, what="the finished run's curve")
+    click(d, 'tr.run[data-run="runs/new"]')
+    wait(d, lambda d: points(d, "eval loss") == 3, what="the new run's curves")
     shoot(d, "runs", tmp_path)
 
     # Compare: the scorecard and recommendation of the finished run, and compare's own report.
@@ -201,7 +202,7 @@ def test_the_life_cycle_in_the_browser(browser, studio, workspace, tmp_path):
     by(d, "#chat-send").click()
     wait(d, lambda d: len(all_by(d, ".bubble.assistant.done, .bubble.error")) == 3, timeout=120, what="3 answers")
     assert not all_by(d, ".bubble.error"), [e.text for e in all_by(d, ".bubble.error")]
-    answer = by(d, "#answers-run .bubble.assistant.done").text
+    answer = by(d, "#answers-run .bubble.assistant.done .answer").text
     assert answer == QA[0]["answer"]  # the run learned QA8 word for word
     assert "passage(s) retrieved" in by(d, "#answers-rag details.passages summary").text
     shoot(d, "playground", tmp_path)

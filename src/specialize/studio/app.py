@@ -25,8 +25,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import ValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 
 from specialize.config import ConvertConfig, LintConfig, StudioConfig
 from specialize.errors import UserError
@@ -35,7 +35,12 @@ from specialize.studio.forms import FORMS, schema, to_flags
 from specialize.studio.guard import Guard
 from specialize.studio.jobs import JobQueue
 from specialize.studio.playground import Playground
-from specialize.studio.runs import find_runs, read_metrics_from, scorecard_path, summarise
+from specialize.studio.runs import (
+    find_runs,
+    read_metrics_from,
+    scorecard_path,
+    summarise,
+)
 from specialize.studio.workspace import UploadTooLarge, Workspace
 
 STATIC = Path(str(resources.files("specialize.studio") / "static"))

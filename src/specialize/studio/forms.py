@@ -15,8 +15,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from specialize.config import CompareConfig, ExportConfig, FinetuneConfig, StageConfig
-from specialize.flags import _default, _panel, _strip_none, flag_name
 from specialize.errors import UserError
+from specialize.flags import _default, _panel, _strip_none, flag_name
 from specialize.studio.workspace import Workspace
 
 FORMS: dict[str, type[StageConfig]] = {"finetune": FinetuneConfig, "compare": CompareConfig, "export": ExportConfig}

@@ -125,7 +125,8 @@ class Playground:
                            "completion_tokens": completion.completion_tokens, "model": ref}})
         except (UserError, ContextOverflow, OSError, ValueError, KeyError, TypeError) as e:
             emit({"error": str(e).replace(str(self.workspace.root) + "/", "")})
-        except Exception as e:  # a model that fails to load or generate: the page shows it, the studio lives
+        # A model that fails to load or generate: the page shows why, and the studio lives on.
+        except Exception as e:  # noqa: BLE001
             emit({"error": f"{type(e).__name__}: {e}"})
 
     async def stream(self, request: dict) -> AsyncIterator[bytes]:

@@ -188,9 +188,8 @@ async function buildForm() {
   const form = $("train-form");
   form.textContent = "";
   for (const [name, list] of Object.entries(groups)) {
-    const box = el("fieldset", {}, el("legend", {}, name), list.map(fieldInput));
-    if (name !== "Fine-tuning") form.appendChild(el("details", {}, el("summary", {}, name), box));
-    else form.appendChild(box);
+    if (name !== "Fine-tuning") form.appendChild(el("details", {}, el("summary", {}, name), el("fieldset", {}, list.map(fieldInput))));
+    else form.appendChild(el("fieldset", {}, el("legend", {}, name), list.map(fieldInput)));
   }
   form.addEventListener("input", showCommand);
   showCommand();
@@ -362,7 +361,9 @@ function drawChats() {
   $("chat-columns").replaceChildren(...chatSystems().map((sys) => {
     const history = state.chats[sys] = state.chats[sys] || [];
     return el("div", { class: "chat-column", id: `answers-${sys}` }, el("h3", {}, names[sys]),
-      history.map((m) => el("div", { class: `bubble ${m.role}${m.role === "assistant" ? " done" : ""}` }, m.content)));
+      history.map((m) => el("div", { class: `bubble ${m.role}${m.role === "assistant" ? " done" : ""}` },
+        el("span", { class: "answer" }, m.content.trim() ? m.content : "(only white space)"),
+        m.caption ? el("span", { class: "caption" }, m.caption) : null)));
   }));
 }
 
@@ -374,7 +375,9 @@ async function send(text) {
     drawChats();
     const column = $(`answers-${sys}`);
     const bubble = column.appendChild(el("div", { class: "bubble assistant streaming" }));
-    const body = { run: $("chat-run").value, system: sys, messages: history, max_new_tokens: +$("chat-max").value,
+    const shown = bubble.appendChild(el("span", { class: "answer" }));
+    const body = { run: $("chat-run").value, system: sys, messages: history.map((m) => ({ role: m.role, content: m.content })),
+      max_new_tokens: +$("chat-max").value,
       temperature: +$("chat-temp").value };
     if ($("chat-docs").value.trim()) body.docs = $("chat-docs").value.trim();
     const res = await api("/api/chat", { method: "POST", body, stream: true });
@@ -387,16 +390,21 @@ async function send(text) {
       let nl;
       while ((nl = buffer.indexOf("\n")) >= 0) {
         const event = JSON.parse(buffer.slice(0, nl)); buffer = buffer.slice(nl + 1);
-        if (event.text) { answer.content += event.text; bubble.textContent = answer.content; }
+        if (event.text) { answer.content += event.text; shown.textContent = answer.content; }
         if (event.passages) column.insertBefore(el("details", { class: "passages" },
           el("summary", {}, `${event.passages.length} passage(s) retrieved`),
           event.passages.map((p) => el("p", {}, el("b", {}, p.source + ": "), p.text))), bubble);
         if (event.error) failed = event.error;
-        if (event.done) bubble.dataset.finish = event.done.finish_reason;
+        if (event.done) {
+          bubble.dataset.finish = event.done.finish_reason;
+          if (!answer.content.trim()) shown.textContent = "(only white space)";
+          answer.caption = `${event.done.completion_tokens} tokens · ${event.done.finish_reason === "stop" ? "stopped" : "hit the limit"}`;
+          bubble.appendChild(el("span", { class: "caption" }, answer.caption));
+        }
       }
     }
     bubble.classList.remove("streaming");
-    if (failed) { history.pop(); bubble.classList.add("error"); bubble.textContent = failed; continue; }
+    if (failed) { history.pop(); bubble.classList.add("error"); shown.textContent = failed; continue; }
     history.push(answer);
     bubble.classList.add("done");
   }
@@ -467,7 +475,10 @@ document.addEventListener("DOMContentLoaded", () => {
   guarded(async () => { await refreshFiles(); await buildForm(); await refreshJobs(); await refreshRuns(); drawChats(); });
   every(1000, async () => {
     await refreshJobs();
-    if (state.detail && !$("tab-runs").hidden) await pollRun();
+    if (state.detail && !$("tab-runs").hidden) {
+      await pollRun();
+      if (state.detail.summary && !state.runs.some((r) => r.path === state.detail.path)) await refreshRuns();
+    }
     if (!$("tab-compare").hidden) await showCompare();
     if (!$("tab-export").hidden) await showExport();
   });

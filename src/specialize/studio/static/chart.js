@@ -22,6 +22,7 @@ function niceTicks(lo, hi, count) {
 }
 
 function fmt(v) {
+  if (Number.isInteger(v)) return String(v);
   if (Math.abs(v) >= 1000) return v.toFixed(0);
   if (Math.abs(v) >= 10) return v.toFixed(1);
   return +v.toPrecision(3) + "";
