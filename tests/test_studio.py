@@ -330,3 +330,45 @@ def test_jobs_queue_one_at_a_time_and_stop_with_sigterm(workspace, monkeypatch):
         assert long.log.parent == workspace / ".studio" / "logs" and "started" in long.log_tail()
     finally:
         queue.close(stop_running=True, timeout=10)
+
+
+def test_stop_checkpoints_and_resume_finishes_the_run(workspace, tiny_llama, monkeypatch):
+    """The real `specialize finetune` child: stopped from the studio (SIGTERM: a checkpoint, exit 143),
+    then resumed from the Runs tab to the end."""
+    import shutil
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shutil.copytree(tiny_llama, workspace / "models" / "tiny")
+    c = client(workspace)
+    queue = c.app.state.queue
+    try:
+        job = c.post("/api/jobs/finetune", headers=WRITE, json={
+            "base": "models/tiny", "data": ["data/qa.jsonl"], "out": "runs/s", "max_steps": 300,
+            "micro_batch_size": 2, "save_every": 1000, "learning_rate": 0.005}).json()
+        assert job["command"] == ("specialize finetune --out runs/s --max-steps 300 --learning-rate 0.005 "
+                                  "--micro-batch-size 2 --save-every 1000 --base models/tiny --data data/qa.jsonl "
+                                  "--no-progress")
+        deadline = time.monotonic() + 120
+        rows: list = []
+        while not rows and time.monotonic() < deadline:  # training has begun
+            time.sleep(0.2)
+            rows = c.get("/api/runs/metrics", params={"run": "runs/s"}).json()["rows"] \
+                if (workspace / "runs" / "s" / "metrics.jsonl").exists() else []
+        assert c.post(f"/api/jobs/{job['id']}/stop", headers=WRITE).status_code == 200
+        while queue.jobs[job["id"]].state == "running" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (queue.jobs[job["id"]].state, queue.jobs[job["id"]].returncode) == ("stopped", 143)
+        run = {r["path"]: r for r in c.get("/api/runs").json()["runs"]}["runs/s"]
+        assert run["state"] == "stopped" and run["checkpoints"] == [f"step-{run['step']}"] and run["step"] < 300
+
+        resumed = c.post("/api/runs/resume", json={"run": "runs/s"}, headers=WRITE).json()
+        assert resumed["command"] == ("specialize finetune --config runs/s/config.yaml --out runs/s --resume "
+                                      "--no-progress")
+        while queue.jobs[resumed["id"]].state in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert queue.jobs[resumed["id"]].state == "done", queue.jobs[resumed["id"]].log_tail()
+        run = {r["path"]: r for r in c.get("/api/runs").json()["runs"]}["runs/s"]
+        assert (run["state"], run["step"], run["total_steps"]) == ("finished", 300, 300)
+        assert "resuming from runs/s/checkpoints/step-" in queue.jobs[resumed["id"]].log_tail()
+    finally:
+        queue.close(stop_running=True, timeout=30)

@@ -206,3 +206,16 @@ def test_the_life_cycle_in_the_browser(browser, studio, workspace, tmp_path):
     assert answer == QA[0]["answer"]  # the run learned QA8 word for word
     assert "passage(s) retrieved" in by(d, "#answers-rag details.passages summary").text
     shoot(d, "playground", tmp_path)
+
+    # Export: a standalone folder checked against the run, and the commands to serve it elsewhere.
+    by(d, '#tabs button[data-tab="export"]').click()
+    Select(by(d, "#export-run")).select_by_value("runs/qa8")
+    by(d, "#export-out").send_keys("exports/qa8")
+    by(d, "#export-start").click()
+    done = wait(d, lambda d: all_by(d, "#export-done"), timeout=180, what="export finished")[0]
+    assert done.text.startswith("exports/qa8: ") and "parity 8/8 identical" in done.text
+    commands = [p.text for p in all_by(d, "#export-commands .command pre")]
+    assert "vllm serve exports/qa8" in commands
+    assert "ollama create qa8 -f exports/qa8/Modelfile && ollama run qa8" in commands
+    assert (workspace / "exports" / "qa8" / "config.json").is_file()
+    shoot(d, "export", tmp_path)
