@@ -46,6 +46,9 @@ def studio(cfg: StudioConfig) -> None:
     from specialize.studio.app import create_app
 
     token = resolve_token(cfg)
+    if cfg.token and os.environ.get("SPECIALIZE_TOKEN") != cfg.token:
+        print("warning: a token given as --token is visible to other users in `ps` and stays in your shell "
+              "history; prefer the SPECIALIZE_TOKEN environment variable", flush=True)
     try:  # bind first, so a busy port is one clear line rather than a uvicorn traceback
         family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
         sock = socket.create_server((cfg.host, cfg.port), family=family)
