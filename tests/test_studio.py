@@ -343,9 +343,9 @@ def test_stop_checkpoints_and_resume_finishes_the_run(workspace, tiny_llama, mon
     queue = c.app.state.queue
     try:
         job = c.post("/api/jobs/finetune", headers=WRITE, json={
-            "base": "models/tiny", "data": ["data/qa.jsonl"], "out": "runs/s", "max_steps": 300,
+            "base": "models/tiny", "data": ["data/qa.jsonl"], "out": "runs/s", "max_steps": 200,
             "micro_batch_size": 2, "save_every": 1000, "learning_rate": 0.005}).json()
-        assert job["command"] == ("specialize finetune --out runs/s --max-steps 300 --learning-rate 0.005 "
+        assert job["command"] == ("specialize finetune --out runs/s --max-steps 200 --learning-rate 0.005 "
                                   "--micro-batch-size 2 --save-every 1000 --base models/tiny --data data/qa.jsonl "
                                   "--no-progress")
         deadline = time.monotonic() + 120
@@ -359,7 +359,7 @@ def test_stop_checkpoints_and_resume_finishes_the_run(workspace, tiny_llama, mon
             time.sleep(0.2)
         assert (queue.jobs[job["id"]].state, queue.jobs[job["id"]].returncode) == ("stopped", 143)
         run = {r["path"]: r for r in c.get("/api/runs").json()["runs"]}["runs/s"]
-        assert run["state"] == "stopped" and run["checkpoints"] == [f"step-{run['step']}"] and run["step"] < 300
+        assert run["state"] == "stopped" and run["checkpoints"] == [f"step-{run['step']}"] and run["step"] < 200
 
         resumed = c.post("/api/runs/resume", json={"run": "runs/s"}, headers=WRITE).json()
         assert resumed["command"] == ("specialize finetune --config runs/s/config.yaml --out runs/s --resume "
@@ -368,7 +368,7 @@ def test_stop_checkpoints_and_resume_finishes_the_run(workspace, tiny_llama, mon
             time.sleep(0.2)
         assert queue.jobs[resumed["id"]].state == "done", queue.jobs[resumed["id"]].log_tail()
         run = {r["path"]: r for r in c.get("/api/runs").json()["runs"]}["runs/s"]
-        assert (run["state"], run["step"], run["total_steps"]) == ("finished", 300, 300)
+        assert (run["state"], run["step"], run["total_steps"]) == ("finished", 200, 200)
         assert "resuming from runs/s/checkpoints/step-" in queue.jobs[resumed["id"]].log_tail()
     finally:
         queue.close(stop_running=True, timeout=30)

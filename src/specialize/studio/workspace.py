@@ -19,6 +19,7 @@ from specialize.errors import UserError
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".md", ".html", ".htm", ".rst")
 HIDDEN = ".studio"  # the studio's own folder in the workspace: job logs
 LISTED_FILES = 2000  # a workspace holding a whole disk still lists quickly
+LISTED_DEPTH = 6  # folders below the workspace searched for data files
 SKIPPED_DIRS = {"__pycache__", "node_modules", "site-packages"}
 
 
@@ -74,8 +75,9 @@ class Workspace:
         found: list[dict] = []
         for folder, dirs, names in os.walk(self.root):
             here = Path(folder)
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
-                             and not (here / d).is_symlink() and not _holds_a_model(here / d))
+            deep = len(here.relative_to(self.root).parts) >= LISTED_DEPTH
+            dirs[:] = [] if deep else sorted(d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
+                                             and not (here / d).is_symlink() and not _holds_a_model(here / d))
             for name in sorted(names):
                 path = here / name
                 if name.startswith(".") or path.suffix.lower() not in suffixes or path.is_symlink():
