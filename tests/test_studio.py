@@ -245,6 +245,9 @@ def test_form_values_become_the_cli_flags(workspace):
     assert flags == ["--out", "runs/a", "--max-steps", "4", "--learning-rate", "0.005", "--max-grad-norm", "none",
                      "--no-packing", "--base", "models/tiny", "--data", "data/qa.jsonl", "--data", "more.jsonl",
                      "--no-progress"]  # method "auto" is the default: not passed
+    _, flags = to_flags(Workspace(workspace), "compare", {"model": "runs/a", "data": ["data/qa.jsonl"],
+                                                         "out": "runs/a/compare", "task": "qa", "docs": "docs"})
+    assert flags == ["--model", "runs/a", "--data", "data/qa.jsonl", "--docs", "docs", "--out", "runs/a/compare"]
     with pytest.raises(UserError, match="max_steps: Input should be greater than 0"):
         to_flags(Workspace(workspace), "finetune", {"max_steps": 0})
     with pytest.raises(UserError, match="unknown field 'shell'"):
