@@ -4,7 +4,8 @@ One walk through the life cycle, as a new user would take it: open the printed U
 token, lint a data file, launch a tiny run from the form and watch its loss curve grow, look at
 a finished run's curves and scorecard, and chat with it beside its base and with RAG.
 
-Skipped only when chromium or chromedriver is not installed (CI installs both). Screenshots go
+Skipped only when chromium or chromedriver is not installed and SPECIALIZE_REQUIRE_BROWSER is
+not 1 (CI installs both and sets it, so there a missing browser is an error). Screenshots go
 to $SPECIALIZE_STUDIO_SCREENSHOTS when set (the README's come from `docs/studio/`):
 
     SPECIALIZE_STUDIO_SCREENSHOTS=docs/studio .venv/bin/pytest tests/test_studio_e2e.py
@@ -24,6 +25,10 @@ from specialize.config import CompareConfig, StudioConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+# CI (.ci/run) installs both and sets SPECIALIZE_REQUIRE_BROWSER=1: there a missing browser fails the
+# run instead of quietly skipping the only test that drives the studio for real.
+if os.environ.get("SPECIALIZE_REQUIRE_BROWSER") == "1" and not (CHROMIUM and CHROMEDRIVER):
+    raise RuntimeError("SPECIALIZE_REQUIRE_BROWSER=1 but chromium or chromedriver is not installed")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver")
 TOKEN = "e2e-token-0123456789"
 QA = [json.loads(line) for line in QA8.read_text(encoding="utf-8").splitlines()]
