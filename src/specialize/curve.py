@@ -24,6 +24,7 @@ import random
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
@@ -272,14 +273,20 @@ def run_curve(cfg: CurveConfig) -> dict:
                   f"{cfg.seeds} seeds); {len(points) - len(todo)} already finished")
     gathered: dict[str, dict] = {}
 
-    def on_done(point: Point) -> None:
-        if cfg.eval_data:
-            gathered[point.name] = gather(point, cfg.eval_data, cfg)
-
     if todo and not cfg.plan:
         jobs, why = (cfg.jobs, "--jobs") if cfg.jobs else default_jobs(cfg, len(todo))
         console.print(f"curve: {len(todo)} point(s) to train, {jobs} at a time ({why})")
-        run_points(todo, jobs, on_done)
+        # A finished point is scored in a thread while the next ones train: scoring in the scheduling
+        # loop left the other slots idle until it was done (minutes on a busy CPU).
+        with ThreadPoolExecutor(max_workers=1) as scorer:
+            futures = {}
+
+            def on_done(point: Point) -> None:
+                if cfg.eval_data:
+                    futures[point.name] = scorer.submit(gather, point, cfg.eval_data, cfg)
+
+            run_points(todo, jobs, on_done)
+            gathered.update({name: future.result() for name, future in futures.items()})
     for point in points:
         if point.name not in gathered and point.done() and cfg.eval_data:
             gathered[point.name] = gather(point, cfg.eval_data, cfg)
