@@ -16,7 +16,8 @@ import yaml
 from specialize.data.formats import Example
 from specialize.data.templates import install_template, ours
 from specialize.errors import UserError
-from specialize.evaluate.agent import NO_PASSAGE, TOOLS, evaluate_agent, trained_with_search, with_tools
+from specialize.evaluate.agent import NO_PASSAGE, TOOLS, evaluate_agent, trained_with_search
+from specialize.evaluate.systems import with_tools
 from specialize.generate import Completion, Generator
 from specialize.model import load_tokenizer
 from specialize.retrieval import Retriever, format_passages
@@ -95,7 +96,7 @@ def test_known_answers_directly_unknown_searches_then_answers(chatml_run, retrie
     assert call_text("search_docs", {"query": "What does shlex.quote do?"}) in second
     assert f"<tool_response>\n{passage}\n</tool_response>" in second
     # prompt tokens are summed over rounds: the search costs its question twice plus the passage
-    view = with_tools(generator)
+    view = with_tools(generator, TOOLS)
     first_round = [len(view.prompt_ids(e.prompt_messages)) for e in (KNOWN, UNKNOWN)]
     assert known["prompt_tokens"] == first_round[0]
     assert unknown["prompt_tokens"] == first_round[1] + len(generator.text_ids(second))
@@ -126,7 +127,7 @@ def test_rounds_limit_bad_calls_and_empty_searches(chatml_run, retriever, monkey
 
 def test_a_template_without_tools_is_refused(tiny_llama, retriever):
     generator = Generator.load(tiny_llama)  # the plain qa template
-    with pytest.raises(UserError, match="cannot render tools; an agent needs a template that does"):
+    with pytest.raises(UserError, match="cannot render tools; tools need a template that does"):
         evaluate_agent(generator, [KNOWN], "qa", retriever)
     assert TOOLS[0]["function"]["name"] == "search_docs"
 
@@ -171,3 +172,40 @@ def test_compare_scores_finetuned_agent_beside_rag(chatml_run, tmp_path, tiny_ll
     assert all(systems[n]["tool_calls_per_example"] is None for n in systems if n != "finetuned+agent")
     rows = [json.loads(line) for line in (cfg.out / "predictions" / "finetuned+agent" / "test.jsonl").open()]
     assert [len(r["tool_calls"]) for r in rows] == [0, 1]
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def test_eval_asks_each_test_row_with_its_own_tools(chatml_run, tiny_llama, monkeypatch):
+    from specialize.evaluate.systems import evaluate_system
+
+    generator = Generator.load(chatml_run)
+    prompts: list[str] = []
+    reply = call_text("get_weather", {"city": "Oslo"})
+    asked = Example(messages=[{"role": "user", "content": "Weather in Oslo?"},
+                              {"role": "assistant", "content": reply}], meta={"tools": WEATHER})
+    result = evaluate_system(scripted(generator, monkeypatch, lambda p: reply, prompts), [KNOWN, asked, KNOWN],
+                             "tool_call", max_new_tokens=8)
+    assert len(prompts) == 3
+    with_weather = [p for p in prompts if '"get_weather"' in p]
+    assert len(with_weather) == 1 and with_weather[0].startswith("<|im_start|>system\n# Tools")
+    assert sum(p.startswith("<|im_start|>user\n") for p in prompts) == 2  # the rows without tools: no block
+    assert result.rows[1]["prompt_tokens"] == len(generator.text_ids(with_weather[0]))
+    assert result.metrics["n"] == 3
+    with pytest.raises(UserError, match="cannot render tools"):
+        evaluate_system(Generator.load(tiny_llama), [asked], "tool_call", max_new_tokens=8)
+
+
+def test_eval_scores_tool_call_answers_as_tool_call_by_default(tmp_path):
+    from specialize.config import EvalConfig
+    from specialize.evaluate.run import run_eval
+
+    reference = call_text("get_weather", {"city": "Oslo"})
+    rows = [{"prediction": reference, "reference": reference}, {"prediction": "It is sunny.", "reference": reference}]
+    metrics = run_eval(EvalConfig(predictions=str(write_jsonl(tmp_path / "p.jsonl", rows)), json_output=True))
+    assert metrics["tool_name_accuracy"] == 0.5 and metrics["exact_match"] == 0.5
+    assert "f1" not in metrics  # not scored as qa
+    qa = run_eval(EvalConfig(predictions=str(tmp_path / "p.jsonl"), task="extract", json_output=True))
+    assert "tool_name_accuracy" not in qa  # an explicit task is kept

@@ -137,6 +137,15 @@ def test_retention_any_nesting_becomes_before_after_pairs():
                                            ("trivia.jsonl n", 20.0, 20.0)]
     assert retention_text({"before": {"wiki.txt": {"perplexity": 12.0}}, "after": {"wiki.txt": {}}}) == \
         "wiki.txt perplexity 12.0 -> ?"
+    # what finetune writes: one entry per retention set, with its kind and the numbers that follow from the pair
+    written = {"held-out documents": {"kind": "perplexity", "before": 64.7, "after": 71.2, "change": 6.5,
+                                      "relative_change": 0.1, "source": "/runs/base", "blocks": 44},
+               "general_qa.jsonl": {"kind": "f1", "before": 0.31, "after": 0.22, "change": -0.09,
+                                    "exact_match_before": 0.1, "exact_match_after": 0.05, "examples": 50}}
+    assert retention_changes(written) == [("held-out documents perplexity", 64.7, 71.2),
+                                          ("general_qa.jsonl f1", 0.31, 0.22)]
+    assert retention_text(written) == \
+        "held-out documents perplexity 64.7 -> 71.2 (+10%); general_qa.jsonl f1 0.310 -> 0.220 (-29%)"
     assert retention_text(None) == retention_text({}) == ""
 
 
@@ -171,8 +180,8 @@ def test_task_metrics_agent_costs_and_retention_are_shown(tmp_path):
     assert cells["finetuned+agent", "unseen"][2:] == \
         ["1.000", "0.375", "0.750", "1.000", "250", "0.200", "300", "-"]
     assert cells["finetuned", "seen"][2:] == ["1.000", "0.375", "0.750", "-", "100", "0.100", "300",
-                                              "perplexity 9.100 -> 9.800"]  # no tool calls: blank, not 0
+                                              "perplexity 9.100 -> 9.800 (+8%)"]  # no tool calls: blank, not 0
     html = write_report(scorecard, tmp_path / "report.html").read_text()
     assert "<th>tool calls / example</th>" in html and "<th>retention (before -&gt; after)</th>" in html
-    assert "perplexity 9.100 -&gt; 9.800" in html
+    assert "perplexity 9.100 -&gt; 9.800 (+8%)" in html
     assert "<th>call_accuracy</th>" in html and "<th>tool_calls_per_example</th>" in html

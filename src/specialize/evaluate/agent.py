@@ -17,18 +17,15 @@ The tool-call format (tools in the system turn, `<tool_call>` blocks, results as
 
 from __future__ import annotations
 
-import copy
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.progress import Progress
 
 from specialize.data.formats import Example, load_examples
-from specialize.data.templates import Template
 from specialize.errors import UserError
-from specialize.evaluate.systems import SystemResult, question_of, run_settings
+from specialize.evaluate.systems import SystemResult, question_of, run_settings, with_tools
 from specialize.evaluate.tasks import score
 
 SEARCH_DOCS = {"type": "function", "function": {
@@ -44,31 +41,6 @@ def search_result(passages) -> str:
     from specialize.retrieval import format_passages
 
     return format_passages(passages) or NO_PASSAGE
-
-
-def with_tools(generator, tools: list[dict] = TOOLS):
-    """A view of `generator` (same model and tokenizer) whose prompts offer `tools` in the system turn.
-
-    The run's template renders them (`Template.render(..., tools=)`), as training rendered rows
-    with a `tools` key, so the agent is asked exactly the way it was taught.
-    """
-    template = generator.template
-    if not template.renders_tools:
-        raise UserError(f"the run's template {template.label} cannot render tools; an agent needs a template that "
-                        "does (train with --template chatml, or a base whose chat template supports tools)")
-    view = copy.copy(generator)
-    view.template = _ToolsTemplate(template.name, template.jinja, template.origin, tuple(tools))
-    return view
-
-
-@dataclass(frozen=True, eq=False)
-class _ToolsTemplate(Template):
-    """A template that offers the same tools in every conversation it renders."""
-
-    tools: tuple = ()
-
-    def render(self, tokenizer, messages, add_generation_prompt, tools=None):
-        return super().render(tokenizer, messages, add_generation_prompt, tools=list(tools or self.tools))
 
 
 def _call_results(calls: list[dict], retriever, top_k: int) -> list[str]:
@@ -110,7 +82,7 @@ def evaluate_agent(generator, examples: list[Example], task: str, retriever, *, 
         raise UserError(f"agent rounds must be at least 1 (got {max_rounds})", field="agent_rounds")
     start = time.perf_counter()
     n = len(examples)
-    generator = with_tools(generator)
+    generator = with_tools(generator, TOOLS)
     conversations = [[dict(m) for m in e.prompt_messages] for e in examples]
     prompt_tokens, completion_tokens, rounds = [0] * n, [0] * n, [0] * n
     calls: list[list[dict]] = [[] for _ in range(n)]

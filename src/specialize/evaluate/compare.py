@@ -52,7 +52,7 @@ from specialize.evaluate.report import scorecard_table, write_report
 from specialize.evaluate.scorecard import Scorecard, SystemScore, Training, recommend
 from specialize.evaluate.systems import (SystemResult, console, evaluate_system, judge_config, load_test_examples,
                                          output_folder, question_of, run_settings, stdout_console, warm_up)
-from specialize.evaluate.tasks import load_predictions, score
+from specialize.evaluate.tasks import detect_task, load_predictions, score
 from specialize.files import write_json, write_jsonl
 from specialize.progress import progress_bar
 
@@ -262,6 +262,9 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
         raise UserError("--fewshot needs a base model (--base or --model RUN)")
     base = cfg.base or (find_base(cfg.model) if cfg.model else "")
     splits = load_splits(cfg.data, run_settings(cfg.model).get("system_prompt") if cfg.model else None)
+    # a test set whose answers are tool calls is scored as tool_call unless another task is asked for
+    cfg = cfg.model_copy(update={"task": detect_task(cfg.task, [e.reference for split in splits.values()
+                                                                for e in split])})
     extra = parse_predictions(cfg.predictions, list(splits))
     runs = ({"finetuned": cfg.model} if cfg.model else {}) | parse_runs(extra_runs, set(extra))
     retriever = None

@@ -120,17 +120,24 @@ def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: s
 def retention_changes(retention: Mapping | None) -> list[tuple[str, float | None, float | None]]:
     """(label, before, after) for every score in a run's retention record.
 
-    The record pairs "before" and "after" at any depth (`{"before": {"perplexity": 9.1}, "after":
-    {...}}`, or the same per retention file, `{"wiki.txt": {"before": ..., "after": ...}}`); the
-    label is the path without them ("perplexity", "wiki.txt perplexity").
+    finetune writes one entry per retention set, `{"held-out documents": {"kind": "perplexity",
+    "before": 64.7, "after": 71.2, ...}}` (label: "held-out documents perplexity"); "before" and
+    "after" may also hold the scores, at any depth (`{"before": {"perplexity": 9.1}, "after": {...}}`:
+    label "perplexity"). Other numbers (change, counts) are left out: they follow from the pair.
     """
     found: dict[str, dict[str, float]] = {}
 
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     def walk(node, path: tuple[str, ...]) -> None:
-        if isinstance(node, Mapping):
+        if isinstance(node, Mapping) and (number(node.get("before")) or number(node.get("after"))):
+            label = " ".join(path + ((node["kind"],) if isinstance(node.get("kind"), str) else ()))
+            found[label] = {k: float(node[k]) for k in ("before", "after") if number(node.get(k))}
+        elif isinstance(node, Mapping):
             for key, value in node.items():
                 walk(value, path + (str(key),))
-        elif isinstance(node, (int, float)) and not isinstance(node, bool):
+        elif number(node):
             when = next((p for p in path if p in ("before", "after")), None)
             if when:
                 label = " ".join(p for p in path if p not in ("before", "after"))
@@ -141,11 +148,15 @@ def retention_changes(retention: Mapping | None) -> list[tuple[str, float | None
 
 
 def retention_text(retention: Mapping | None) -> str:
-    """One line per score: `perplexity 9.10 -> 9.80`; empty when the run measured none."""
+    """One item per score: `held-out documents perplexity 64.7 -> 71.2 (+10%)`; empty when none was measured."""
     def num(x: float | None) -> str:
         return "?" if x is None else f"{x:.3f}" if abs(x) < 10 else f"{x:.1f}"
 
-    return "; ".join(f"{label} {num(before)} -> {num(after)}" for label, before, after in retention_changes(retention))
+    items = []
+    for label, before, after in retention_changes(retention):
+        change = f" ({after / before - 1:+.0%})" if before and after is not None else ""
+        items.append(f"{label} {num(before)} -> {num(after)}{change}")
+    return "; ".join(items)
 
 
 def _bars(metrics: list[str], systems: list[SystemScore], split: str) -> str:

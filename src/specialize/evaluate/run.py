@@ -26,7 +26,7 @@ from specialize.config import EvalConfig
 from specialize.errors import UserError
 from specialize.evaluate.systems import (console, evaluate_system, judge_config, load_test_examples, output_folder,
                                          run_settings, stdout_console, warm_up)
-from specialize.evaluate.tasks import load_predictions, score
+from specialize.evaluate.tasks import detect_task, load_predictions, score
 from specialize.files import write_json, write_jsonl
 from specialize.progress import progress_bar
 
@@ -44,9 +44,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     judge_config(cfg)  # a half-configured judge fails now, not after every answer was generated
     if cfg.predictions:
         rows = load_predictions(cfg.predictions)
+        # a test set whose answers are tool calls is scored as tool_call unless another task is asked for
+        cfg = cfg.model_copy(update={"task": detect_task(cfg.task, [ref for r in rows for ref in r["reference"]])})
         metrics, _ = score(cfg.task, rows)
     elif cfg.model and cfg.data:
-        metrics, rows = _eval_model(cfg)
+        examples = load_test_examples(cfg.data, run_settings(cfg.model).get("system_prompt"))
+        cfg = cfg.model_copy(update={"task": detect_task(cfg.task, [e.reference for e in examples])})
+        metrics, rows = _eval_model(cfg, examples)
         if out:
             write_jsonl(out / "predictions.jsonl", rows)
     else:
@@ -66,11 +70,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     return metrics
 
 
-def _eval_model(cfg: EvalConfig) -> tuple[dict, list[dict]]:
+def _eval_model(cfg: EvalConfig, examples) -> tuple[dict, list[dict]]:
+    """Answer `examples` (asked with the run's system prompt, if it trained with one) and score them."""
     from specialize.generate import Generator
 
-    # a run trained with a system prompt is asked with it, as in training
-    examples = load_test_examples(cfg.data, run_settings(cfg.model).get("system_prompt"))
     retriever = None
     if cfg.docs:
         from specialize.retrieval import Retriever

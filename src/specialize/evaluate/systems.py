@@ -12,6 +12,8 @@ the output folder, so that both commands check their inputs the same way before 
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from specialize.data.formats import Example, load_examples
+from specialize.data.templates import Template
 from specialize.errors import UserError
 from specialize.rundir import RunDir
 from specialize.evaluate.tasks import score
@@ -76,6 +79,58 @@ def build_conversations(examples: list[Example], retriever=None,
     return conversations, contexts
 
 
+def with_tools(generator, tools: list[dict]):
+    """A view of `generator` (same model and tokenizer) whose prompts offer `tools` in the system turn.
+
+    The run's template renders them (`Template.render(..., tools=)`), as training rendered rows
+    with a `tools` key, so a model is asked exactly the way it was taught. (Generator itself takes
+    no tools; a view per tools list keeps its batching and context checks.)
+    """
+    template = generator.template
+    if not template.renders_tools:
+        raise UserError(f"the run's template {template.label} cannot render tools; tools need a template that "
+                        "does (train with --template chatml, or a base whose chat template supports tools)")
+    view = copy.copy(generator)
+    view.template = _ToolsTemplate(template.name, template.jinja, template.origin, tuple(tools))
+    return view
+
+
+@dataclass(frozen=True, eq=False)
+class _ToolsTemplate(Template):
+    """A template that offers the same tools in every conversation it renders."""
+
+    tools: tuple = ()
+
+    def render(self, tokenizer, messages, add_generation_prompt, tools=None):
+        return super().render(tokenizer, messages, add_generation_prompt, tools=list(tools or self.tools))
+
+
+def generate_each_with_tools(generator, conversations: list[list[dict]], tools: list[list[dict] | None],
+                             on_batch=None, **options):
+    """`generator.generate` where each conversation offers its own tools (None: none), e.g. a tool-calling
+    test set's `Example.tools`. Conversations sharing a tools list are generated together."""
+    from specialize.generate import ContextOverflow
+
+    groups: dict[str, list[int]] = {}
+    for i, offered in enumerate(tools):
+        groups.setdefault(json.dumps(offered, sort_keys=True) if offered else "", []).append(i)
+    if list(groups) == [""]:
+        return generator.generate(conversations, on_batch=on_batch, **options)
+    completions: list = [None] * len(conversations)
+    done = 0
+    for key, indices in groups.items():
+        view = with_tools(generator, tools[indices[0]]) if key else generator
+        progress = (lambda d, _, offset=done: on_batch(offset + d, len(conversations))) if on_batch else None
+        try:
+            answers = view.generate([conversations[i] for i in indices], on_batch=progress, **options)
+        except ContextOverflow as e:  # name the conversation in the caller's numbering
+            raise ContextOverflow(e.prompt_tokens, e.max_new_tokens, e.context, indices[e.index]) from None
+        for i, answer in zip(indices, answers):
+            completions[i] = answer
+        done += len(indices)
+    return completions
+
+
 def warm_up(generator) -> None:
     """One tiny generation, so one-time start-up costs (allocator, kernels) are not timed as latency."""
     generator.generate([[{"role": "user", "content": "Hello"}]], max_new_tokens=2, batch_size=1)
@@ -120,8 +175,9 @@ def evaluate_system(generator, examples: list[Example], task: str, retriever=Non
 
     # Greedy, in batches of similar prompt length; each prompt is rendered and tokenised once.
     try:
-        completions = generator.generate(conversations, max_new_tokens=max_new_tokens, temperature=0.0,
-                                         batch_size=batch_size, on_batch=on_batch)
+        completions = generate_each_with_tools(generator, conversations, [e.tools for e in examples],
+                                               max_new_tokens=max_new_tokens, temperature=0.0,
+                                               batch_size=batch_size, on_batch=on_batch)
     except ContextOverflow as e:  # checked before anything is generated
         raise UserError(f"{description}: the prompt{' with its retrieved context' if contexts[e.index] else ''} "
                         f"is {e.prompt_tokens} tokens, which plus max_new_tokens ({max_new_tokens}) exceeds the "
