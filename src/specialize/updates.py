@@ -41,6 +41,8 @@ UPDATE_LEARNING_RATE = 1e-3
 REHEARSAL_FRACTION = 0.5
 MAX_NEW_ANSWER_WORDS = 12  # new answers as short as the demo's trained ones: learnable by a tiny model
 STALE_F1 = 0.5
+PARAPHRASES = 2  # of the 4 held-out phrasings, per changed fact (each fact's own, chosen by its id)
+UNCHANGED_QUESTIONS = 100  # seen questions about facts that did not change (locality)
 
 
 def _unit(seed: int, *parts: str) -> float:
@@ -108,8 +110,9 @@ def question_sets(changes: list[dict], seen: list[dict]) -> dict[str, list[dict]
     changed = {c["id"] for c in changes}
     return {
         "changed_trained": [ask(TRAIN_TEMPLATES[int(_unit(0, "t", c["id"]) * len(TRAIN_TEMPLATES))], c) for c in changes],
-        "changed_paraphrased": [ask(t, c) for c in changes for t in HELDOUT_TEMPLATES],
-        "unchanged": [row for row in seen if row["id"] not in changed],
+        "changed_paraphrased": [ask(t, c) for c in changes for t in sorted(
+            HELDOUT_TEMPLATES, key=lambda t: _unit(0, "p", c["id"], t))[:PARAPHRASES]],
+        "unchanged": [row for row in seen if row["id"] not in changed][:UNCHANGED_QUESTIONS],
     }
 
 
