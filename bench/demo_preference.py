@@ -2,7 +2,8 @@
 
     specialize demo --out runs/demo && python bench/demo_preference.py --demo runs/demo
     python bench/demo_preference.py --demo runs/demo --run-demo       # run the demo first (cold: minutes)
-    python bench/demo_preference.py --closed-book-sft 150 --out /tmp/pref --questions 400   # busy CPU
+    python bench/demo_preference.py --closed-book-sft 150 --questions 300 --dpo-lrs 1e-4,5e-4 \
+        --grpo-steps 20 --grpo-lr 5e-4 --out /tmp/pref                # what was measured on a busy CPU
 
 1. the SFT run: the demo's fine-tuned run (`<demo>/finetuned`), or with `--closed-book-sft STEPS` a
    cheaper one: the demo's cached base fine-tuned on the demo's closed-book training questions only
@@ -10,7 +11,8 @@
 2. `specialize pairs` on it over the training questions (`--questions N`: every k-th, N in all): `--samples`
    answers each at temperature 1, graded by F1 against the reference;
 3. `specialize finetune --objective dpo` from the SFT run on those pairs (full weights, one epoch,
-   beta 0.1), once per `--dpo-lrs`; optionally `--objective grpo` (`--grpo-steps`, rewards f1 + stop);
+   beta 0.1), once per `--dpo-lrs`; optionally `--objective grpo` on the same questions (`--grpo-steps`,
+   reward f1, 16 prompts x 4 answers per step);
 4. `specialize compare --runs sft=... --runs sft+dpo-LR=...` on the demo's seen and unseen splits,
    closed book (no RAG), with the demo's answer budget.
 
@@ -103,8 +105,8 @@ def main() -> None:
         runs.append(f"sft+dpo-{lr}={run.path}")
         lap(f"dpo-{lr}")
     if args.grpo_steps:
-        run = finetune(FinetuneConfig(base=str(sft), data=[str(data.train)], out=out / "grpo", objective="grpo",
-                                      method="full", reward=["f1", "stop"], max_steps=args.grpo_steps,
+        run = finetune(FinetuneConfig(base=str(sft), data=[str(questions)], out=out / "grpo", objective="grpo",
+                                      method="full", reward=["f1"], max_steps=args.grpo_steps,
                                       learning_rate=args.grpo_lr, micro_batch_size=16, group_size=4,
                                       max_new_tokens=cfg.max_new_tokens, temperature=1.0, warmup_steps=0,
                                       seed=cfg.seed, progress=False))
@@ -128,7 +130,7 @@ def main() -> None:
     if args.grpo_steps:  # the reward at the start and the end of GRPO (means over 5 steps)
         rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "reward" in r]
-        for key in ("reward", "rewards/f1/mean", "rewards/stop/mean", "completions/mean_length"):
+        for key in ("reward", "completions/mean_length", "completions/clipped_ratio"):
             curve[key] = [round(sum(r[key] for r in part) / len(part), 4) for part in (rows[:5], rows[-5:])]
         print("grpo first 5 steps -> last 5 steps: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in curve.items()))
     print(json.dumps({"figure": "demo_preference", "pairs": pairs.pairs, "questions": pairs.questions,
