@@ -66,6 +66,8 @@ def evaluate_agent(generator, examples: list[Example], task: str, retriever, *, 
     Args:
         generator: a `specialize.generate.Generator` whose template renders tools.
         retriever: what search_docs searches (a `Retriever`).
+        max_new_tokens: most tokens of an answer; a round may write a call, so each round gets this
+            plus the tokens of an empty search_docs call's framing.
         max_rounds: generations per question at most; a call made in the last round is not run
             (the answer is then the text around it, usually empty).
 
@@ -76,13 +78,17 @@ def evaluate_agent(generator, examples: list[Example], task: str, retriever, *, 
         `extra` holds `tool_calls_per_example`.
     """
     from specialize.generate import ContextOverflow, split_reasoning
-    from specialize.tools import call_arguments, parse_tool_calls
+    from specialize.tools import call_arguments, parse_tool_calls, render_tool_calls
 
     if max_rounds < 1:
         raise UserError(f"agent rounds must be at least 1 (got {max_rounds})", field="agent_rounds")
     start = time.perf_counter()
     n = len(examples)
     generator = with_tools(generator, TOOLS)
+    # A round may be a call, whose JSON framing comes on top of the query: the budget of an answer
+    # plus that framing, so that a query as long as an answer is not cut off mid-call.
+    budget = max_new_tokens + len(generator.text_ids(render_tool_calls([{"name": SEARCH_DOCS["function"]["name"],
+                                                                          "arguments": {"query": ""}}])))
     conversations = [[dict(m) for m in e.prompt_messages] for e in examples]
     prompt_tokens, completion_tokens, rounds = [0] * n, [0] * n, [0] * n
     calls: list[list[dict]] = [[] for _ in range(n)]
@@ -92,12 +98,13 @@ def evaluate_agent(generator, examples: list[Example], task: str, retriever, *, 
     active = list(range(n))
     for round_number in range(1, max_rounds + 1):
         try:
-            completions = generator.generate([conversations[i] for i in active], max_new_tokens=max_new_tokens,
+            completions = generator.generate([conversations[i] for i in active], max_new_tokens=budget,
                                              temperature=0.0, batch_size=batch_size)
         except ContextOverflow as e:
             i = active[e.index]
             raise UserError(f"{description}: round {round_number}'s prompt is {e.prompt_tokens} tokens, which plus "
-                            f"max_new_tokens ({max_new_tokens}) exceeds the model's context of {e.context} tokens; "
+                            f"its answer budget ({budget}: max_new_tokens plus a call's framing) exceeds the "
+                            f"model's context of {e.context} tokens; "
                             "lower --max-new-tokens, --top-k or --agent-rounds, or shorten the example",
                             path=examples[i].source or None) from None
         searching = []
