@@ -38,6 +38,7 @@ def two_runs(tmp_path_factory):
         stamp = (marker.stat().st_mtime_ns, (marker.parent / "model" / "model.safetensors").stat().st_mtime_ns)
         env.delenv("SPECIALIZE_CACHE")
         env.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))  # default_cache_dir() = $XDG_CACHE_HOME/specialize
+        env.setattr("specialize.demo.agent_on", lambda cfg: True)  # the warm run also trains the agent
         second = run_demo(_tiny(tmp / "second"))
     return tmp, cache, first, second, stamp
 
@@ -84,8 +85,10 @@ def test_agent_data_answers_what_was_trained_and_searches_for_the_rest(two_runs)
     functions searched for with the question, the passage back as the tool's result, then the answer."""
     from specialize.evaluate.agent import TOOLS
 
-    tmp, cache, first, _, _ = two_runs
-    out = tmp / "first"
+    tmp, cache, first, second, _ = two_runs
+    assert not (tmp / "first" / "agent_data.jsonl").exists() and "template: qa" in \
+        (tmp / "first" / "finetuned" / "config.yaml").read_text()  # the agent is opt-in
+    out = tmp / "second"
     rows = [json.loads(line) for line in (out / "agent_data.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in rows} == {"direct", "search"} and all(r["tools"] == TOOLS for r in rows)
     pydocs = next((cache / "pydocs").iterdir())
@@ -106,12 +109,13 @@ def test_agent_data_answers_what_was_trained_and_searches_for_the_rest(two_runs)
             assert json.loads(call["function"]["arguments"]) == {"query": messages[0]["content"]}
             assert messages[2]["content"].startswith("[1] ")
             assert " ".join(messages[3]["content"].split()) in " ".join(messages[2]["content"].split())
-    counts = first["demo"]["finetune_rows"]
+    counts = second["demo"]["finetune_rows"]
     assert counts["direct"] == sum(r["kind"] == "direct" for r in rows) > 0
     assert counts["search"] == sum(r["kind"] == "search" for r in rows) > 0
     # the agent is trained with the template that renders tools, and compared
     assert "template: chatml" in (out / "finetuned" / "config.yaml").read_text()
-    agent = next(s for s in first["systems"] if s["name"] == "finetuned+agent")
+    assert [s["name"] for s in second["systems"]] == [*SYSTEMS, "finetuned+agent"]
+    agent = next(s for s in second["systems"] if s["name"] == "finetuned+agent")
     assert agent["tool_calls_per_example"] is not None
     assert all("search_rate" in m for m in agent["splits"].values())
 
