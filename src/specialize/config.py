@@ -303,6 +303,9 @@ class DemoConfig(StageConfig):
     max_new_tokens: int = Field(40, gt=0, description="most tokens per generated answer (the longest test answer is 30)")
     eval_batch_size: int = Field(64, gt=0, description="prompts per generation batch")
     modules: list[str] | None = Field(None, description="document only these stdlib modules (default: all; for quick runs)")
+    agent: bool = Field(False, description="also train the search_docs agent (tool-call trajectories over the "
+                        "reading practice) and compare finetuned+agent; off by default: the tiny base learns the "
+                        "call format but not what to search for (README, the demo)")
     updates: bool = Field(False, description="run the knowledge-update scenario instead: some facts change, the "
                           "specialist is fine-tuned on the updates and compared with RAG over the updated docs")
     seed: int = Field(0, description="seed for every stage")
