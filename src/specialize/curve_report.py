@@ -213,16 +213,18 @@ def _retention_section(curves: dict[str, dict], splits: list[str]) -> list[str]:
     out = []
     names = {n for c in curves.values() for p in c["points"] for n in (p.get("retention") or {})}
     for name in sorted(names):
-        series, kind = {}, "perplexity"
+        series, kind, base_point = {}, "perplexity", None
         for label, c in curves.items():
             base = (c.get("base", {}).get("retention") or {}).get(name)
             if base:
                 kind = next(iter(base))
-                series.setdefault("base", [(0.0, base[kind])])
+                base_point = base_point or [(0.0, base[kind])]
             pts = [(p["scores"][splits[0]]["f1"], p["retention"][name][kind]) for p in c["points"]
                    if "scores" in p and name in (p.get("retention") or {}) and kind in p["retention"][name]]
             if pts:
                 series[label] = pts
+        if base_point:  # last, so each curve keeps the colour it has in the plots above
+            series["base"] = base_point
         out.append(f"<h2>Retention ({escape(name)}) against quality</h2>")
         out.append(_plot(series, f"{splits[0]} F1", kind, lines=False))
         out.append(f"<p>Each point is one run; lower {kind} is better" if kind == "perplexity" else
