@@ -38,8 +38,7 @@ def two_runs(tmp_path_factory):
         stamp = (marker.stat().st_mtime_ns, (marker.parent / "model" / "model.safetensors").stat().st_mtime_ns)
         env.delenv("SPECIALIZE_CACHE")
         env.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))  # default_cache_dir() = $XDG_CACHE_HOME/specialize
-        env.setattr("specialize.demo.agent_on", lambda cfg: True)  # the warm run also trains the agent
-        second = run_demo(_tiny(tmp / "second"))
+        second = run_demo(_tiny(tmp / "second", agent=True))  # the warm run also trains the agent
     return tmp, cache, first, second, stamp
 
 

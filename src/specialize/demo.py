@@ -133,7 +133,7 @@ def agent_on(cfg: DemoConfig) -> bool:
     0.03/0.02 on seen/unseen against finetuned+rag's 0.39/0.19, and paid 736 prompt tokens per
     question against 114; its rows also roughly double the tokens per training step.
     """
-    return bool(getattr(cfg, "agent", False))
+    return cfg.agent
 
 
 def finetune_config(cfg: DemoConfig, base: Path, training_data: list[Path], out: Path) -> FinetuneConfig:
