@@ -186,6 +186,8 @@ class CompareConfig(StageConfig):
                             "NAME=RUN (e.g. sft+dpo=runs/dpo)")
     agent: bool | None = Field(None, description="also score finetuned+agent: the model may call a search_docs "
                                "tool over --docs; default: on when the run was trained with that tool")
+    agent_rounds: int = Field(2, ge=1, description="finetuned+agent: most generations per question (a search costs "
+                              "one more)")
     max_new_tokens: int = Field(64, gt=0, description="most tokens per answer")
     batch_size: int = Field(32, gt=0, description="prompts per generation batch")
     top_k: int = Field(3, gt=0, description="passages per RAG prompt")

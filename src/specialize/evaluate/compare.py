@@ -223,7 +223,7 @@ def agent_wanted(cfg: CompareConfig, run: str) -> bool:
     with search_docs calls and there are --docs to search."""
     from specialize.evaluate.agent import trained_with_search
 
-    wanted = getattr(cfg, "agent", None)
+    wanted = cfg.agent
     if wanted is None:
         return bool(cfg.docs) and trained_with_search(run)
     if wanted and not cfg.docs:
@@ -254,7 +254,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
     """
     if not cfg.data:
         raise UserError("no test data (use --data FILE; repeat it for more splits)")
-    extra_runs = list(getattr(cfg, "runs", None) or [])
+    extra_runs = list(cfg.runs)
     if not (cfg.model or cfg.base or cfg.predictions or extra_runs):
         raise UserError("nothing to compare: give --model RUN (and/or --base MODEL, --predictions NAME=FILE, "
                         "--runs NAME=RUN)")
@@ -307,7 +307,7 @@ def compare(cfg: CompareConfig, progress: bool = True) -> dict:
                         from specialize.evaluate.agent import evaluate_agent
 
                         result = evaluate_agent(generator, asked, cfg.task, retriever,
-                                                max_rounds=getattr(cfg, "agent_rounds", 2), **options)
+                                                max_rounds=cfg.agent_rounds, **options)
                     else:
                         result = evaluate_system(generator, asked, cfg.task, retriever if mode == "rag" else None,
                                                  **options)
