@@ -128,3 +128,17 @@ def test_shell_completion_script():
     result = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="specialize")
     assert result.exit_code == 0
     assert "_SPECIALIZE_COMPLETE" in result.output and "complete" in result.output
+
+
+def test_number_lists_take_commas_and_repeats(monkeypatch):
+    """`--fractions 0.1,0.25` is one value the config splits (typer alone would refuse it as a float)."""
+    seen = []
+    monkeypatch.setattr(importlib.import_module("specialize.curve"), "run_curve", seen.append)
+    for args in (["--fractions", "0.5,0.1"], ["--fractions", "0.1", "--fractions", "0.5"]):
+        result = CliRunner().invoke(app, ["curve", "--base", "b", *args])
+        assert result.exit_code == 0, result.output
+    assert [cfg.fractions for cfg in seen] == [[0.1, 0.5], [0.1, 0.5]]
+    default = CliRunner().invoke(app, ["curve", "--base", "b"])
+    assert default.exit_code == 0 and seen[-1].fractions == [0.1, 0.25, 0.5, 1.0]
+    bad = CliRunner().invoke(app, ["curve", "--base", "b", "--fractions", "0,2"])
+    assert bad.exit_code != 0

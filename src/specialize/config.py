@@ -119,8 +119,8 @@ class FinetuneConfig(TrainConfig):
                                  "in train_summary.json")
     replay_data: list[str] = Field(default_factory=list, description="general data mixed into training to reduce "
                                    "forgetting (text or Q&A files)")
-    replay_fraction: float = Field(0.2, ge=0, lt=1, description="share of the training examples drawn from "
-                                   "--replay-data")
+    replay_fraction: float = Field(0.2, ge=0, lt=1, description="share of the trained target tokens that "
+                                   "come from --replay-data")
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (Rafailov et al. 2023) or ipo "
                                                 "(Azar et al. 2023, on per-token mean log-ratios as TRL)")
 

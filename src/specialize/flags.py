@@ -96,6 +96,11 @@ def field_parameter(cls: type[StageConfig], field: str, info: FieldInfo, *, argu
                                    rich_help_panel=_panel(cls, field), metavar=_metavar(inner))
     names = [flag_name(field), *aliases]
     annotation: Any = Optional[inner]
+    if typing.get_origin(inner) is list and typing.get_args(inner) not in ((str,), ()):
+        # `--fractions 0.1,0.25` is one value that the config's validator splits: the flag takes
+        # text and pydantic converts it (click would reject "0.1,0.25" as a float).
+        annotation = Optional[list[str]]
+        options["default"] = [str(v) for v in default] if default else default
     if inner is bool:
         names = [f"{flag_name(field)}/--no-{field.replace('_', '-')}", *aliases]
         options["metavar"] = ""  # an on/off flag takes no value
@@ -103,6 +108,7 @@ def field_parameter(cls: type[StageConfig], field: str, info: FieldInfo, *, argu
         # Only null can switch such a field off, so the flag takes `none` too.
         options["parser"] = _nullable_parser(inner)
         options["metavar"] = f"{_metavar(inner)}|none"
+    default = options.pop("default", default)
     return inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                              default=typer.Option(default, *names, **options))
 
