@@ -16,6 +16,11 @@ reference is the LoRA-disabled base (LoRA) or log-probs scored once before train
 TRL with `precompute_ref_log_probs` on and off, its faster run compared). Peak memory is each process's
 peak RSS (`wait4`). "final loss" is the DPO loss of each saved model on the training pairs with the
 base model as reference, computed by one function for both. The last line is one JSON summary.
+
+Measured on a shared 2-core CPU (load 5-9), `--size 30m --pairs 32 --device cpu`: LoRA 2.53x faster
+than TRL (106.5 s vs 269.1 s, peak RSS 0.51x), full 1.91x (63.8 s vs 121.9 s, 0.52x); final DPO loss
+0.6827 vs 0.6867 (LoRA) and 0.6725 vs 0.6870 (full): ours lower, not explained yet (data order differs,
+and 32 pairs are 4 steps).
 """
 
 from __future__ import annotations
