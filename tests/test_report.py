@@ -185,3 +185,23 @@ def test_task_metrics_agent_costs_and_retention_are_shown(tmp_path):
     assert "<th>tool calls / example</th>" in html and "<th>retention (before -&gt; after)</th>" in html
     assert "perplexity 9.100 -&gt; 9.800 (+8%)" in html
     assert "<th>call_accuracy</th>" in html and "<th>tool_calls_per_example</th>" in html
+
+
+def test_reward_kl_and_lengths_of_a_grpo_run_are_plotted(tmp_path):
+    """GRPO (and DPO) rows of metrics.jsonl share the step with the loss rows; each scale gets its chart."""
+    rows = []
+    for s in range(1, 11):
+        rows.append({"step": s, "loss": 1.0 / s})
+        rows.append({"step": s, "reward": 0.1 * s, "rewards/f1/mean": 0.1 * s, "kl": 0.01 * s,
+                     "completions/mean_length": 20.0 - s, "completions/clipped_ratio": 0.5 / s})
+    scorecard = {"systems": [system("sft+grpo", {"test": (0.5, 0.1)}, 40.0, 0.1, FT)]}
+    html = write_report(scorecard, tmp_path / "r.html", rows).read_text(encoding="utf-8")
+    section = html[html.index("<h2>Training signals</h2>"):]
+    charts = dict(re.findall(r"<h3>([^<]+)</h3>\s*(<svg.*?</svg>)", section, flags=re.S))
+    assert list(charts) == ["Rewards", "KL to the reference", "Completion length", "Shares"]
+    assert ">reward<" in charts["Rewards"] and ">rewards/f1/mean<" in charts["Rewards"]
+    assert ">kl<" in charts["KL to the reference"] and ">completions/clipped_ratio<" in charts["Shares"]
+    assert all(chart.count("<polyline") == chart.count("<rect") for chart in charts.values())
+    # an SFT run logs none of them: no such section
+    plain = write_report(scorecard, tmp_path / "p.html", rows[::2]).read_text(encoding="utf-8")
+    assert "Training signals" not in plain

@@ -265,6 +265,29 @@ def _loss_section(loss_curve: list[dict]) -> list[str]:
     return ["<h2>Loss curve</h2>", _plot(series, "optimizer step", "loss", lines=True)]
 
 
+# Preference and reward objectives' rows of metrics.jsonl (TRL's names), one chart per scale.
+TRAINING_CHARTS = (
+    ("Rewards", "reward", lambda k: k == "reward" or (k.startswith("rewards/") and k != "rewards/accuracies")),
+    ("KL to the reference", "KL per token", lambda k: k == "kl"),
+    ("Completion length", "tokens", lambda k: k == "completions/mean_length"),
+    ("Shares", "share", lambda k: k in ("rewards/accuracies", "completions/clipped_ratio", "frac_reward_zero_std")),
+)
+
+
+def _training_section(loss_curve: list[dict]) -> list[str]:
+    """Rewards, KL and completion lengths against the step (DPO/ORPO/KTO/GRPO runs log them)."""
+    html = []
+    for title, y_label, wanted in TRAINING_CHARTS:
+        series: dict[str, list[tuple[float, float]]] = {}
+        for row in loss_curve:
+            for key, value in row.items():
+                if "step" in row and wanted(key) and isinstance(value, (int, float)) and math.isfinite(value):
+                    series.setdefault(key, []).append((float(row["step"]), float(value)))
+        if series:
+            html += [f"<h3>{escape(title)}</h3>", _plot(series, "optimizer step", y_label, lines=True)]
+    return (["<h2>Training signals</h2>"] + html) if html else []
+
+
 def _examples_section(examples: dict, per_category: int) -> list[str]:
     """Worst examples per category: shared by most systems first, then lowest mean score."""
     names = list(examples)
@@ -305,7 +328,7 @@ def write_report(scorecard: Scorecard | Mapping, out_path: str | Path, loss_curv
         scorecard: a `Scorecard`, or its JSON.
         out_path: file to write (atomically); parent folders are created.
         loss_curve: rows of metrics.jsonl; every numeric key containing "loss" is plotted
-            against "step".
+            against "step", and rewards, KL and completion lengths when the objective logs them.
         examples: {system name: {split: per_example list from `evaluate.score`}}.
         per_category: worst examples shown per error category and split.
     """
@@ -340,6 +363,7 @@ def write_report(scorecard: Scorecard | Mapping, out_path: str | Path, loss_curv
         html.extend(_cost_scatter(systems))
     if loss_curve:
         html.extend(_loss_section(loss_curve))
+        html.extend(_training_section(loss_curve))
     if examples:
         html.extend(_examples_section(examples, per_category))
     html.append("</body></html>\n")
