@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,10 @@ from helpers import QA8
 
 from specialize.config import FinetuneConfig, StudioConfig
 from specialize.errors import UserError
+from specialize.flags import _strip_none
 from specialize.studio import resolve_token
 from specialize.studio.app import create_app
-from specialize.studio.forms import schema, to_flags
+from specialize.studio.forms import FORMS, NAMED_PATHS, NOT_PATHS, schema, to_flags
 from specialize.studio.jobs import JobQueue
 from specialize.studio.workspace import Workspace
 
@@ -252,6 +254,33 @@ def test_form_values_become_the_cli_flags(workspace):
         to_flags(Workspace(workspace), "finetune", {"max_steps": 0})
     with pytest.raises(UserError, match="unknown field 'shell'"):
         to_flags(Workspace(workspace), "finetune", {"shell": "rm"})
+
+
+@pytest.mark.parametrize("form, field", [("finetune", "retention"), ("finetune", "replay_data"),
+                                         ("finetune", "eval_data"), ("finetune", "rag_docs"),
+                                         ("compare", "predictions"), ("compare", "runs"), ("compare", "docs"),
+                                         ("export", "model")])
+def test_every_path_field_is_confined(workspace, form, field):
+    """A file field is confined whether or not anyone listed it; NAME=PATH is checked after the `=`."""
+    many = typing.get_origin(_strip_none(FORMS[form].model_fields[field].annotation)[0]) is list
+    values = ["/etc/passwd", "../secret.jsonl"] + (["x=/etc/passwd", "x=../secret.jsonl"] if field in NAMED_PATHS else [])
+    for value, refusal in zip(values, ["absolute paths", "'..'", "absolute paths", "'..'"], strict=False):
+        fine = {"model": "runs/a", "data": ["data/qa.jsonl"]} if form == "compare" else {}
+        r = client(workspace).post(f"/api/jobs/{form}", json={**fine, field: [value] if many else value},
+                                   headers=WRITE)
+        assert r.status_code == 400, (value, r.text)
+        assert r.json()["error"].startswith(f"{field}: ") and refusal in r.json()["error"], r.text
+    with pytest.raises(UserError, match="runs: absolute paths are not allowed"):
+        to_flags(Workspace(workspace), "compare", {"model": "runs/a", "runs": ["sft=/etc"]})
+    assert {f["name"] for f in schema("finetune") if f["path"]} >= {"retention", "replay_data", "base", "data"}
+    assert not {f["name"] for f in schema("finetune") if f["path"]} & NOT_PATHS
+
+
+def test_text_fields_that_are_not_paths_pass_as_they_are(workspace):
+    _, flags = to_flags(Workspace(workspace), "finetune", {"data": ["data/qa.jsonl"], "reward": ["f1"],
+                                                          "system_prompt": "Answer from /docs/faq.md only.",
+                                                          "judge_url": "http://127.0.0.1:8000/v1"})
+    assert "Answer from /docs/faq.md only." in flags and "http://127.0.0.1:8000/v1" in flags
 
 
 # -- runs, read from their folders ----------------------------------------------------------------

@@ -9,6 +9,7 @@ or folders are confined to the workspace first.
 
 from __future__ import annotations
 
+import os
 import typing
 from typing import Any
 
@@ -20,9 +21,13 @@ from specialize.flags import _default, _panel, _strip_none, flag_name
 from specialize.studio.workspace import Workspace
 
 FORMS: dict[str, type[StageConfig]] = {"finetune": FinetuneConfig, "compare": CompareConfig, "export": ExportConfig}
-# Fields that name files or folders; a base or data entry that is not in the workspace may be a
-# hub id or dataset name (no slash-free `..` or absolute path gets through either way).
-PATH_FIELDS = {"out", "base", "data", "eval_data", "rag_docs", "model", "docs", "to", "inputs", "cache"}
+# Every text field (str, Path or a list of them) is taken to name a file or folder and confined to
+# the workspace, unless it is listed here: a field added to a config later is confined by default.
+# A base or data entry that is not in the workspace may still be a hub id or dataset name: those
+# are relative names, and no absolute path or `..` gets through either way.
+NOT_PATHS = {"report_to", "system_prompt", "lora_target_modules", "reward", "judge_url", "judge_model"}
+# NAME=PATH values (compare's --predictions, --runs): the child reads the part after the first `=`.
+NAMED_PATHS = {"predictions", "runs"}
 # Set by the studio itself: the log is a file, not a terminal.
 FIXED = {"progress", "config"}
 
@@ -38,6 +43,16 @@ def _kind(annotation: Any) -> tuple[str, list[Any] | None, bool]:
     return kind, None, nullable
 
 
+def is_path(cls: type[StageConfig], field: str) -> bool:
+    """Whether the form sends `field` on as a file or folder (confined to the workspace)."""
+    if field in NOT_PATHS or field in FIXED:
+        return False
+    inner, _ = _strip_none(cls.model_fields[field].annotation)
+    if typing.get_origin(inner) is list:
+        inner, _ = _strip_none(typing.get_args(inner)[0])
+    return isinstance(inner, type) and issubclass(inner, (str, os.PathLike))
+
+
 def schema(name: str) -> list[dict[str, Any]]:
     """The fields of a form: name, flag, kind, default, help, choices, panel."""
     cls = FORMS[name]
@@ -50,17 +65,23 @@ def schema(name: str) -> list[dict[str, Any]]:
         fields.append({"name": field, "flag": flag_name(field), "kind": kind, "choices": choices,
                        "nullable": nullable, "default": str(default) if hasattr(default, "__fspath__") else default,
                        "help": info.description or "", "panel": _panel(cls, field) or "",
-                       "path": field in PATH_FIELDS})
+                       "path": is_path(cls, field)})
     return fields
 
 
-def _confine(workspace: Workspace, field: str, value: Any) -> Any:
-    if field not in PATH_FIELDS or value in (None, ""):
+def _confine(workspace: Workspace, cls: type[StageConfig], field: str, value: Any) -> Any:
+    if field not in cls.model_fields or not is_path(cls, field) or value in (None, ""):
         return value
     if isinstance(value, list):
-        return [_confine(workspace, field, v) for v in value]
-    workspace.resolve(str(value))  # raises for absolute paths, `..` and symlinks out
-    return str(value)
+        return [_confine(workspace, cls, field, v) for v in value]
+    if not isinstance(value, str):
+        return value  # pydantic refuses it with the field's name
+    path = value.partition("=")[2] if field in NAMED_PATHS and "=" in value else value
+    try:
+        workspace.resolve(path)  # raises for absolute paths, `..` and symlinks out
+    except UserError as e:
+        raise type(e)(f"{field}: {e}") from None
+    return value
 
 
 def to_flags(workspace: Workspace, name: str, values: dict[str, Any]) -> tuple[StageConfig, list[str]]:
@@ -73,7 +94,7 @@ def to_flags(workspace: Workspace, name: str, values: dict[str, Any]) -> tuple[S
     unknown = sorted(set(values) - set(cls.model_fields) - FIXED)
     if unknown:
         raise UserError(f"unknown field '{unknown[0]}'")
-    given = {k: _confine(workspace, k, v) for k, v in values.items() if k not in FIXED}
+    given = {k: _confine(workspace, cls, k, v) for k, v in values.items() if k not in FIXED}
     try:
         cfg = cls(**given)
     except ValidationError as e:
