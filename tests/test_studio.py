@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 import typing
@@ -27,6 +28,7 @@ from specialize.studio import resolve_token
 from specialize.studio.app import create_app
 from specialize.studio.forms import FORMS, NAMED_PATHS, NOT_PATHS, schema, to_flags
 from specialize.studio.jobs import JobQueue
+from specialize.studio.playground import Playground
 from specialize.studio.workspace import Workspace
 
 TOKEN = "test-token-123456"
@@ -136,6 +138,36 @@ def test_paths_outside_the_workspace_are_refused(workspace, path, refusal):
     assert refusal in chat.json()["error"]
     assert "secret" not in json.dumps(c.get("/api/files").json()["files"])
     assert not c.app.state.queue.jobs
+
+
+def test_playground_loads_only_what_a_real_run_records_inside_the_workspace(workspace, tmp_path):
+    ws, play = Workspace(workspace), Playground(Workspace(workspace))
+    fake = workspace / "uploads"  # any folder can get a train_summary.json by upload; it is not a run
+    fake.mkdir()
+    (fake / "train_summary.json").write_text(json.dumps({"base": str(tmp_path / "outside")}))
+    with pytest.raises(UserError, match="uploads is not a run folder"):
+        play.model_ref("uploads", "base")
+    run = _fake_run(workspace, "r", 2, finished=True, checkpoint=False)
+    (workspace / "models" / "tiny").mkdir(parents=True)
+    (workspace / "docs").mkdir()
+    assert play.model_ref("runs/r", "base") == str(ws.root / "models" / "tiny")
+    for base, said in ((str(tmp_path / "outside"), "outside the workspace"), ("../outside", "outside the workspace"),
+                       ("nowhere/../../x", "outside the workspace"), ("/etc", "outside the workspace")):
+        (run / "train_summary.json").write_text(json.dumps({"base": base}))
+        with pytest.raises(UserError, match=f"runs/r records its base '{re.escape(base)}', {said}"):
+            play.model_ref("runs/r", "base")
+    (run / "train_summary.json").write_text(json.dumps({"base": str(ws.root / "models" / "tiny")}))
+    assert play.model_ref("runs/r", "base") == str(ws.root / "models" / "tiny")  # absolute, but inside
+    (run / "train_summary.json").write_text(json.dumps({"base": "HuggingFaceTB/SmolLM2-135M"}))
+    assert play.model_ref("runs/r", "base") == "HuggingFaceTB/SmolLM2-135M"  # a hub id: names no file
+    for docs, said in (("/etc", "outside the workspace"), ("docs", None), ("missing/docs", "which is not in the workspace")):
+        config = yaml.safe_load((run / "config.yaml").read_text()) | {"rag_docs": docs}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        if said is None:
+            assert play.docs_path("runs/r", None) == ws.root / "docs"
+        else:
+            with pytest.raises(UserError, match=f"runs/r records rag_docs '{docs}', {said}"):
+                play.docs_path("runs/r", None)
 
 
 def test_workspace_resolve_keeps_inside_paths():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from specialize.studio.workspace import Workspace
 
 KEPT_MODELS = 3  # run, base and one more stay loaded; older ones are dropped
 SYSTEMS = ("run", "base", "rag")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # org/name or name
 
 
 class Playground:
@@ -39,35 +41,59 @@ class Playground:
         self._lock = threading.Lock()
 
     # -- what to load ----------------------------------------------------------------------------
+    def _run(self, run_name: str) -> RunDir:
+        """The run folder, refused unless specialize made it (any folder can hold a train_summary.json)."""
+        path = self.workspace.resolve(run_name, must_exist=True)
+        if not RunDir.is_run(path):
+            raise UserError(f"{run_name} is not a run folder")
+        return RunDir(path)
+
+    def _recorded(self, run_name: str, what: str, value: str) -> Path | None:
+        """A path a run recorded, confined to the workspace like one typed in the browser.
+
+        None when `value` is not a path at all (a hub id such as `org/name`): it names no file in the
+        workspace nor, relative to the studio's folder, anywhere else, and it has a hub id's shape.
+        """
+        try:
+            if Path(value).is_absolute():  # a run started from the command line inside the workspace
+                local = self.workspace.resolve(self.workspace.relative(Path(value)))
+            else:
+                local = self.workspace.resolve(value)
+        except (UserError, ValueError):
+            raise UserError(f"{run_name} records {what} '{value}', outside the workspace; "
+                            "the studio only loads files from its workspace") from None
+        if local.exists():
+            return local
+        if Path(value).exists() or not HUB_ID.fullmatch(value):
+            raise UserError(f"{run_name} records {what} '{value}', which is not in the workspace")
+        return None
+
     def model_ref(self, run_name: str, system: str) -> str:
         """The model folder (or hub id) that answers for `system` of the run."""
-        run = RunDir(self.workspace.resolve(run_name, must_exist=True))
+        run = self._run(run_name)
         if system != "base":
             if not run.model.is_dir():
                 raise UserError(f"{run_name} has no model yet (training has not finished)")
             return str(run.path)
         base = (run.read_summary() or {}).get("base") or run.read_config().get("base")
-        if not base:
+        if not base or not isinstance(base, str):
             raise UserError(f"{run_name} does not record its base")
-        # Recorded by the run itself (not typed in the browser): relative to the workspace the run
-        # was started in, or absolute; otherwise a hub id, loaded from the local cache only.
-        if Path(base).is_absolute():
-            return base
-        try:
-            local = self.workspace.resolve(base)
-        except UserError:
-            return base
-        return str(local) if local.exists() else base
+        # Recorded by the run, but a run folder's files can be uploaded or edited: a path is
+        # confined to the workspace; a hub id that names no file is loaded from the local cache only.
+        local = self._recorded(run_name, "its base", base)
+        return str(local) if local else base
 
     def docs_path(self, run_name: str, docs: str | None) -> Path:
         """Documents for RAG: the ones given, else those the run trained with (rag_docs)."""
         if docs:
             return self.workspace.resolve(docs, must_exist=True)
-        run = RunDir(self.workspace.resolve(run_name, must_exist=True))
-        recorded = run.read_config().get("rag_docs")
+        recorded = self._run(run_name).read_config().get("rag_docs")
         if not recorded:
             raise UserError("pick documents for RAG (the run was not trained with rag_docs)")
-        return Path(recorded) if Path(recorded).is_absolute() else self.workspace.resolve(recorded, must_exist=True)
+        local = self._recorded(run_name, "rag_docs", str(recorded))
+        if local is None:
+            raise UserError(f"{run_name} records rag_docs '{recorded}', which is not in the workspace")
+        return local
 
     def _generator(self, ref: str):
         from specialize.generate import Generator
