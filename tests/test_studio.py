@@ -170,6 +170,27 @@ def test_playground_loads_only_what_a_real_run_records_inside_the_workspace(work
                 play.docs_path("runs/r", None)
 
 
+def test_convert_writes_only_jsonl_outside_hidden_folders(workspace):
+    (workspace / "train.py").write_text("print('mine')\n")
+    (workspace / ".git").mkdir()
+    c = client(workspace)
+    for body, refusal in (({"to": "train.py"}, "to: convert writes .jsonl files, not train.py"),
+                          ({"to": ".git/hooks/x.jsonl"}, "to: convert does not write into hidden files or folders"),
+                          ({"to": ".studio/x.jsonl"}, "to: convert does not write into hidden files or folders"),
+                          ({"to": ".x.jsonl"}, "to: convert does not write into hidden files or folders"),
+                          ({"to": "x.jsonl", "cache": "train.py"},
+                           "cache: convert writes .generator-cache.jsonl files, not train.py"),
+                          ({"to": "x.jsonl", "cache": ".git/.x.generator-cache.jsonl"},
+                           "cache: convert does not write into hidden files or folders")):
+        r = c.post("/api/convert", json={"inputs": ["data/qa.jsonl"], **body}, headers=WRITE)
+        assert r.status_code == 400 and r.json()["error"].startswith(refusal), (body, r.text)
+    assert (workspace / "train.py").read_text() == "print('mine')\n" and not any((workspace / ".git").iterdir())
+    (workspace / "faq.md").write_text("# FAQ\n\n## What is ice?\n\nFrozen water.\n")
+    r = c.post("/api/convert", json={"inputs": ["faq.md"], "to": "out/x.jsonl",
+                                     "cache": "out/.x.generator-cache.jsonl"}, headers=WRITE)
+    assert r.status_code == 200 and r.json()["to"] == "out/x.jsonl", r.text
+
+
 def test_workspace_resolve_keeps_inside_paths():
     ws = Workspace(Path(__file__).parent)
     assert ws.resolve("assets/qa8.jsonl") == QA8.resolve()

@@ -8,6 +8,7 @@ load at most a tokenizer); paths are resolved by the workspace first, and shown 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from specialize.config import ConvertConfig, LintConfig
@@ -92,6 +93,22 @@ def lint_json(workspace: Workspace, cfg: LintConfig) -> dict[str, Any]:
     }
 
 
+CACHE_SUFFIX = ".generator-cache.jsonl"  # as data.convert.default_cache_path names it
+
+
+def _writable(workspace: Workspace, field: str, name: str, suffix: str, *, hidden_name: bool = False) -> Path:
+    """A file convert may write: the kind it writes (so `to: train.py` cannot overwrite a script),
+    and not in a hidden folder (`.git`, the studio's own `.studio`). The cache's own default name
+    is hidden (`.data.generator-cache.jsonl`), so `hidden_name` allows a dot on the file name."""
+    path = workspace.resolve(name)
+    if not path.name.lower().endswith(suffix):
+        raise UserError(f"{field}: convert writes {suffix} files, not {name}")
+    parts = Path(workspace.relative(path)).parts
+    if any(p.startswith(".") for p in (parts[:-1] if hidden_name else parts)):
+        raise UserError(f"{field}: convert does not write into hidden files or folders: {name}")
+    return path
+
+
 def convert_json(workspace: Workspace, cfg: ConvertConfig) -> dict[str, Any]:
     """`specialize convert` with rules only (no generator: the studio reaches no network)."""
     if not cfg.inputs:
@@ -99,9 +116,9 @@ def convert_json(workspace: Workspace, cfg: ConvertConfig) -> dict[str, Any]:
     if cfg.generator:
         raise UserError("the studio converts with rules only; run `specialize convert --generator URL` for an LLM")
     inputs = [str(workspace.resolve(i, must_exist=True)) for i in cfg.inputs]
-    to = workspace.resolve(str(cfg.to))
+    to = _writable(workspace, "to", str(cfg.to), ".jsonl")
     from specialize.data.convert import convert
 
-    cache = workspace.resolve(str(cfg.cache)) if cfg.cache else None
+    cache = _writable(workspace, "cache", str(cfg.cache), CACHE_SUFFIX, hidden_name=True) if cfg.cache else None
     summary = convert(cfg.model_copy(update={"inputs": inputs, "to": to, "cache": cache}), progress=False)
     return {"to": workspace.relative(to), "summary": _strip(str(summary), workspace)}
