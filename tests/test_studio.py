@@ -173,6 +173,7 @@ def test_playground_loads_only_what_a_real_run_records_inside_the_workspace(work
 def test_convert_writes_only_jsonl_outside_hidden_folders(workspace):
     (workspace / "train.py").write_text("print('mine')\n")
     (workspace / ".git").mkdir()
+    (workspace / "faq.md").write_text("# FAQ\n\n## What is ice?\n\nFrozen water.\n")
     c = client(workspace)
     for body, refusal in (({"to": "train.py"}, "to: convert writes .jsonl files, not train.py"),
                           ({"to": ".git/hooks/x.jsonl"}, "to: convert does not write into hidden files or folders"),
@@ -182,10 +183,9 @@ def test_convert_writes_only_jsonl_outside_hidden_folders(workspace):
                            "cache: convert writes .generator-cache.jsonl files, not train.py"),
                           ({"to": "x.jsonl", "cache": ".git/.x.generator-cache.jsonl"},
                            "cache: convert does not write into hidden files or folders")):
-        r = c.post("/api/convert", json={"inputs": ["data/qa.jsonl"], **body}, headers=WRITE)
+        r = c.post("/api/convert", json={"inputs": ["faq.md"], **body}, headers=WRITE)
         assert r.status_code == 400 and r.json()["error"].startswith(refusal), (body, r.text)
     assert (workspace / "train.py").read_text() == "print('mine')\n" and not any((workspace / ".git").iterdir())
-    (workspace / "faq.md").write_text("# FAQ\n\n## What is ice?\n\nFrozen water.\n")
     r = c.post("/api/convert", json={"inputs": ["faq.md"], "to": "out/x.jsonl",
                                      "cache": "out/.x.generator-cache.jsonl"}, headers=WRITE)
     assert r.status_code == 200 and r.json()["to"] == "out/x.jsonl", r.text
