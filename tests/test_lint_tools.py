@@ -139,3 +139,22 @@ def test_lint_with_a_family_base_renders_tools_through_its_template(tmp_path, ca
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith("error")] == ["error too_long"]
     assert "template 'tokenizer'" in out and "# Tools\n\nYou may call one or more functions" in out
     assert '⟦<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>\n⟧' in out
+
+
+def test_a_schema_with_a_ref_that_does_not_resolve_is_bad_tools_not_a_traceback(tmp_path, capsys):
+    remote = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"$ref": "https://example.com/city.json"}}}}}
+    data = str(write_jsonl(tmp_path / "tools.jsonl", [row([call("get_weather", '{"city": "Oslo"}')], tools=(remote,))]))
+    code, out = run_lint(capsys, data=[data])
+    assert code == 1
+    assert (f"error bad_tools: 1 example with a tools list that is not valid: first at {data}:1 tools[0]: parameters "
+            f"of 'get_weather' are not a valid JSON schema: $ref 'https://example.com/city.json' cannot be resolved "
+            f"(only refs inside the schema are, never URLs)") in out.splitlines()
+    assert "bad_tool_arguments" not in out
+
+
+def test_too_many_tools_are_bad_tools(tmp_path, capsys):
+    tools = [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)] + [WEATHER]
+    data = str(write_jsonl(tmp_path / "tools.jsonl", [row([call("get_weather", '{"city": "Oslo"}')], tools=tools)]))
+    code, out = run_lint(capsys, data=[data])
+    assert code == 1 and "tools list that is not valid: first at " + data + ":1 130 tools: at most 128" in out

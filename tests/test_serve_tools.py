@@ -24,11 +24,12 @@ from specialize.data.templates import ours
 from specialize.finetune import finetune
 from specialize.generate import Generator
 from specialize.serve import create_app
-from specialize.serve.decode import RunningBatch
+from specialize.serve.constrained import _first_line
+from specialize.serve.decode import RunningBatch, _end_after
 from specialize.serve.tools import ToolStream, reply
 from specialize.serve.worker import Job, Sampling
 from specialize.tokenizer import train_bpe
-from specialize.tools import render_tool_calls, tools_system_text
+from specialize.tools import TOOL_CALL_CLOSE, render_tool_calls, tools_system_text
 
 CITY = {"type": "object", "additionalProperties": False, "required": ["city"],
         "properties": {"city": {"type": "string", "maxLength": 10}}}
@@ -117,6 +118,8 @@ def test_a_named_function_without_parallel_calls_is_exactly_one_call_to_it(untra
      "tools", "must be a JSON schema of type 'object'"),
     ({"tools": TOOLS + [TOOLS[0]]}, "tools", "duplicate function name 'get_weather'"),
     ({"tools": []}, "tools", "at least one tool"),
+    ({"tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, "tools",
+     "129 tools: at most 128 are allowed"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": 5}}}]},
      "tools", "not a valid JSON schema"),
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "book"}}}, "tool_choice",
@@ -156,13 +159,15 @@ def test_auto_with_a_json_response_format_answers_json_or_calls(untrained):
             jsonschema.validate(json.loads(choice.message.content), schema)
 
 
+HTML = 'Posting.\n<tool_call>\n{"name": "post", "arguments": {"html": "a </tool_call> b"}}\n</tool_call> ok' 
 SAMPLE = ('Sure.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
           '<tool_call>\n{"name": "get_time", "arguments": {"city": "Oslo"}}\n</tool_call>')
 
 
 @pytest.mark.parametrize("text", [SAMPLE, "  plain <tool answer, no call  ", "a <tool_call>not json</tool_call> b",
                                   'x <tool_call>\n{"name": "get_time", "arguments": {}}',
-                                  ' {"name": "get_time", "parameters": {"city": "Oslo"}}', '{"ok": true} '])
+                                  ' {"name": "get_time", "parameters": {"city": "Oslo"}}', '{"ok": true} ',
+                                  HTML, ' {"name": "Alice", "age": 30}', "x " + SAMPLE + " y"])
 def test_streamed_pieces_join_to_the_unstreamed_answer_and_never_show_part_of_a_tag(text):
     content, calls = reply(text, parse_calls=True)
     for size in (1, 2, 5, len(text)):
@@ -175,6 +180,34 @@ def test_streamed_pieces_join_to_the_unstreamed_answer_and_never_show_part_of_a_
         assert [e["function"] for e in events if isinstance(e, dict)] == [c["function"] for c in calls]
         if calls:  # a text piece is never a prefix of the tag (it would leak, then the call follow)
             assert not any(isinstance(e, str) and "<tool" in e for e in events)
+
+
+def test_a_call_to_a_tool_not_offered_stays_content_streamed_or_not():
+    text = "Sure.\n" + render_tool_calls([call("book", "Oslo"), call("get_time", "Oslo")])
+    content, calls = reply(text, frozenset({"get_time", "get_weather"}))
+    assert content == "Sure.\n" + render_tool_calls([call("book", "Oslo")])
+    assert [c["function"]["name"] for c in calls] == ["get_time"]
+    assert reply('{"name": "book", "arguments": {}}', frozenset({"get_time"})) == ('{"name": "book", "arguments": {}}', [])
+    for size in (1, 7, len(text)):
+        stream, events = ToolStream(frozenset({"get_time", "get_weather"})), []
+        for i in range(0, len(text), size):
+            events += stream.feed(text[i: i + size])
+        events += stream.finish()
+        assert "".join(e for e in events if isinstance(e, str)) == content
+        assert [e["function"] for e in events if isinstance(e, dict)] == [c["function"] for c in calls]
+
+
+def test_a_single_call_ends_where_its_block_ends_not_at_a_tag_inside_an_argument():
+    end = len(HTML) - len(" ok")
+    assert _end_after(HTML, TOOL_CALL_CLOSE, True) == end
+    for cut in range(len(HTML)):  # while generating: never before the block's end
+        assert _end_after(HTML[:cut], TOOL_CALL_CLOSE, False) == (end if cut >= end else None)
+    assert _end_after("a <tool_call>not json</tool_call> b", TOOL_CALL_CLOSE, False) == len("a <tool_call>not json</tool_call>")
+
+
+def test_llguidance_panics_are_not_shown_to_the_client():
+    assert _first_line("panic: assertion failed: self.num_states < 1 << 20\nbacktrace") == "the grammar is too large"
+    assert _first_line("failed to compile JSON schema: Invalid type: frobnicate\n at ...") == "Invalid type: frobnicate"
 
 
 def test_end_after_ends_the_answer_at_the_first_call_keeping_it(tmp_path, tokenizer_dir):

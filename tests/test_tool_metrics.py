@@ -77,3 +77,9 @@ def test_eval_scores_a_predictions_file_as_tool_call(tmp_path, capsys):
     metrics = run_eval(EvalConfig(predictions=str(path), task="tool_call", json_output=True))
     assert metrics["call_recall"] == 0.5 and metrics["tool_name_accuracy"] == 0.5 and metrics["field_f1"] == 0.5
     assert '"call_recall": 0.5' in capsys.readouterr().out
+
+
+def test_json_references_with_a_name_are_not_tool_calls():
+    """Q&A answers that are JSON records with a "name" are not Llama-3.1 bare calls."""
+    assert detect_task("qa", ['{"name": "John", "email": "john@example.com"}', '{"name": "Ann", "age": 3}']) == "qa"
+    assert detect_task("qa", ['{"name": "get_weather", "parameters": {"city": "Oslo"}}']) == "tool_call"

@@ -118,3 +118,73 @@ def test_check_call_unknown_not_json_and_schema_mismatch():
         "arguments of 'get_weather' do not match its schema: 'city' is a required property")
     assert T.check_call(T.openai_call("get_weather", {"city": "Oslo", "days": "two"}), tools) == (
         "arguments of 'get_weather' do not match its schema: 'two' is not of type 'integer' (at 'days')")
+
+
+def test_a_bare_object_is_a_call_only_with_exactly_name_and_arguments():
+    """An answer that is JSON data with a "name" (a person, a product) is text, not a call to it."""
+    assert T.parse_tool_calls('{"name": "Alice", "age": 30}') == ('{"name": "Alice", "age": 30}', [])
+    assert T.parse_tool_calls('{"name": "f", "arguments": {}, "id": 1}')[1] == []
+    assert T.parse_tool_calls('{"name": "Alice", "arguments": "x"}')[1] == []  # arguments must be an object
+    _, calls = T.parse_tool_calls('{"name": "f", "arguments": {"a": 1}}')
+    assert [c["function"] for c in calls] == [{"name": "f", "arguments": '{"a": 1}'}]
+
+
+def test_a_close_tag_inside_an_argument_string_does_not_end_the_call():
+    html = {"html": "a </tool_call> b"}
+    text = "Here.\n" + T.render_tool_calls([{"name": "post", "arguments": html}]) + " done"
+    scan = T.scan_tool_calls(text)
+    assert [json.loads(c["function"]["arguments"]) for c in scan.calls] == [html]
+    assert (scan.text, scan.invalid) == ("Here.\n done", [])
+    assert T.first_call_end(text) == len(text) - len(" done")
+    cut = text.index("a </tool_call>") + len("a </tool_call>")  # a stream that is still inside the string
+    assert T.first_call_end(text[:cut], final=False) is None
+
+
+def test_several_objects_in_one_block_are_several_calls():
+    scan = T.scan_tool_calls('<tool_call>\n{"name": "f", "arguments": {}}\n{"name": "g", "arguments": {"a": 1}}\n'
+                             '</tool_call> <tool_call>{"name": "f", "arguments": {}} junk</tool_call>')
+    assert [c["function"]["name"] for c in scan.calls] == ["f", "g"]
+    assert scan.invalid == ['<tool_call>{"name": "f", "arguments": {}} junk</tool_call>']
+
+
+def test_calls_to_names_not_offered_stay_text():
+    text = T.render_tool_calls([{"name": "get_time", "arguments": {}}, {"name": "book", "arguments": {}}])
+    scan = T.scan_tool_calls(text, frozenset({"get_time"}))
+    assert [c["function"]["name"] for c in scan.calls] == ["get_time"]
+    assert scan.text == T.render_tool_calls([{"name": "book", "arguments": {}}]) and scan.invalid == []
+    assert T.scan_tool_calls('{"name": "book", "arguments": {}}', frozenset({"f"})).calls == []
+
+
+def test_unresolvable_refs_are_named_and_never_fetched(monkeypatch):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a $ref was fetched")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    local = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}
+    remote = {"name": "g", "parameters": {"type": "object", "properties": {"a": {"$ref": "https://example.com/a"}}}}
+    assert T.check_tools([local, remote]) == [
+        "tools[0]: parameters of 'f' are not a valid JSON schema: $ref '#/$defs/missing' cannot be resolved "
+        "(only refs inside the schema are, never URLs)",
+        "tools[1]: parameters of 'g' are not a valid JSON schema: $ref 'https://example.com/a' cannot be resolved "
+        "(only refs inside the schema are, never URLs)"]
+    assert T.check_call({"name": "f", "arguments": {"a": 1}}, [local]) is None  # check_tools reports it
+    assert T.check_call({"name": "g", "arguments": {"a": 1}}, [remote]) is None
+    ok = {"name": "h", "parameters": {"type": "object", "$defs": {"n": {"type": "integer"}},
+                                      "properties": {"a": {"$ref": "#/$defs/n"}}}}
+    assert T.check_tools([ok]) == []
+    assert T.check_call({"name": "h", "arguments": {"a": "x"}}, [ok]) == (
+        "arguments of 'h' do not match its schema: 'x' is not of type 'integer' (at 'a')")
+
+
+def test_check_call_names_a_schema_it_cannot_check(monkeypatch):
+    """Should a ref slip past check_tools, the call's check says so instead of raising."""
+    monkeypatch.setattr(T, "_schema_problem", lambda schema: None)
+    tool = {"name": "f", "parameters": {"type": "object", "properties": {"a": {"$ref": "https://example.com/a"}}}}
+    assert T.check_call({"name": "f", "arguments": {"a": 1}}, [tool]).startswith("parameters of 'f' cannot be checked: ")
+
+
+def test_at_most_max_tools():
+    tools = [{"name": f"f{i}"} for i in range(T.MAX_TOOLS + 1)]
+    assert T.check_tools(tools[:-1]) == []
+    assert T.check_tools(tools) == ["129 tools: at most 128 are allowed"]

@@ -42,6 +42,8 @@ TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with 
 
 # OpenAI's rule for function names; it also keeps a name safe to write unquoted into a call.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# OpenAI's limit on tools per request; thousands make the tool-call grammar too large to build.
+MAX_TOOLS = 128
 
 
 def _jinja_literal(text: str) -> str:
@@ -120,19 +122,20 @@ class ToolCallScan:
     invalid: list[str] = field(default_factory=list)  # call blocks that were unclosed or not a JSON call
 
 
-_CALL_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.DOTALL)
+_JSON = json.JSONDecoder()
+_SPACE = re.compile(r"\s*")
 
 
-def _decode_call(body: str) -> tuple[str, Any] | None:
-    """`{"name": str, "arguments": object}` (or Llama 3.1's `"parameters"`), else None."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
+def _decode_call(value: Any, bare: bool = False) -> tuple[str, Any] | None:
+    """`{"name": str, "arguments": object}` (or Llama 3.1's `"parameters"`), else None. A `bare` object (no
+    `<tool_call>` around it) must have exactly those two keys, so an answer that is JSON data with a
+    "name" (`{"name": "Alice", "age": 30}`) is not read as a call."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not value["name"]:
         return None
+    if bare and set(value) not in ({"name", "arguments"}, {"name", "parameters"}):
+        return None
     arguments = value.get("arguments", value.get("parameters", {}))
-    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+    if isinstance(arguments, str) and not bare:  # some models write the arguments as a JSON string
         try:
             arguments = json.loads(arguments)
         except ValueError:
@@ -142,35 +145,81 @@ def _decode_call(body: str) -> tuple[str, Any] | None:
     return value["name"], arguments
 
 
-def scan_tool_calls(text: str) -> ToolCallScan:
+def call_block(text: str, start: int, final: bool = True) -> tuple[int, list[tuple[str, dict]]] | None:
+    """The `<tool_call>` block opening at `start`: (the index after its `</tool_call>`, its calls), with
+    no calls for an invalid block; None while it is not closed.
+
+    The body is read as JSON objects (one call each; Qwen models sometimes write several in one
+    block), so a `</tool_call>` inside an argument string does not end the block. A body that is not
+    JSON calls ends at the first `</tool_call>`. With `final` false (a stream that may go on), a
+    body that may still become JSON is not closed yet."""
+    pos, calls = start + len(TOOL_CALL_OPEN), []
+    first_close = text.find(TOOL_CALL_CLOSE, pos)
+    while True:
+        pos = _SPACE.match(text, pos).end()
+        if calls and text.startswith(TOOL_CALL_CLOSE, pos):
+            return pos + len(TOOL_CALL_CLOSE), calls
+        try:
+            value, pos = _JSON.raw_decode(text, pos)
+        except ValueError as e:
+            # Broken before the first close tag: invalid whatever follows. Otherwise the JSON may
+            # only be cut short (a string still open, or text not written yet).
+            broken = first_close >= 0 and e.pos < first_close and not e.msg.startswith("Unterminated string")
+            break
+        call = _decode_call(value)
+        if call is None:
+            broken = True
+            break
+        calls.append(call)
+    if first_close < 0 or not (broken or final):
+        return None
+    return first_close + len(TOOL_CALL_CLOSE), []
+
+
+def first_call_end(text: str, final: bool = True) -> int | None:
+    """The index after the first `<tool_call>` block (valid or not; see `call_block`), None while there is none."""
+    start = text.find(TOOL_CALL_OPEN)
+    block = call_block(text, start, final) if start >= 0 else None
+    return block[0] if block else None
+
+
+def scan_tool_calls(text: str, names: frozenset[str] | None = None) -> ToolCallScan:
     """Find the calls in a model's output.
 
-    `<tool_call>...</tool_call>` blocks are read with any whitespace around the JSON. A block that
-    is not a JSON call, or a `<tool_call>` never closed, stays in the text and is listed in
-    `invalid`. Without any block, an output that is one bare JSON object with a name and
-    `parameters`/`arguments` (Llama 3.1's form) is one call.
+    `<tool_call>...</tool_call>` blocks are read with any whitespace around the JSON (see
+    `call_block`). A block that is not JSON calls, or a `<tool_call>` never closed, stays in the
+    text and is listed in `invalid`. Without any block, an output that is one bare JSON object with
+    exactly a name and `parameters`/`arguments` (Llama 3.1's form) is one call. With `names`, a
+    call to any other name is not a call: its block stays in the text (the server cannot offer it).
     """
     calls: list[dict] = []
     invalid: list[str] = []
     kept: list[str] = []
     end = 0
-    for match in _CALL_BLOCK.finditer(text):
-        kept.append(text[end:match.start()])
-        decoded = _decode_call(match.group(1).strip())
-        if decoded is None:
-            invalid.append(match.group(0))
-            kept.append(match.group(0))
+    while (start := text.find(TOOL_CALL_OPEN, end)) >= 0:
+        block = call_block(text, start)
+        if block is None:
+            break
+        kept.append(text[end:start])
+        if block[1] and names is not None and any(name not in names for name, _ in block[1]):
+            kept.append(text[start:block[0]])
+        elif block[1]:
+            calls.extend(openai_call(*call) for call in block[1])
         else:
-            calls.append(openai_call(*decoded))
-        end = match.end()
+            invalid.append(text[start:block[0]])
+            kept.append(text[start:block[0]])
+        end = block[0]
     rest = text[end:]
     if TOOL_CALL_OPEN in rest:
         invalid.append(rest[rest.index(TOOL_CALL_OPEN):])
     kept.append(rest)
     outside = "".join(kept).strip()
     if not calls and not invalid and outside.startswith("{") and outside.endswith("}"):
-        decoded = _decode_call(outside)
-        if decoded is not None:
+        try:
+            decoded = _decode_call(json.loads(outside), bare=True)
+        except ValueError:
+            decoded = None
+        if decoded is not None and (names is None or decoded[0] in names):
             return ToolCallScan("", [openai_call(*decoded)])
     return ToolCallScan(outside, calls, invalid)
 
@@ -226,9 +275,12 @@ def template_messages(messages: list[dict]) -> list[dict]:
 
 def check_tools(tools: Any) -> list[str]:
     """What is wrong with a `tools` list (empty when nothing): not a list, a tool that is not an object,
-    a missing or bad name, a duplicate name, parameters that are not a JSON-schema object."""
+    a missing or bad name, a duplicate name, parameters that are not a JSON-schema object, a `$ref`
+    that does not resolve, more than MAX_TOOLS tools."""
     if not isinstance(tools, list):
         return [f"expected a list of tools, got {type(tools).__name__}"]
+    if len(tools) > MAX_TOOLS:
+        return [f"{len(tools)} tools: at most {MAX_TOOLS} are allowed"]
     problems: list[str] = []
     seen: set[str] = set()
     for i, tool in enumerate(tools):
@@ -261,18 +313,50 @@ def check_tools(tools: Any) -> list[str]:
 
 def _schema_problem(schema: dict) -> str | None:
     import jsonschema
+    import referencing.exceptions
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
 
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         return e.message
+    # Refs resolve lazily, only when an argument reaches them: look each one up now, in a registry
+    # that retrieves nothing (no URL is ever fetched).
+    resolver = Registry().resolver_with_root(Resource.from_contents(schema, default_specification=DRAFT202012))
+    for ref in _refs(schema):
+        try:
+            resolver.lookup(ref)
+        except referencing.exceptions.Unresolvable:
+            return f"$ref {ref!r} cannot be resolved (only refs inside the schema are, never URLs)"
     return None
+
+
+def _refs(schema: Any) -> list[str]:
+    """Every `$ref` in a schema, at any depth."""
+    if isinstance(schema, list):
+        return [ref for item in schema for ref in _refs(item)]
+    if not isinstance(schema, dict):
+        return []
+    own = [schema["$ref"]] if isinstance(schema.get("$ref"), str) else []
+    return own + [ref for key, value in schema.items() if key != "$ref" for ref in _refs(value)]
+
+
+def _validator(schema: dict):
+    """A validator for the schema whose `$ref`s resolve only inside it: an empty registry refuses to
+    retrieve anything, where jsonschema's default would fetch a URL."""
+    import jsonschema
+    from referencing import Registry
+
+    return jsonschema.validators.validator_for(schema)(schema, registry=Registry())
 
 
 def check_call(call: dict, tools: list[dict]) -> str | None:
     """What is wrong with one call against the tools (None when nothing): an unknown function,
-    arguments that are not JSON or not an object, arguments that do not match the function's schema."""
+    arguments that are not JSON or not an object, arguments that do not match the function's schema,
+    a schema that cannot be checked (a `$ref` that does not resolve)."""
     import jsonschema
+    import referencing.exceptions
 
     try:
         name, arguments = _name_and_arguments(call)
@@ -290,9 +374,13 @@ def check_call(call: dict, tools: list[dict]) -> str | None:
     if not isinstance(arguments, dict):
         return f"arguments of {name!r} must be a JSON object, got {type(arguments).__name__}"
     schema = functions[name].get("parameters") or {"type": "object"}
-    if _schema_problem(schema):
-        return None  # check_tools reports the schema itself
-    error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(arguments))
+    try:
+        if _schema_problem(schema):
+            return None  # check_tools reports the schema itself
+        error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(arguments))
+    except (jsonschema.exceptions.SchemaError, referencing.exceptions.Unresolvable,
+            referencing.exceptions.NoSuchResource) as e:
+        return f"parameters of {name!r} cannot be checked: {e}"
     if error is not None:
         at = "/".join(str(p) for p in error.absolute_path)
         return f"arguments of {name!r} do not match its schema: {error.message}" + (f" (at '{at}')" if at else "")

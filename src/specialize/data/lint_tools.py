@@ -2,7 +2,7 @@
 
 | code                   | finds                                                                       |
 | ---------------------- | --------------------------------------------------------------------------- |
-| `bad_tools`            | a `tools` list with a nameless or duplicate function, or a schema that is not a JSON-schema object |
+| `bad_tools`            | a `tools` list with a nameless or duplicate function, or a schema that is not a JSON-schema object or whose `$ref` does not resolve, over 128 tools |
 | `unknown_tool`         | a call to a function the row's `tools` do not list (or a call with no tools) |
 | `bad_tool_arguments`   | arguments that are not JSON, not an object, or do not match the function's schema |
 | `orphan_tool_result`   | a `tool` message that answers no call (no open call, or an unknown `tool_call_id`) |
@@ -42,7 +42,8 @@ def tool_problems(example: Example) -> list[tuple[str, str]]:
             for j, call in enumerate(calls):
                 problem = check_call(call, tools)
                 if problem:
-                    code = "unknown_tool" if problem.startswith("unknown function") else "bad_tool_arguments"
+                    code = "unknown_tool" if problem.startswith("unknown function") else \
+                        "bad_tools" if "cannot be checked" in problem else "bad_tool_arguments"
                     problems.append((code, f"messages[{i}].tool_calls[{j}]: {problem}"))
             open_calls = [call.get("id") for call in calls]
         elif message["role"] == "tool":

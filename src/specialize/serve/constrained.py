@@ -80,6 +80,8 @@ def json_or_tool_calls_grammar(schema: dict | None, tools: list[dict], parallel:
 def _first_line(error: str) -> str:
     """llguidance's error without the grammar listing and position: "Invalid type: frobnicate"."""
     line = error.strip().splitlines()[0] if error.strip() else "invalid grammar"
+    if line.startswith("panic:"):  # llguidance's own assertion, e.g. thousands of tools: not the client's text
+        return "the grammar is too large"
     return line.split("failed to compile JSON schema: ")[-1]
 
 

@@ -32,6 +32,7 @@ from specialize.generate import (
     _stops,
     is_greedy,
 )
+from specialize.tools import TOOL_CALL_CLOSE, first_call_end
 
 
 def supports(model) -> bool:
@@ -47,6 +48,15 @@ def supports(model) -> bool:
     except Exception:  # a config this transformers version cannot map to cache layers
         return False
     return bool(cache.layers) and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _end_after(text: str, end_after: str, final: bool) -> int | None:
+    """Where an answer that ends after `end_after` ends, None while it goes on. A single tool call ends
+    where the parser ends its block, so a `</tool_call>` inside an argument string does not cut it."""
+    if end_after == TOOL_CALL_CLOSE:
+        return first_call_end(text, final)
+    at = text.find(end_after)
+    return None if at < 0 else at + len(end_after)
 
 
 def _emit(row: Row, piece: str, tokens: int) -> None:
@@ -214,7 +224,7 @@ class RunningBatch:
                     _emit(row, text[len(row.shown):end], len(visible))
                     row.shown = text[:end]
             if (len(visible) < len(row.tokens) or len(row.tokens) >= row.job.max_tokens
-                    or any(s in text for s in stop) or (end_after and end_after in text)):
+                    or any(s in text for s in stop) or (end_after and _end_after(text, end_after, False) is not None)):
                 ended.append((row.job, self._complete(row)))
                 keep[i] = False
         if ended:
@@ -225,8 +235,8 @@ class RunningBatch:
         job = row.job
         completion = self.generator._finish(list(row.tokens), len(job.prompt_ids), job.max_tokens,
                                             _stops(list(job.sampling.stop)), cancelled=cancelled)
-        if job.end_after and job.end_after in completion.text:  # what came after it is not part of the answer
-            cut = completion.text.index(job.end_after) + len(job.end_after)
+        cut = _end_after(completion.text, job.end_after, True) if job.end_after else None
+        if cut is not None:  # what came after it is not part of the answer
             completion = replace(completion, text=completion.text[:cut], finish_reason="stop")
         if job.top_logprobs is not None:
             completion.logprobs = row.logprobs[: completion.completion_tokens]

@@ -2,7 +2,8 @@
 
 The format is the one in `specialize.tools` (Qwen2.5's Hermes form): the template lists the tools
 in the system turn, the model writes `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`
-blocks, and `tools.parse_tool_calls` reads them back.
+blocks, and `tools.scan_tool_calls` reads them back; a call to a tool the request did not offer stays
+text.
 
 `tool_choice`:
 - `auto` (the default with tools): the model writes freely; calls are parsed from its answer.
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from specialize.data.templates import TemplateRaised
 from specialize.serve import constrained
 from specialize.serve.schema import APIError, ChatCompletionRequest
-from specialize.tools import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, check_tools, function_of, normalize_tools,
-                              parse_tool_calls, scan_tool_calls, template_messages)
+from specialize.tools import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, call_block, check_tools, function_of, normalize_tools,
+                              scan_tool_calls, template_messages)
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,9 @@ class Plan:
     """How one chat request is answered."""
 
     tools: list[dict] | None  # offered to the template (OpenAI's shape)
-    parse_calls: bool  # the answer may hold calls: parse them out (tool_choice auto, required, named)
+    # The names of the tools whose calls are parsed out of the answer (tool_choice auto, required, named);
+    # empty: the answer is text. A call to another name stays text: the client cannot run it.
+    parse_calls: frozenset[str]
     grammar: str | None  # what the answer must match (llguidance Lark), or None for free text
     grammar_param: str | None  # the request field the grammar comes from, for error messages
     end_after: str | None  # end the answer once it holds this (a single call under auto)
@@ -54,7 +57,7 @@ def plan(body: ChatCompletionRequest) -> Plan:
             if getattr(body, field) is not None:
                 raise APIError(400, f"{field} is only allowed when tools are given", param=field)
         grammar = constrained.json_grammar(schema) if json_wanted else None
-        return Plan(None, False, grammar, "response_format" if grammar else None, None)
+        return Plan(None, frozenset(), grammar, "response_format" if grammar else None, None)
 
     problems = check_tools(body.tools) if body.tools else ["tools must list at least one tool"]
     if problems:
@@ -62,20 +65,21 @@ def plan(body: ChatCompletionRequest) -> Plan:
     tools = normalize_tools(body.tools)
     parallel = body.parallel_tool_calls is not False
     choice, name = body.tool_choice or "auto", None
+    names = frozenset(function_of(t)["name"] for t in tools)
     if not isinstance(choice, str):
         name = choice.function["name"]
-        if name not in {function_of(t)["name"] for t in tools}:
+        if name not in names:
             raise APIError(400, f"tool_choice names function {name!r}, which is not in tools", param="tool_choice")
         choice = "required"
     if choice == "none":
         grammar = constrained.json_grammar(schema) if json_wanted else constrained.NO_TOOL_CALL
-        return Plan(tools, False, grammar, "response_format" if json_wanted else "tool_choice", None)
+        return Plan(tools, frozenset(), grammar, "response_format" if json_wanted else "tool_choice", None)
     if choice == "required":
-        return Plan(tools, True, constrained.tool_calls_grammar(tools, name, parallel), "tools", None)
+        return Plan(tools, names, constrained.tool_calls_grammar(tools, name, parallel), "tools", None)
     if json_wanted:
-        return Plan(tools, True, constrained.json_or_tool_calls_grammar(schema, tools, parallel), "response_format",
+        return Plan(tools, names, constrained.json_or_tool_calls_grammar(schema, tools, parallel), "response_format",
                     None)
-    return Plan(tools, True, None, None, None if parallel else TOOL_CALL_CLOSE)
+    return Plan(tools, names, None, None, None if parallel else TOOL_CALL_CLOSE)
 
 
 def check_order(messages: list[dict]) -> None:
@@ -121,12 +125,17 @@ def _render(generator, messages: list[dict], tools: list[dict] | None) -> str:
                        param="tools" if tools else "messages") from None
 
 
-def reply(text: str, parse_calls: bool) -> tuple[str | None, list[dict]]:
-    """(content, calls) of an answer: content is None when the answer is only calls, as OpenAI's."""
+def reply(text: str, parse_calls: frozenset[str] | bool) -> tuple[str | None, list[dict]]:
+    """(content, calls) of an answer: content is None when the answer is only calls, as OpenAI's.
+    `parse_calls`: the tool names whose calls are parsed (True: any name)."""
     if not parse_calls:
         return text, []
-    content, calls = parse_tool_calls(text)  # content is stripped, as a stream (ToolStream) shows it
-    return (content or None) if calls else content, calls
+    scan = scan_tool_calls(text, _names(parse_calls))  # content is stripped, as a stream (ToolStream) shows it
+    return (scan.text or None) if scan.calls else scan.text, scan.calls
+
+
+def _names(parse_calls: frozenset[str] | bool) -> frozenset[str] | None:
+    return None if parse_calls is True else frozenset(parse_calls)
 
 
 def finish_reason(completion, calls: list) -> str:
@@ -144,22 +153,24 @@ class ToolStream:
     pieces join to the non-streamed content.
     """
 
-    def __init__(self):
+    def __init__(self, names: frozenset[str] | bool = True):
+        """`names`: the tool names whose calls are calls (True: any); a block calling another is content."""
         self.buffer, self.held, self.started, self.calls = "", "", False, 0
+        self.names = _names(names)
 
     def feed(self, piece: str) -> list[str | dict]:
         """Content strings and calls (OpenAI's dicts) that `piece` makes certain."""
         self.buffer += piece
-        return [] if self._maybe_bare_call() else self._drain()
+        return [] if self._maybe_bare_call() else self._drain(final=False)
 
     def finish(self) -> list[str | dict]:
         """What is left at the end: an unclosed block or a partial tag is content after all."""
         if self._maybe_bare_call():
-            scan = scan_tool_calls(self.buffer)
+            scan = scan_tool_calls(self.buffer, self.names)
             if scan.calls and not scan.invalid:
                 self.buffer, self.calls = "", len(scan.calls)
                 return list(scan.calls)
-        out = self._drain()
+        out = self._drain(final=True)
         self._content(self.buffer, out)
         self.buffer = ""
         return out
@@ -169,7 +180,7 @@ class ToolStream:
         return not self.started and not self.calls and self.buffer.lstrip().startswith("{") \
             and TOOL_CALL_OPEN not in self.buffer
 
-    def _drain(self) -> list[str | dict]:
+    def _drain(self, final: bool) -> list[str | dict]:
         out: list[str | dict] = []
         while True:
             start = self.buffer.find(TOOL_CALL_OPEN)
@@ -178,20 +189,18 @@ class ToolStream:
                 self._content(self.buffer[: len(self.buffer) - keep], out)
                 self.buffer = self.buffer[len(self.buffer) - keep:]
                 return out
-            close = self.buffer.find(TOOL_CALL_CLOSE, start)
-            if close < 0:
-                self._content(self.buffer[:start], out)
-                self.buffer = self.buffer[start:]
-                return out
             self._content(self.buffer[:start], out)
-            block = self.buffer[start: close + len(TOOL_CALL_CLOSE)]
-            self.buffer = self.buffer[close + len(TOOL_CALL_CLOSE):]
-            calls = scan_tool_calls(block).calls
+            self.buffer = self.buffer[start:]
+            block = call_block(self.buffer, 0, final)  # the same end as the non-streamed answer's
+            if block is None:
+                return out
+            text, self.buffer = self.buffer[:block[0]], self.buffer[block[0]:]
+            calls = scan_tool_calls(text, self.names).calls
             if calls:
                 out.extend(calls)
                 self.calls += len(calls)
             else:
-                self._content(block, out)
+                self._content(text, out)
 
     def _content(self, text: str, out: list) -> None:
         if not self.started:
