@@ -209,3 +209,19 @@ def test_eval_scores_tool_call_answers_as_tool_call_by_default(tmp_path):
     assert "f1" not in metrics  # not scored as qa
     qa = run_eval(EvalConfig(predictions=str(tmp_path / "p.jsonl"), task="extract", json_output=True))
     assert "tool_name_accuracy" not in qa  # an explicit task is kept
+
+
+def test_each_row_is_prompted_with_its_own_key_order_of_tools(chatml_run, monkeypatch):
+    """Two rows offering the same tool with its keys in another order: each prompt lists the tool as the
+    row wrote it (training rendered each row with its own), not the first row's order."""
+    from specialize.evaluate.systems import generate_each_with_tools
+
+    generator = Generator.load(chatml_run)
+    prompts: list[str] = []
+    scripted(generator, monkeypatch, lambda p: "ok", prompts)
+    function = WEATHER[0]["function"]
+    reordered = [{"function": {"parameters": function["parameters"], "name": "get_weather"}, "type": "function"}]
+    ask = [{"role": "user", "content": "Weather in Oslo?"}]
+    generate_each_with_tools(generator, [ask, ask], [WEATHER, reordered], max_new_tokens=4)
+    assert len(prompts) == 2
+    assert json.dumps(WEATHER[0]) in prompts[0] and json.dumps(reordered[0]) in prompts[1]

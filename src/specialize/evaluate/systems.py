@@ -113,7 +113,8 @@ def generate_each_with_tools(generator, conversations: list[list[dict]], tools: 
 
     groups: dict[str, list[int]] = {}
     for i, offered in enumerate(tools):
-        groups.setdefault(json.dumps(offered, sort_keys=True) if offered else "", []).append(i)
+        # Key order kept: each row is rendered with the group's first list, as training rendered it
+        groups.setdefault(json.dumps(offered) if offered else "", []).append(i)
     if list(groups) == [""]:
         return generator.generate(conversations, on_batch=on_batch, **options)
     completions: list = [None] * len(conversations)
