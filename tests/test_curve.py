@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from specialize.config import CurveConfig
 from specialize.curve import finetune_command, nested_subsets, run_curve
 from specialize.curve_report import summarize
+from specialize.errors import UserError
 
 
 def test_subsets_are_nested_within_a_seed_and_differ_across_seeds():
@@ -142,3 +143,35 @@ def test_points_run_as_processes(tiny_llama, tmp_path, text_file):
     (point,) = curve["points"]
     assert point["seconds"] > 0 and "scores" in point
     assert "done:" in (Path(point["run"]).parent / "log.txt").read_text()
+
+
+def test_two_splits_with_one_stem_are_refused(tmp_path, text_file):
+    """Scores are keyed by file stem: a second qa8.jsonl would overwrite the first one's scores."""
+    (tmp_path / "b").mkdir()
+    other = tmp_path / "b" / QA8.name
+    other.write_text(QA8.read_text())
+    with pytest.raises(UserError, match="two test files are both named 'qa8'; splits are named by file stem"):
+        run_curve(_cfg(tmp_path / "base", tmp_path / "c", text_file, eval_data=[str(QA8), str(other)]))
+
+
+def test_nothing_stale_looks_complete(tmp_path, text_file, monkeypatch):
+    """A plan removes an earlier report.html; a failed point leaves curve.json saying "failed", no report."""
+    import specialize.curve as curve_module
+
+    out = tmp_path / "c"
+    out.mkdir()
+    (out / "report.html").write_text("<html>an earlier curve</html>")
+    (out / "curve.json").write_text(json.dumps({"points": [{"name": "old", "scores": {}}]}))
+    run_curve(_cfg(tmp_path / "base", out, text_file, plan=True))
+    assert not (out / "report.html").exists()
+
+    def fail(points, jobs, on_done):
+        raise UserError("point f1.0-s0 failed (exit 1): out of memory")
+
+    (out / "report.html").write_text("<html>an earlier curve</html>")
+    monkeypatch.setattr(curve_module, "run_points", fail)
+    with pytest.raises(UserError, match="out of memory"):
+        run_curve(_cfg(tmp_path / "base", out, text_file))
+    saved = json.loads((out / "curve.json").read_text())
+    assert saved["status"] == "failed" and saved["error"] == "point f1.0-s0 failed (exit 1): out of memory"
+    assert saved["points"] == [] and not (out / "report.html").exists()

@@ -255,9 +255,16 @@ def run_curve(cfg: CurveConfig) -> dict:
         raise UserError("no training data given (use --data FILE)")
     if not cfg.eval_data and not cfg.plan:
         raise UserError("no test split given (use --eval-data FILE, once per split)")
+    stems: set[str] = set()
     for split in cfg.eval_data:
         if not Path(split).is_file():
             raise UserError("test split not found", path=split)
+        # Scores are keyed by file stem (as compare's splits are): a second qa.jsonl would overwrite
+        # the first one's. The message is compare's (evaluate/compare.py load_splits).
+        if Path(split).stem in stems:
+            raise UserError(f"two test files are both named '{Path(split).stem}'; splits are named by file stem, "
+                            "rename one", path=split)
+        stems.add(Path(split).stem)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -272,24 +279,36 @@ def run_curve(cfg: CurveConfig) -> dict:
     console.print(f"curve: {len(rows):,} rows, {len(points)} points ({len(cfg.fractions)} fractions x "
                   f"{cfg.seeds} seeds); {len(points) - len(todo)} already finished")
     gathered: dict[str, dict] = {}
+    try:
 
-    if todo and not cfg.plan:
-        jobs, why = (cfg.jobs, "--jobs") if cfg.jobs else default_jobs(cfg, len(todo))
-        console.print(f"curve: {len(todo)} point(s) to train, {jobs} at a time ({why})")
-        # A finished point is scored in a thread while the next ones train: scoring in the scheduling
-        # loop left the other slots idle until it was done (minutes on a busy CPU).
-        with ThreadPoolExecutor(max_workers=1) as scorer:
-            futures = {}
+        if todo and not cfg.plan:
+            jobs, why = (cfg.jobs, "--jobs") if cfg.jobs else default_jobs(cfg, len(todo))
+            console.print(f"curve: {len(todo)} point(s) to train, {jobs} at a time ({why})")
+            # A finished point is scored in a thread while the next ones train: scoring in the scheduling
+            # loop left the other slots idle until it was done (minutes on a busy CPU).
+            with ThreadPoolExecutor(max_workers=1) as scorer:
+                futures = {}
 
-            def on_done(point: Point) -> None:
-                if cfg.eval_data:
-                    futures[point.name] = scorer.submit(gather, point, cfg.eval_data, cfg)
+                def on_done(point: Point) -> None:
+                    if cfg.eval_data:
+                        futures[point.name] = scorer.submit(gather, point, cfg.eval_data, cfg)
 
-            run_points(todo, jobs, on_done)
-            gathered.update({name: future.result() for name, future in futures.items()})
-    for point in points:
-        if point.name not in gathered and point.done() and cfg.eval_data:
-            gathered[point.name] = gather(point, cfg.eval_data, cfg)
+                run_points(todo, jobs, on_done)
+                gathered.update({name: future.result() for name, future in futures.items()})
+        for point in points:
+            if point.name not in gathered and point.done() and cfg.eval_data:
+                gathered[point.name] = gather(point, cfg.eval_data, cfg)
+    except BaseException as e:
+        # A curve.json or report.html of an earlier run would look like this run's, complete: the
+        # report goes, and curve.json says what failed and holds only the points scored before it.
+        (out / "report.html").unlink(missing_ok=True)
+        write_json(out / "curve.json", {"status": "failed", "error": str(e) or e.__class__.__name__,
+                                        "base": {"model": cfg.base},
+                                        "data": {"files": list(cfg.data), "rows": len(rows)},
+                                        "splits": [Path(s).stem for s in cfg.eval_data],
+                                        "points": [gathered[p.name] for p in points if p.name in gathered],
+                                        "seconds": time.perf_counter() - started})
+        raise
     rows_out = [gathered.get(p.name) or {"name": p.name, "fraction": p.fraction, "examples": p.examples,
                                          "seed": p.seed, "status": "planned", "run": str(p.run),
                                          "command": p.command} for p in points]
@@ -300,6 +319,8 @@ def run_curve(cfg: CurveConfig) -> dict:
     write_json(out / "curve.json", curve)
     if any("scores" in p for p in rows_out):
         write_curve_report(curve, out / "report.html", others=_other_curves(cfg.compare))
+    else:  # nothing scored (a plan): an earlier run's report would be announced as this one's
+        (out / "report.html").unlink(missing_ok=True)
     for line in curve["summary"].get("lines", []):
         print(line, flush=True)
     console.print(f"curve: {out / 'curve.json'}" + (f", {out / 'report.html'}" if (out / 'report.html').exists() else ""))
@@ -315,6 +336,8 @@ def _other_curves(folders: list[str]) -> dict[str, dict]:
             others[Path(folder).name] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise UserError(f"not a finished curve folder ({e.__class__.__name__})", path=path) from None
+        if others[Path(folder).name].get("status") == "failed":
+            raise UserError("that curve failed; run it again before comparing with it", path=path)
     return others
 
 
