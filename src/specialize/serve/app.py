@@ -127,7 +127,7 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
             text_logprobs(entries, grammars.token_bytes, offset)
 
     async def answer(request: Request, body: SamplingRequest, kind: str, ids: list[int], max_tokens: int | None,
-                     contents, options: dict | None = None, parse_calls: bool = False):
+                     contents, options: dict | None = None, parse_calls: frozenset[str] | bool = False):
         """Generate for one request. `options` are the Job's grammar, logprobs and end settings; `parse_calls`:
         the answer's tool calls become `tool_calls` (and finish_reason "tool_calls")."""
         if not ids:
@@ -174,7 +174,7 @@ def create_app(generator: Generator, cfg: ServeConfig) -> FastAPI:
         future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
         usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        calls = tooling.ToolStream() if parse_calls else None
+        calls = tooling.ToolStream(parse_calls) if parse_calls else None
         sent = {"calls": 0, "logprobs": 0, "chars": 0}
 
         def chunks(parts: list, entries: list | None) -> list[str]:
