@@ -109,6 +109,30 @@ def test_replay_carries_its_share_of_target_tokens_and_skips_retention_documents
     assert not any(tuple(i.input_ids) in held_ids for i in items)
 
 
+def test_replay_leaves_out_the_qa_retention_examples(pretrained, tmp_path):
+    """A Q&A file given as both --retention and --replay-data: its F1 would measure memorising."""
+    from transformers import AutoTokenizer
+
+    from specialize.data.formats import load_examples
+    from specialize.data.templates import resolve_template
+    from specialize.data.tokenize import Encoded
+    from specialize.retention import load_retention, replay_items
+
+    tokenizer = AutoTokenizer.from_pretrained(pretrained / "model")
+    rows = [json.loads(line) for line in QA8.read_text().splitlines()]
+    held = write_jsonl(tmp_path / "general_qa.jsonl", rows[:3])
+    replay = write_jsonl(tmp_path / "replay.jsonl", [r | {"question": "  " + r["question"]} for r in rows])
+    (qa_set,) = load_retention([str(held)], base=str(pretrained), tokenizer=tokenizer, context=None)
+    leave_out = {text for s in [qa_set] for text in s.texts}  # as finetune builds it
+    task = [Encoded([1] * 11, [-100] + [5] * 10)] * 8
+    template = resolve_template("qa", tokenizer)
+    items, left_out = replay_items(load_examples([str(replay)]), task, 0.5, 0, tokenizer, template, 512, leave_out)
+    assert left_out == 3
+    trained = " ".join(tokenizer.decode(i.input_ids) for i in items)
+    assert not [r["question"] for r in rows[:3] if r["question"] in trained]
+    assert [r["question"] for r in rows[3:] if r["question"] in trained]
+
+
 def test_replay_in_finetune_summary(pretrained, tmp_path):
     corpus = Path(json.loads((pretrained / "train_summary.json").read_text())["data_dir"]).parent
     from specialize.rundir import RunDir

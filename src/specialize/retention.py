@@ -42,7 +42,8 @@ class RetentionSet:
     source: str
     blocks: list[Encoded] = field(default_factory=list)
     examples: list[Example] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)  # the documents, so replay can leave them out
+    # What replay must leave out (`replay_key`): the documents of a text set, the prompts of a Q&A set.
+    texts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -136,8 +137,23 @@ def load_retention(files: list[str], *, base: str, tokenizer, context: int | Non
                 raise UserError("no text to score in this retention file", path=file)
             sets.append(RetentionSet(name, "perplexity", str(file), blocks=blocks, texts=texts))
         else:
-            sets.append(RetentionSet(name, "f1", str(file), examples=examples))
+            sets.append(RetentionSet(name, "f1", str(file), examples=examples,
+                                     texts=[k for k in map(replay_key, examples) if k is not None]))
     return sets
+
+
+PROMPT_KEY = "\0prompt\0"  # no document text starts with NUL: a prompt key never equals a document
+
+
+def replay_key(example: Example) -> str | None:
+    """What ties a replay example to a retention one: a document's text, or a Q&A example's prompt
+    (its non-system turns, whitespace collapsed: retention adds the run's system prompt, replay not)."""
+    if example.text is not None:
+        return example.text
+    if not example.messages or not any(m["role"] == "assistant" for m in example.messages):
+        return None
+    turns = [" ".join(str(m.get("content") or "").split()) for m in example.prompt_messages if m["role"] != "system"]
+    return PROMPT_KEY + "\n".join(turns)
 
 
 def measure(sets: list[RetentionSet], model, tokenizer, template, cfg, accelerator, pad_id: int) -> dict:
@@ -203,19 +219,19 @@ def replay_items(examples: list[Example], task_items: list[Encoded], fraction: f
 
     Counted in target tokens, not rows: a text window trains on every token and a Q&A row only on its
     answer, so 20% of rows of text would be most of the loss. Text is cut into windows of the task's
-    `max_seq_tokens`, so replay rows are as long as task rows. Documents in `leave_out` (the
-    retention texts) are dropped first: replaying them would measure memorising, not retention.
-    Returns (items, documents left out).
+    `max_seq_tokens`, so replay rows are as long as task rows. Examples in `leave_out` (the retention
+    sets' `texts`: documents, and Q&A prompts by `replay_key`) are dropped first: replaying them
+    would measure memorising, not retention. Returns (items, examples left out).
     """
     import random
 
     from specialize.data.tokenize import encode_examples
 
-    kept = [e for e in examples if e.text is None or e.text not in leave_out]
+    kept = [e for e in examples if replay_key(e) not in leave_out]
     pool, _ = encode_examples(kept, tokenizer, template, max_seq_tokens, required=False)
     if not pool:
         raise UserError("nothing to replay: every --replay-data example is longer than --max-seq-tokens "
-                        f"{max_seq_tokens} or is a retention document")
+                        f"{max_seq_tokens} or is in a retention set")
     want = fraction / (1 - fraction) * sum(i.target_tokens for i in task_items)
     rng, chosen, tokens = random.Random(seed), [], 0
     while tokens < want:  # cycles through the pool again when it is smaller than the share asked for
