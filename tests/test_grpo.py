@@ -134,6 +134,13 @@ def test_user_reward_function_is_imported_from_the_current_folder(tmp_path, monk
         Rewards(["my_rewards:missing"])
     with pytest.raises(UserError, match="no module named 'nowhere_module'"):
         Rewards(["nowhere_module:f"])
+    # A module that exists but fails on an import of its own: that import is the error, not "no module".
+    (tmp_path / "numpyxrew.py").write_text("import numpyx\n\ndef f(prompts, completions, **kwargs):\n    return []\n")
+    with pytest.raises(UserError, match=r"^--reward numpyxrew:f: module 'numpyxrew' failed to import: "
+                                        r"No module named 'numpyx'$"):
+        Rewards(["numpyxrew:f"])
+    with pytest.raises(UserError, match="no module named 'nowhere_pkg'"):
+        Rewards(["nowhere_pkg.rewards:f"])
     with pytest.raises(UserError, match="'bleu': expected one of exact_match, f1, json, stop, length, judge"):
         Rewards(["bleu"])
     with pytest.raises(UserError, match="judge needs --judge-url and --judge-model"):

@@ -78,10 +78,12 @@ def load_function(spec: str, flag: str = "--reward") -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            raise UserError(f"{flag} {spec}: no module named '{module_name}' (looked in the current folder "
+        # Only the module asked for (or a package on its dotted path) missing means "no such module";
+        # `numpyxrew` failing on its own `import numpyx` is an error inside the user's module.
+        if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
+            raise UserError(f"{flag} {spec}: no module named '{e.name}' (looked in the current folder "
                             "and on the Python path)") from None
-        raise  # the user's module itself failed to import something: their traceback helps them
+        raise UserError(f"{flag} {spec}: module '{module_name}' failed to import: {e}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise UserError(f"{flag} {spec}: module '{module_name}' ({getattr(module, '__file__', '?')}) has no "
