@@ -137,6 +137,7 @@ def test_an_end_of_turn_token_in_generation_config_stops_the_answer(generator, q
     hook.remove()
     expected = Completion(instruct.tokenizer.decode(trained[:k], skip_special_tokens=True), "stop", len(prompt), k)
     assert answer == expected and answer.stopped  # `stopped` is what stop_rate counts
+    assert answer.ids == trained[: k + 1]  # the ids as generated, through the stop token that ended it
     assert ANSWERS[BEES].startswith(answer.text) and answer.text != ANSWERS[BEES]
     assert len(forwards) == k + 1  # generation itself ended at the token: it was not only cut afterwards
     assert instruct.stream_ids(prompt, max_new_tokens=TOKENS) == expected

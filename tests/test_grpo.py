@@ -96,6 +96,38 @@ def test_grpo_loss_on_a_model_is_the_advantage_weighted_log_likelihood(tiny_llam
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_rollout_trains_on_the_sampled_ids(tiny_llama, tmp_path):
+    """Targets are the prompt's ids + the ids as sampled (the stop token of an answer that ended, none
+    for a cut one): the decoded text re-tokenised is other ids on this model, which the loss would score."""
+    from contextlib import nullcontext
+
+    from specialize.data.templates import resolve_template
+    from specialize.generate import Generator
+    from specialize.objectives.grpo import GRPOBatches, Prompt
+
+    generator = Generator.load(str(tiny_llama))
+    sampled = []
+    generate_ids = generator.generate_ids
+    generator.generate_ids = lambda *a, **kw: sampled.extend(generate_ids(*a, **kw)) or sampled
+    messages = [{"role": "user", "content": "Pick a colour."}]
+    prompt = Prompt(messages, "blue", generator.prompt_ids(messages))
+    cfg = FinetuneConfig(base=str(tiny_llama), data=["x.jsonl"], objective="grpo", group_size=8, max_new_tokens=6)
+    source = GRPOBatches([prompt], cfg, generator, resolve_template("auto", generator.tokenizer), Rewards(["f1"]),
+                         SimpleNamespace(autocast=nullcontext))
+    batch = source.rollout([prompt], seed=0).sequences
+    assert len(sampled) == 8
+    for row, answer in enumerate(sampled):
+        n = len(prompt.ids)
+        assert answer.ids[: answer.completion_tokens] == batch.input_ids[row, n: n + answer.completion_tokens].tolist()
+        trained = [t for t in batch.targets[row].tolist() if t != -100]
+        assert trained == answer.ids  # every sampled id, and nothing else
+        if answer.stopped:
+            assert len(answer.ids) == answer.completion_tokens + 1 and answer.ids[-1] in generator.stop_ids
+        else:
+            assert len(answer.ids) == answer.completion_tokens == 6 and not set(answer.ids) & set(generator.stop_ids)
+    assert any(generator.text_ids(a.text) != a.ids[: a.completion_tokens] for a in sampled)
+
+
 # --- rewards ------------------------------------------------------------------------------------
 
 
@@ -166,18 +198,26 @@ def test_grpo_learns_the_rewarded_answer(colour_run, tmp_path):
     from specialize.generate import generate_answers
 
     data = write_jsonl(tmp_path / "blue.jsonl", [{"question": "Pick a colour.", "answer": "blue"}] * 4)
-    run = finetune(FinetuneConfig(base=str(colour_run), data=[str(data)], out=tmp_path / "grpo", objective="grpo",
-                                  reward=["exact_match"], max_steps=15, learning_rate=3e-3, micro_batch_size=4,
-                                  warmup_steps=0, max_new_tokens=6, group_size=8, method="full", progress=False))
-    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r for r in rows if "reward" in r]
-    assert [r["step"] for r in rewards] == list(range(1, 16))
-    assert set(rewards[0]) >= {"reward", "reward_std", "rewards/exact_match/mean", "frac_reward_zero_std",
-                               "completions/mean_length", "completions/clipped_ratio"}
-    assert "kl" not in rewards[0]  # beta 0: no reference, no KL
-    first, last = (sum(r["reward"] for r in part) / 3 for part in (rewards[:3], rewards[-3:]))
-    assert last > first + 0.25, (first, last)
-    assert generate_answers(str(run.path), ["Pick a colour."], max_new_tokens=6)[0].text.strip() == "blue"
+    # Three seeds, the gain averaged: one seed's margin is a chance outcome on this tiny model (measured
+    # on seeds 0-4 and 42: training on the decoded text re-tokenised collapsed to reward 0 on two of
+    # them; training on the sampled ids gained 0.19-0.57 on every one).
+    gains = []
+    for seed in (42, 0, 1):
+        run = finetune(FinetuneConfig(base=str(colour_run), data=[str(data)], out=tmp_path / f"grpo-{seed}",
+                                      objective="grpo", reward=["exact_match"], max_steps=15, learning_rate=3e-3,
+                                      micro_batch_size=4, warmup_steps=0, max_new_tokens=6, group_size=8,
+                                      method="full", seed=seed, progress=False))
+        rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        rewards = [r for r in rows if "reward" in r]
+        assert [r["step"] for r in rewards] == list(range(1, 16))
+        assert set(rewards[0]) >= {"reward", "reward_std", "rewards/exact_match/mean", "frac_reward_zero_std",
+                                   "completions/mean_length", "completions/clipped_ratio"}
+        assert "kl" not in rewards[0]  # beta 0: no reference, no KL
+        first, last = (sum(r["reward"] for r in part) / 3 for part in (rewards[:3], rewards[-3:]))
+        assert last > first, (seed, first, last)
+        gains.append(last - first)
+        assert generate_answers(str(run.path), ["Pick a colour."], max_new_tokens=6)[0].text.strip() == "blue"
+    assert sum(gains) / len(gains) > 0.25, gains
     summary = run.read_summary()
     assert (summary["objective"], summary["loss_type"], summary["beta"], summary["reward"], summary["prompts"]) == \
         ("grpo", "dapo", 0.0, ["exact_match"], 4)

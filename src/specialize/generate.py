@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,10 @@ class Completion:
     # The server's `logprobs`: per answer token (token id, log-probability, [(id, log-probability)] of the
     # most likely tokens), from the model's own distribution; None when not asked for.
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    # The token ids as sampled: the answer's, then the stop token that ended it when one did (what GRPO
+    # trains on; re-tokenising `text` gives other ids). None when a stop string cut the text, or when
+    # the answer did not come from this module's generator. Not compared: equal answers are equal.
+    ids: list[int] | None = field(default=None, compare=False)
 
     @property
     def stopped(self) -> bool:
@@ -372,6 +376,7 @@ class Generator:
         while tokens and tokens[-1] == self.pad_id and self.pad_id not in self.stop_ids:
             tokens = tokens[:-1]  # finished early in a batch: padded after
         end = self._first_stop(tokens)
+        sampled = list(tokens[: end + 1])
         if end < len(tokens):
             tokens = tokens[:end]
             finish = "stop"
@@ -380,8 +385,8 @@ class Generator:
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         for s in stop:
             if s in text:
-                text, finish = text[: text.index(s)], "stop"
-        return Completion(text, finish, prompt_tokens, len(tokens))
+                text, finish, sampled = text[: text.index(s)], "stop", None
+        return Completion(text, finish, prompt_tokens, len(tokens), ids=sampled)
 
     def _first_stop(self, tokens: list[int]) -> int:
         """The index of the first stop token in `tokens`, or len(tokens) when there is none."""

@@ -165,8 +165,14 @@ class GRPOBatches:
         return GRPOBatch(collate_padded(encoded, self.pad_id), advantages)
 
     def encode(self, prompt: Prompt, completion: Completion) -> Encoded:
-        """An answer that ended by itself is trained as SFT would train it, end of turn included; one cut
-        at the token budget is its text after the prompt, with no end of turn (it did not end)."""
+        """The prompt and the answer's ids as sampled: an answer that ended by itself keeps the end of
+        turn it sampled (as TRL's completion mask does), one cut at the token budget has none (it did
+        not end). Re-tokenising the decoded text gives other ids (merges, spaces, dropped special
+        tokens), so the loss would score tokens the model never chose. Without sampled ids (an answer
+        not from `generate_ids`): SFT's encoding of a stopped answer, the text's ids of a cut one."""
+        if completion.ids is not None:
+            ids = list(completion.ids)
+            return Encoded(prompt.ids + ids, [IGNORE] * len(prompt.ids) + ids, prompt.source)
         if completion.finish_reason == "stop":
             answer = [{"role": "assistant", "content": completion.text}]
             return encode_answer(prompt.messages, answer, self.generator.tokenizer, self.template, prompt.source)
