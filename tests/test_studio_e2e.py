@@ -47,10 +47,15 @@ def workspace(tmp_path_factory, tiny_llama, qa8_run) -> Path:
         {"question": "Which gas do plants take in?", "answer": "Plants take in carbon dioxide."},
         {"question": "What is frozen water called?", "answer": "Frozen water is called ice."}])
     write_jsonl(root / "docs.jsonl", [{"text": q["answer"], "source": f"fact-{i}"} for i, q in enumerate(QA)])
-    shutil.copytree(qa8_run, root / "runs" / "qa8")  # a finished run (its base is recorded as a path)
+    shutil.copytree(qa8_run, root / "runs" / "qa8")  # a finished run
     compare(CompareConfig(model=str(root / "runs" / "qa8"), data=[str(root / "data" / "qa.jsonl")],
                           docs=str(root / "docs.jsonl"), max_new_tokens=24, out=root / "runs" / "qa8" / "compare"),
             progress=False)
+    # As a user's project holds it: the run's recorded base is the model inside the workspace (the
+    # studio loads nothing from outside it). After compare, which resolved the base from the original.
+    for name in ("train_summary.json", "config.yaml"):
+        path = root / "runs" / "qa8" / name
+        path.write_text(path.read_text(encoding="utf-8").replace(str(tiny_llama), "models/tiny"), encoding="utf-8")
     return root
 
 
