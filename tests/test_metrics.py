@@ -258,3 +258,14 @@ def test_score_errors():
         score("summarize", [{"prediction": "x", "reference": "y"}])
     with pytest.raises(UserError, match="empty"):
         score("qa", [])
+
+
+def test_rouge_leaves_the_root_logger_alone():
+    """Scoring must not configure logging: absl's basicConfig made bm25s' debug records print."""
+    import subprocess
+    import sys
+
+    code = ("import logging; from specialize.evaluate.metrics import rouge_l; "
+            "assert rouge_l('a b c', ['a b d']) > 0; print(len(logging.getLogger().handlers))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stderr

@@ -92,9 +92,12 @@ def token_f1(prediction: str, references: list[str]) -> float:
 @lru_cache(maxsize=1)
 def _rouge_scorer():
     # Imported lazily: rouge_score pulls in nltk and absl, which the training path never needs.
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    # The tokenizer is passed explicitly: built by default, rouge_score logs through absl, whose first
+    # log call runs logging.basicConfig() and gives the root logger a stderr handler, after which
+    # other libraries' debug records (bm25s logs at DEBUG) print in the user's terminal.
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=tokenizers.DefaultTokenizer(False))
 
 
 def rouge_l(prediction: str, references: list[str]) -> float:
