@@ -142,3 +142,20 @@ def test_number_lists_take_commas_and_repeats(monkeypatch):
     assert default.exit_code == 0 and seen[-1].fractions == [0.1, 0.25, 0.5, 1.0]
     bad = CliRunner().invoke(app, ["curve", "--base", "b", "--fractions", "0,2"])
     assert bad.exit_code != 0
+
+
+def test_no_progress_also_silences_the_libraries_bars(monkeypatch):
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(importlib.import_module("specialize.finetune"), "finetune", lambda cfg: None)
+    hf_logging.enable_progress_bar()  # an earlier in-process --no-progress run may have switched them off
+    enable_progress_bars()
+    try:
+        assert CliRunner().invoke(app, ["finetune", "--base", "b"]).exit_code == 0
+        assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+        assert CliRunner().invoke(app, ["finetune", "--base", "b", "--no-progress"]).exit_code == 0
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:  # global switches: the rest of the suite keeps its defaults
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()

@@ -113,6 +113,16 @@ def field_parameter(cls: type[StageConfig], field: str, info: FieldInfo, *, argu
                              default=typer.Option(default, *names, **options))
 
 
+def quiet_library_bars() -> None:
+    """`--no-progress` also silences the bars transformers and huggingface_hub draw while loading and
+    saving weights ("Loading weights: 100%|...", one per load, in every log)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def config_command(app: typer.Typer, cls: type[StageConfig], name: str | None = None, *,
                    arguments: Sequence[str] = (), aliases: dict[str, Sequence[str]] | None = None,
                    extra: Sequence[inspect.Parameter] = ()) -> Callable:
@@ -141,7 +151,10 @@ def config_command(app: typer.Typer, cls: type[StageConfig], name: str | None = 
             # A flag left out must not override the YAML file: only flags the user typed count.
             given = {k: v for k, v in values.items()
                      if ctx.get_parameter_source(k).name not in ("DEFAULT", "DEFAULT_MAP")}
-            return body(load_config(cls, config_file, **given), **passed)
+            cfg = load_config(cls, config_file, **given)
+            if getattr(cfg, "progress", True) is False:
+                quiet_library_bars()
+            return body(cfg, **passed)
 
         params.insert(0, inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context))
         command.__signature__ = inspect.Signature(params)  # what typer reads the flags from
