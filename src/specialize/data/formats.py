@@ -90,14 +90,15 @@ def message_text(message: dict[str, Any]) -> str:
     return (text + "\n" if text else "") + render_tool_calls(calls)
 
 
-def detect_shape(row: dict[str, Any], path: str, line: int | None) -> str:
+def detect_shape(row: dict[str, Any], path: str, line: int | None, shapes: dict[str, tuple] = SHAPES,
+                 unknown: str = "cannot tell the data shape from") -> str:
+    """The first of `shapes` whose required fields the row has; else one line naming the fields."""
     keys = set(row)
-    for shape, required in SHAPES.items():
+    for shape, required in shapes.items():
         if set(required) <= keys:
             return shape
-    known = "; ".join("/".join(fields) for fields in SHAPES.values())
-    raise UserError(f"cannot tell the data shape from fields {sorted(keys)} (expected one of: {known})",
-                    path=path, line=line)
+    known = "; ".join("/".join(fields) for fields in shapes.values())
+    raise UserError(f"{unknown} fields {sorted(keys)} (expected one of: {known})", path=path, line=line)
 
 
 def _string(row: dict[str, Any], name: str, record: Record, *, allow_empty: bool = False) -> str:

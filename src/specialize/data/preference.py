@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from specialize.data import formats
 from specialize.data.formats import ROLES, Example, read_shaped
 from specialize.data.io import Record
 from specialize.data.templates import Template
@@ -54,12 +55,8 @@ class Preference:
 
 
 def detect_shape(row: dict[str, Any], path: str, line: int | None) -> str:
-    keys = set(row)
-    for shape, required in SHAPES.items():
-        if set(required) <= keys:
-            return shape
-    known = "; ".join("/".join(fields) for fields in SHAPES.values())
-    raise UserError(f"not preference data: fields {sorted(keys)} (expected one of: {known})", path=path, line=line)
+    """The preference shape of a row (pairs, OpenAI's, KTO's), as SFT data's shape is detected."""
+    return formats.detect_shape(row, path, line, SHAPES, "not preference data:")
 
 
 def _fail(record: Record, name: str, message: str) -> UserError:
