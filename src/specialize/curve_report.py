@@ -21,7 +21,7 @@ from html import escape
 from pathlib import Path
 from statistics import mean
 
-from specialize.evaluate.report import COLORS, CSS, _cell, _plot, _table, _ticks
+from specialize.evaluate.report import COLORS, CSS, _cell, _plot, _table, _ticks, svg_axes
 from specialize.files import write_atomic
 
 METRIC = "f1"
@@ -133,18 +133,11 @@ def log_plot(series: dict[str, list[tuple[int, float, float, float]]], y_label: 
     def sy(y: float) -> float:
         return height - bottom - (y - y_lo) / ((y_hi - y_lo) or 1) * (height - top - bottom)
 
+    # x ticks at the sizes measured: a log axis labelled in examples
     out = [f'<svg width="{width}" height="{height}" role="img" class="curve">',
-           f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#888"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>']
-    for n in sorted({p[0] for p in pts}):  # ticks at the sizes measured: a log axis labelled in examples
-        out.append(f'<text x="{sx(n):.1f}" y="{height - bottom + 14}" text-anchor="middle">{n:,}</text>')
-    for t in _ticks(y_lo, y_hi):
-        out.append(f'<text x="{left - 5}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>'
-                   f'<line x1="{left}" y1="{sy(t):.1f}" x2="{width - right}" y2="{sy(t):.1f}" stroke="#eee"/>')
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
-               f'training examples (log scale)</text>')
-    out.append(f'<text x="12" y="{(top + height - bottom) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 12 {(top + height - bottom) / 2})">{escape(y_label)}</text>')
+           *svg_axes((width, height, left, right, top, bottom),
+                     [(sx(n), f"{n:,}") for n in sorted({p[0] for p in pts})],
+                     [(sy(t), f"{t:g}") for t in _ticks(y_lo, y_hi)], "training examples (log scale)", y_label)]
     for i, (name, values) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         band = [(sx(n), sy(hi)) for n, _, _, hi in values] + [(sx(n), sy(lo)) for n, _, lo, _ in reversed(values)]

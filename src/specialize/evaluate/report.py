@@ -70,6 +70,23 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+def svg_axes(box: tuple[int, ...], x_ticks: list[tuple[float, str]], y_ticks: list[tuple[float, str]],
+             x_label: str, y_label: str) -> list[str]:
+    """A chart's axes, tick labels, grid lines and axis titles; ticks are (pixel position, label)."""
+    width, height, left, right, top, bottom = box
+    out = [f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#888"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>']
+    out += [f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{escape(label)}</text>'
+            for x, label in x_ticks]
+    out += [f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{escape(label)}</text>'
+            f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eee"/>' for y, label in y_ticks]
+    middle = (top + height - bottom) / 2
+    return out + [f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
+                  f'{escape(x_label)}</text>',
+                  f'<text x="12" y="{middle}" text-anchor="middle" transform="rotate(-90 12 {middle})">'
+                  f'{escape(y_label)}</text>']
+
+
 def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
           lines: bool, labels: bool = False, y_range: tuple[float, float] | None = None) -> str:
     """An SVG line chart (lines=True) or scatter plot of named point series."""
@@ -90,17 +107,8 @@ def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: s
         return height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)
 
     out = [f'<svg width="{width}" height="{height}" role="img">',
-           f'<line x1="{left}" y1="{sy(y_lo):.1f}" x2="{width - right}" y2="{sy(y_lo):.1f}" stroke="#888"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>']
-    for t in _ticks(x_lo, x_hi):
-        out.append(f'<text x="{sx(t):.1f}" y="{height - bottom + 14}" text-anchor="middle">{t:g}</text>')
-    for t in _ticks(y_lo, y_hi):
-        out.append(f'<text x="{left - 5}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>'
-                   f'<line x1="{left}" y1="{sy(t):.1f}" x2="{width - right}" y2="{sy(t):.1f}" stroke="#eee"/>')
-    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
-               f'{escape(x_label)}</text>')
-    out.append(f'<text x="12" y="{(top + height - bottom) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 12 {(top + height - bottom) / 2})">{escape(y_label)}</text>')
+           *svg_axes((width, height, left, right, top, bottom), [(sx(t), f"{t:g}") for t in _ticks(x_lo, x_hi)],
+                     [(sy(t), f"{t:g}") for t in _ticks(y_lo, y_hi)], x_label, y_label)]
     for i, (name, pts) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         if lines and len(pts) > 1:
