@@ -92,3 +92,10 @@ def qa8_run(tmp_path_factory, tiny_llama) -> Path:
     return finetune(FinetuneConfig(base=str(tiny_llama), data=[str(QA8)], out=out,
                                    epochs=150, learning_rate=5e-3, micro_batch_size=8, warmup_steps=0,
                                    progress=False))
+
+
+@pytest.fixture
+def plain_output(monkeypatch):
+    """Rich treats FORCE_COLOR as a terminal; lint's plain ⟦ ⟧ output is what the lint tests pin."""
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)

@@ -191,3 +191,12 @@ class NetworkGuard:
 
 
 NETWORK_GUARD = NetworkGuard()
+
+
+def run_lint(capsys, **fields) -> tuple[int, str]:
+    """`specialize lint` with these LintConfig fields: (exit code, what it printed)."""
+    from specialize.config import LintConfig
+    from specialize.data.lint import lint
+
+    code = lint(LintConfig(**fields))
+    return code, capsys.readouterr().out

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import run_lint
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -25,6 +26,8 @@ from specialize.data.similarity import jaccard, matches, shingles, similar_pairs
 from specialize.data.templates import resolve_template
 from specialize.data.tokenize import encode_chat
 from specialize.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("plain_output")  # lint's plain ⟦ ⟧ output is what these tests pin
 
 ASSETS = Path(__file__).parent / "assets"
 LINT = ASSETS / "lint"
@@ -41,18 +44,6 @@ PROMPT_NOT_PREFIX = ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 
 DROPS_ANSWER = ("{%- for m in messages -%}{%- if m['role'] == 'user' -%}{{ 'Q: ' + m['content'] + '\\n' }}"
                 "{%- else -%}{{ 'A:' }}{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{ 'A:' }}{%- endif -%}")
 RENDERS_NOTHING = "{%- for m in messages -%}{%- endfor -%}"
-
-
-@pytest.fixture(autouse=True)
-def _plain_output(monkeypatch):
-    """Rich treats FORCE_COLOR as a terminal; lint's plain ⟦ ⟧ output is what these tests pin."""
-    monkeypatch.delenv("FORCE_COLOR", raising=False)
-    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
-
-
-def run_lint(capsys, **fields) -> tuple[int, str]:
-    code = lint(LintConfig(**fields))
-    return code, capsys.readouterr().out
 
 
 def variant(base: Path, out: Path, chat_template: str | None = None, split_special_tokens: bool = False) -> str:

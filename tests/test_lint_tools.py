@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from helpers import write_jsonl
+from helpers import run_lint, write_jsonl
 
-from specialize.config import LintConfig
-from specialize.data.lint import lint
+pytestmark = pytest.mark.usefixtures("plain_output")  # lint's plain ⟦ ⟧ output is what these tests pin
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -23,17 +22,6 @@ def row(calls: list[dict], results: list[dict] | None = None, tools=(WEATHER,), 
     return {"tools": list(tools), **extra, "messages": [
         {"role": "user", "content": "Weather?"}, {"role": "assistant", "content": None, "tool_calls": calls},
         *results, {"role": "assistant", "content": "It is sunny."}]}
-
-
-@pytest.fixture(autouse=True)
-def _plain_output(monkeypatch):
-    monkeypatch.delenv("FORCE_COLOR", raising=False)
-    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
-
-
-def run_lint(capsys, **fields) -> tuple[int, str]:
-    code = lint(LintConfig(**fields))
-    return code, capsys.readouterr().out
 
 
 def test_clean_tool_data_passes_and_shows_the_calls_trained(tmp_path, capsys):
