@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from finetune_135m_vs_trl import LORA, SIZES, build_workspace, timed  # noqa: E402  same model, tokenizer, timing
+from finetune_135m_vs_trl import LORA, SIZES, build_workspace, timed, trl_inputs  # noqa: E402  same model, tokenizer, timing
 
 SIZES = {**SIZES, "30m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
                               num_key_value_heads=2, vocab_size=49152)}
@@ -82,18 +82,10 @@ def trl_worker(job: dict) -> None:
     """Runs in its own process: DPOTrainer (+ PEFT LoRA) on prompt/chosen/rejected text."""
     import torch
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     cuda = job["device"] == "cuda"
-    tokenizer = AutoTokenizer.from_pretrained(job["base"])
-    model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=torch.float32)
-    peft_config = None
-    if job["method"] == "lora":
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    tokenizer, model, peft_config = trl_inputs(job)
     args = DPOConfig(
         output_dir=job["out"], num_train_epochs=1, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=1, learning_rate=LEARNING_RATE[job["method"]], lr_scheduler_type="cosine",

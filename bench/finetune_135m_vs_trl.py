@@ -110,14 +110,11 @@ def run_trl(ws: dict, out: Path, env: dict, method: str, packing: bool, device: 
     return {"process_s": seconds, "rss_mib": rss, "model": out / "model"}
 
 
-def trl_worker(job: dict) -> None:
-    """Runs in its own process: SFTTrainer (+ PEFT LoRA) on prompt/completion data, completion-only loss."""
+def trl_inputs(job: dict) -> tuple:
+    """(tokenizer, fp32 model, PEFT LoRA config or None) as every TRL worker of the benchmarks loads them."""
     import torch
-    from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    cuda = job["device"] == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(job["base"])
     model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=torch.float32)
     peft_config = None
@@ -126,6 +123,17 @@ def trl_worker(job: dict) -> None:
 
         peft_config = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                                  target_modules="all-linear", task_type="CAUSAL_LM")
+    return tokenizer, model, peft_config
+
+
+def trl_worker(job: dict) -> None:
+    """Runs in its own process: SFTTrainer (+ PEFT LoRA) on prompt/completion data, completion-only loss."""
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    cuda = job["device"] == "cuda"
+    tokenizer, model, peft_config = trl_inputs(job)
     args = SFTConfig(
         output_dir=job["out"], num_train_epochs=1, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=1, learning_rate=LEARNING_RATE[job["method"]], lr_scheduler_type="cosine",
