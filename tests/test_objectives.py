@@ -68,7 +68,8 @@ def test_kto_is_ethayarajh_eq_8_with_the_batch_kl_estimate():
     assert zero.tolist() == pytest.approx([1 - sig(0.2), 1 - sig(0.2), 1 - sig(0.05)], abs=1e-12)
 
 
-def trl_dpo_loss(loss_type: str, beta: float, pc, pr, rc, rr, nc, nr) -> float:
+def trl_dpo_loss(loss_type: str | list[str], beta: float, pc, pr, rc, rr, nc, nr,
+                 weights: list[float] | None = None) -> float:
     """TRL 1.16's own DPOTrainer._compute_loss, run on fixed log-probs.
 
     TRL has no standalone DPO loss function any more (the formula lives inside `_compute_loss`),
@@ -82,7 +83,8 @@ def trl_dpo_loss(loss_type: str, beta: float, pc, pr, rc, rr, nc, nr) -> float:
     for row, count in enumerate(torch.cat([nc, nr]).tolist()):
         completion_mask[row, 1: 1 + count] = 1
     log_probs = torch.zeros(2 * n, width - 1, dtype=torch.float64)
-    log_probs[:, 0] = torch.cat([pc, pr])  # summed over the sequence by TRL
+    for row, (total, count) in enumerate(zip(torch.cat([pc, pr]).tolist(), torch.cat([nc, nr]).tolist())):
+        log_probs[row, :count] = total / count  # per token; TRL sums them (DPO) or averages them (its sft term)
 
     def model(**kwargs):
         shape = log_probs.shape
@@ -94,7 +96,8 @@ def trl_dpo_loss(loss_type: str, beta: float, pc, pr, rc, rr, nc, nr) -> float:
         model=SimpleNamespace(training=True), accelerator=SimpleNamespace(device="cpu", gather=same,
                                                                           gather_for_metrics=same),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
+        loss_types=[loss_type] if isinstance(loss_type, str) else loss_type,
+        loss_weights=weights or [1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
         _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(2 * n, width, dtype=torch.long), "attention_mask": torch.ones(2 * n, width),
               "completion_mask": completion_mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
@@ -105,6 +108,18 @@ def trl_dpo_loss(loss_type: str, beta: float, pc, pr, rc, rr, nc, nr) -> float:
 def test_dpo_sigmoid_equals_trl(beta):
     ours = losses.dpo_sigmoid(PC, PR, RC, RR, beta).mean()
     assert float(ours) == pytest.approx(trl_dpo_loss("sigmoid", beta, PC, PR, RC, RR, NC, NR), abs=1e-5)
+
+
+def test_chosen_nll_is_the_mean_token_nll_of_the_chosen_answers():
+    assert float(losses.chosen_nll(PC, NC)) == pytest.approx((12.0 + 30.5) / (4 + 10), abs=1e-12)
+
+
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_dpo_with_the_sft_term_equals_trl(weight):
+    """RPO: TRL's loss_type=["sigmoid", "sft"] with loss_weights [1, w] on one micro-batch."""
+    ours = losses.dpo_sigmoid(PC, PR, RC, RR, 0.1).mean() + weight * losses.chosen_nll(PC, NC)
+    trl = trl_dpo_loss(["sigmoid", "sft"], 0.1, PC, PR, RC, RR, NC, NR, weights=[1.0, weight])
+    assert float(ours) == pytest.approx(trl, abs=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])

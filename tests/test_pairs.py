@@ -29,6 +29,28 @@ def test_pick_pair_best_and_worst_with_ties_toward_stopping():
     # an empty answer is never paired (check_preferences refuses an empty side): the next worst is rejected
     assert pick_pair([1.0, 0.0, 0.5], [_c("good"), _c(" "), _c("meh")], 0.1) == (0, 2)
     assert pick_pair([1.0, 0.0], [_c("good"), _c("")], 0.1) is None
+    # a fixed chosen side (--chosen reference, the last one) against the worst of the others
+    assert pick_pair([0.2, 0.9, 0.2, 1.0], [_c("a"), _c("b"), _c("c", "length"), _c("ref")], 0.1, chosen=3) == (3, 2)
+    assert pick_pair([0.2, 0.95, 1.0], [_c("a"), _c("b"), _c("ref")], 0.1, chosen=1) == (1, 0)
+    assert pick_pair([0.95, 1.0], [_c("a"), _c("ref")], 0.1, chosen=1) is None  # margin 0.05
+
+
+def test_pairs_with_the_reference_as_chosen(qa8_run, tmp_path):
+    """--chosen reference: every pair prefers the question's reference over the run's worst sample."""
+    questions = {json.loads(x)["question"]: json.loads(x)["answer"] for x in QA8.read_text().splitlines()}
+    common = dict(model=str(qa8_run), data=[str(QA8)], samples=3, temperature=2.0, max_new_tokens=12, progress=False)
+    best = make_pairs(PairsConfig(**common, out=tmp_path / "best.jsonl"))
+    summary = make_pairs(PairsConfig(**common, chosen="reference", out=tmp_path / "ref.jsonl"))
+    rows = [json.loads(line) for line in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    assert summary.pairs == len(rows) >= best.pairs and rows
+    for row in rows:
+        assert row["chosen"] == questions[row["prompt"]] and row["grade_chosen"] == 1.0
+        assert row["grade_rejected"] <= 0.9 and row["rejected"] != row["chosen"]
+    # the same samples (same seed): each rejected answer is the worst of that question's samples in --chosen best
+    by_prompt = {json.loads(x)["prompt"]: json.loads(x) for x in (tmp_path / "best.jsonl").read_text().splitlines()}
+    for row in rows:
+        if row["prompt"] in by_prompt:
+            assert row["grade_rejected"] == by_prompt[row["prompt"]]["grade_rejected"]
 
 
 def test_pairs_from_a_run_train_dpo(qa8_run, tmp_path):

@@ -142,6 +142,30 @@ def test_dpo_full_makes_the_sft_model_say_the_preferred_answers(sft_run, tmp_pat
     assert (run / "reference_logps.safetensors").is_file()
 
 
+def test_the_sft_term_keeps_dpo_from_lowering_the_preferred_answers(sft_run, tmp_path):
+    """RPO (--sft-weight): step 1 adds the chosen answers' mean token NLL to log 2, and the preferred
+    answers' log-ratio ends higher than plain DPO leaves it (DPO alone lowers both sides)."""
+    data = _pairs(tmp_path / "pairs.jsonl")
+
+    def dpo(name: str, weight: float):
+        return finetune(FinetuneConfig(base=str(sft_run), data=[str(data)], out=tmp_path / name, objective="dpo",
+                                       beta=0.1, sft_weight=weight, method="full", max_steps=6, learning_rate=1e-4,
+                                       micro_batch_size=8, warmup_steps=0, progress=False))
+
+    plain, rpo = dpo("plain", 0.0), dpo("rpo", 1.0)
+    first = {name: [r for r in run.read_metrics() if "loss" in r][0]["loss"] for name, run in
+             (("plain", plain), ("rpo", rpo))}
+    assert first["plain"] == pytest.approx(math.log(2), abs=1e-5)
+    assert first["rpo"] > math.log(2) + 0.1  # the SFT model gives the answers it is asked to prefer low probability
+    chosen = {name: [r["rewards/chosen"] for r in run.read_metrics() if "rewards/chosen" in r][-1]
+              for name, run in (("plain", plain), ("rpo", rpo))}
+    assert chosen["rpo"] > chosen["plain"] and chosen["rpo"] > 0
+    assert rpo.read_summary()["sft_weight"] == 1.0 and plain.read_summary()["sft_weight"] == 0.0
+    with pytest.raises(UserError, match="--sft-weight works with --objective dpo only, not kto"):
+        finetune(FinetuneConfig(base=str(sft_run), data=[str(data)], out=tmp_path / "kto", objective="kto",
+                                sft_weight=1.0, progress=False))
+
+
 # At step 1 the policy is the reference (LoRA's B starts at 0): IPO gives (0 - 1/(2β))² = 25, KTO 1 - σ(0) = 0.5.
 @pytest.mark.parametrize("objective, first_loss", [("dpo", 25.0), ("kto", 0.5), ("orpo", None)])
 def test_lora_objectives_run_on_the_same_loop(sft_run, tmp_path, objective, first_loss):

@@ -57,6 +57,7 @@ def test_default_build_has_the_promised_sizes(built, manifest):
     assert counts["train_facts"] == 600 and counts["facts"] >= 1000
     assert counts["train"] == 600 * len(pydocs.TRAIN_TEMPLATES) == len(read_jsonl(built.train))
     assert counts["seen"] == counts["unseen"] == counts["keywords_test"] == 200
+    assert counts["practice"] == 600 * len(pydocs.PRACTICE_TEMPLATES) == len(read_jsonl(built.practice))
     assert 0 < counts["routing_test"] <= 200 and counts["routing_train"] > counts["routing_test"]
     assert 300_000 < counts["corpus_chars"] < 5_000_000  # a few MB at most: minutes of CPU pre-training
     assert len(list(built.corpus_dir.glob("*.txt"))) == counts["modules"] == len(manifest["modules"]) > 100
@@ -67,14 +68,19 @@ def test_default_build_has_the_promised_sizes(built, manifest):
 
 def test_splits_are_disjoint(built):
     train, seen, unseen = read_jsonl(built.train), read_jsonl(built.seen), read_jsonl(built.unseen)
+    practice = read_jsonl(built.practice)
     train_ids = {r["id"] for r in train}
     assert not train_ids & {r["id"] for r in unseen}  # whole facts held out
     assert {r["id"] for r in seen} <= train_ids  # seen asks about trained facts ...
     train_questions = {r["question"] for r in train}
     assert not train_questions & {r["question"] for r in seen}  # ... in phrasings never trained on
+    # practice asks every trained fact in phrasings neither trained on nor tested
+    assert {r["id"] for r in practice} == train_ids
+    assert not {r["question"] for r in practice} & (train_questions | {r["question"] for r in seen + unseen})
     # every training row comes from a training phrasing, every held-out row from a held-out one
     facts = {f["id"]: f for f in read_jsonl(built.facts)}
-    for rows, templates in ((train, pydocs.TRAIN_TEMPLATES), (seen + unseen, pydocs.HELDOUT_TEMPLATES)):
+    for rows, templates in ((train, pydocs.TRAIN_TEMPLATES), (seen + unseen, pydocs.HELDOUT_TEMPLATES),
+                             (practice, pydocs.PRACTICE_TEMPLATES)):
         for row in rows:
             f = facts[row["id"]]
             phrasings = {t.format(qualname=f["id"], name=f["name"], module=f["module"], kind=f["kind"])

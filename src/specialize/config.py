@@ -123,6 +123,9 @@ class FinetuneConfig(TrainConfig):
                                    "come from --replay-data")
     dpo_loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="dpo: sigmoid (Rafailov et al. 2023) or ipo "
                                                 "(Azar et al. 2023, on per-token mean log-ratios as TRL)")
+    sft_weight: float = Field(0.0, ge=0, description="dpo: add the chosen answers' SFT loss (mean token NLL) "
+                              "times this weight, so DPO does not lower the preferred answers too (RPO, Pang et "
+                              "al. 2024; TRL's loss_type [sigmoid, sft]); 0: plain DPO")
 
 
 class PretrainConfig(TrainConfig):
@@ -353,6 +356,9 @@ class PairsConfig(StageConfig):
     grade: str = Field("f1", description="how answers are graded: f1, exact_match, judge, or module:function")
     min_margin: float = Field(0.1, ge=0, description="smallest grade difference between chosen and rejected; "
                               "questions whose answers all grade alike give no pair")
+    chosen: Literal["best", "reference"] = Field("best", description="chosen side: best, the best-graded sample; "
+                                                  "reference, the question's reference answer (graded too), so "
+                                                  "questions the model always gets wrong also give pairs")
     temperature: float = Field(1.0, gt=0, le=2, description="sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     max_new_tokens: int = Field(64, gt=0, description="most tokens per answer")

@@ -71,6 +71,8 @@ def finetune(cfg: FinetuneConfig) -> RunDir:
         raise UserError("no base model given (use --base HUB_ID_OR_FOLDER)")
     if cfg.objective != "sft" and (cfg.retention or cfg.replay_data):
         raise UserError(f"--retention and --replay-data work with --objective sft only, not {cfg.objective}")
+    if cfg.sft_weight and cfg.objective != "dpo":
+        raise UserError(f"--sft-weight works with --objective dpo only, not {cfg.objective}")
     accelerator = make_accelerator(cfg.precision, cfg.report_to, cfg.out)
     main = accelerator.is_main_process
     # First, before minutes of loading: a folder we may not write is refused at once.

@@ -8,7 +8,9 @@ temperature sampling, seeded), each answer is graded (`objectives.rewards`: the 
 rewards with), and the best and the worst answer become one pair in TRL's prompt/chosen/rejected
 format, when their grades differ by at least `--min-margin`. Ties are broken toward teaching the
 model to stop: among equally good answers the chosen one ended by itself if any did, among equally
-bad ones the rejected one was cut at the token budget if any was.
+bad ones the rejected one was cut at the token budget if any was. With `--chosen reference` the
+question's own reference answer is the chosen side (graded like a sample) against the worst sample,
+so a question the model gets wrong every time still teaches something (SPIN's pairing, Chen et al. 2024).
 """
 
 from __future__ import annotations
@@ -41,20 +43,22 @@ class PairsSummary:
                 f"(grades less than --min-margin {min_margin} apart; empty answers are never paired)")
 
 
-def pick_pair(grades: list[float], completions: list[Completion], min_margin: float) -> tuple[int, int] | None:
+def pick_pair(grades: list[float], completions: list[Completion], min_margin: float,
+              chosen: int | None = None) -> tuple[int, int] | None:
     """(chosen, rejected) indices of one question's answers, or None when no pair is far enough apart.
 
-    Chosen: the best grade, preferring an answer that ended by itself; rejected: the worst grade,
+    Chosen: the given index, else the best grade, preferring an answer that ended by itself; rejected: the worst grade,
     preferring one cut at the token budget; the first in sampling order after that. Answers with the
     same text are never paired, and the margin must be above 0 even with --min-margin 0. Empty
     answers are left out: preference data with an empty side is refused by `check_preferences`
     (for written data it is a mistake), so such a pair could not be trained without --allow-data-errors.
     """
     order = [i for i in range(len(grades)) if completions[i].text.strip()]
-    if len(order) < 2:
+    if len(order) < 2 or (chosen is not None and chosen not in order):
         return None
-    chosen = min(order, key=lambda i: (-grades[i], not completions[i].stopped, i))
-    rejected = min(order, key=lambda i: (grades[i], completions[i].stopped, i))
+    if chosen is None:
+        chosen = min(order, key=lambda i: (-grades[i], not completions[i].stopped, i))
+    rejected = min((i for i in order if i != chosen), key=lambda i: (grades[i], completions[i].stopped, i))
     margin = grades[chosen] - grades[rejected]
     if margin <= 0 or margin < min_margin or completions[chosen].text.strip() == completions[rejected].text.strip():
         return None
@@ -93,17 +97,25 @@ def make_pairs(cfg: PairsConfig) -> PairsSummary:
                     on_batch=lambda done, total: bar.update(task, completed=done))
             except ContextOverflow as e:
                 raise UserError(f"{examples[e.index // cfg.samples].source}: {e}") from None
-        samples = [Sample(p, c.text, e.reference, c.finish_reason, c.completion_tokens)
-                   for p, c, e in zip(asked, completions, (e for e in examples for _ in range(cfg.samples)))]
+        per_question = cfg.samples
+        if cfg.chosen == "reference":  # each question's reference, graded like one more sample after its own
+            per_question += 1
+            completions = [c for q, e in enumerate(examples) for c in (
+                *completions[q * cfg.samples: (q + 1) * cfg.samples],
+                Completion(e.reference, "stop", 0, len(generator.tokenizer.encode(e.reference,
+                                                                                  add_special_tokens=False))))]
+        samples = [Sample(prompts[k // per_question], c.text, examples[k // per_question].reference,
+                          c.finish_reason, c.completion_tokens) for k, c in enumerate(completions)]
         grades = rewards.score(samples)[cfg.grade]
     rows, no_margin = [], 0
+    fixed = cfg.samples if cfg.chosen == "reference" else None
     for q, example in enumerate(examples):
-        span = slice(q * cfg.samples, (q + 1) * cfg.samples)
-        picked = pick_pair(grades[span], completions[span], cfg.min_margin)
+        span = slice(q * per_question, (q + 1) * per_question)
+        picked = pick_pair(grades[span], completions[span], cfg.min_margin, chosen=fixed)
         if picked is None:
             no_margin += 1
             continue
-        chosen, rejected = (q * cfg.samples + i for i in picked)
+        chosen, rejected = (q * per_question + i for i in picked)
         rows.append(_pair_row(prompts[q], completions[chosen].text, completions[rejected].text,
                               (grades[chosen], grades[rejected])))
     out = write_jsonl(cfg.out, rows)

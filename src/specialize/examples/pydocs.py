@@ -7,6 +7,8 @@ into the demo's data the way a company would use its own docs, once, then from t
     facts.jsonl                  every usable fact {id, module, name, kind, signature, purpose, split}
     train.jsonl                  Q&A about `facts` facts, each in every training phrasing
     seen.jsonl                   trained facts asked in phrasings never used in training
+    practice.jsonl               every trained fact in each practice phrasing (neither trained nor
+                                 tested): questions for `specialize pairs` and reward tuning
     unseen.jsonl                 facts never trained on (the answer is only in the corpus)
     routing_{train,test}.jsonl   text -> name of the module it documents
     keywords_{train,test}.jsonl  purpose sentence -> qualified name of the function it describes
@@ -36,7 +38,7 @@ from specialize.examples.stdlib_docs import Entry, read_library, render_module, 
 from specialize.files import write_json, write_jsonl
 from specialize.progress import progress_bar
 
-BUILD_VERSION = 1  # bump whenever a build's output changes for the same Python: it invalidates caches
+BUILD_VERSION = 2  # bump whenever a build's output changes for the same Python: it invalidates caches
 
 # Question phrasings. Training uses TRAIN_TEMPLATES only; `seen` and `unseen` ask in HELDOUT_TEMPLATES,
 # so a right answer there means the model learnt the fact, not the sentence it was asked in.
@@ -53,6 +55,14 @@ HELDOUT_TEMPLATES = (
     "What is the {kind} {name} of the {module} module for?",
     "Summarize the documentation of {qualname}.",
     "I'm reading code that uses {name} from {module}. What does it do?",
+)
+# A third set, disjoint from both: how users might ask about trained facts in their own words.
+# Preference and reward tuning sample the model's answers to these (`practice.jsonl`), so what they
+# teach is tested on `seen`'s phrasings, which neither fine-tuning step ever saw.
+PRACTICE_TEMPLATES = (
+    "Can you explain what {qualname} is for?",
+    "Quick question about the {module} module: what's {name}?",
+    "What job does the {kind} {qualname} have?",
 )
 ROUTING_PROMPT = "Which Python module does this text come from? {text}"
 KEYWORDS_PROMPT = "Which function, class or method of the Python standard library does this describe? {text}"
@@ -90,6 +100,7 @@ class PydocsPaths:
     train: Path
     seen: Path
     unseen: Path
+    practice: Path
     routing_train: Path
     routing_test: Path
     keywords_train: Path
@@ -99,7 +110,7 @@ class PydocsPaths:
     @classmethod
     def at(cls, root: Path) -> PydocsPaths:
         root = Path(root)
-        names = {f: root / f"{f}.jsonl" for f in ("facts", "train", "seen", "unseen", "routing_train",
+        names = {f: root / f"{f}.jsonl" for f in ("facts", "train", "seen", "unseen", "practice", "routing_train",
                                                    "routing_test", "keywords_train", "keywords_test")}
         return cls(root=root, corpus_dir=root / "corpus", manifest=root / "manifest.json", **names)
 
@@ -194,6 +205,7 @@ def _qa_rows(facts: list[Fact], eval_examples: int, seed: int) -> dict[str, list
         "train": [_question(t, f) for f in train for t in TRAIN_TEMPLATES],
         "seen": [heldout(f) for f in sorted(seen, key=lambda f: f.id)],
         "unseen": [heldout(f) for f in facts if f.split == "unseen"],
+        "practice": [_question(t, f) for f in train for t in PRACTICE_TEMPLATES],
     }
 
 
@@ -316,6 +328,7 @@ def build_pydocs(out_dir: Path, facts: int = 600, eval_examples: int = 200, seed
             "train": _write_rows(paths.train, qa["train"]),
             "seen": _write_rows(paths.seen, qa["seen"]),
             "unseen": _write_rows(paths.unseen, qa["unseen"]),
+            "practice": _write_rows(paths.practice, qa["practice"]),
             "routing_train": _write_rows(paths.routing_train, routing_train),
             "routing_test": _write_rows(paths.routing_test, routing_test),
             "keywords_train": _write_rows(paths.keywords_train, _keyword_rows(all_facts, "train")),

@@ -33,6 +33,15 @@ def ipo(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_ch
     return (h - 1 / (2 * beta)) ** 2
 
 
+def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' SFT loss, next to DPO (RPO, Pang et al. 2024): their mean token NLL (a scalar).
+
+    Averaged over all chosen tokens of the batch, as TRL's `loss_type=[..., "sft"]` does, so that it
+    pulls the preferred answers up instead of letting DPO lower both sides (the known drift).
+    """
+    return -policy_chosen.sum() / chosen_tokens.sum().clamp(min=1)
+
+
 def _log1m_exp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable near 0 (expm1); x is kept below 0 so a perfectly fitted
     answer (mean log-prob exactly 0 in float32) gives a large finite odds, not infinity."""

@@ -128,8 +128,8 @@ class PreferenceLoss:
     which `row()` returns for metrics.jsonl.
     """
 
-    def __init__(self, objective: str, beta: float, dpo_loss: str = "sigmoid"):
-        self.objective, self.beta, self.dpo_loss = objective, beta, dpo_loss
+    def __init__(self, objective: str, beta: float, dpo_loss: str = "sigmoid", sft_weight: float = 0.0):
+        self.objective, self.beta, self.dpo_loss, self.sft_weight = objective, beta, dpo_loss, sft_weight
         # sums and counts: chosen, rejected, margin, correct pairs, pairs, kl
         self._stats = torch.zeros(9, dtype=torch.float64)
 
@@ -162,6 +162,8 @@ class PreferenceLoss:
                 per_example = losses.ipo(chosen, rejected, ref_chosen, ref_rejected, beta, tokens[:n], tokens[n:])
             else:
                 per_example = losses.dpo_sigmoid(chosen, rejected, ref_chosen, ref_rejected, beta)
+            if self.sft_weight:  # TRL weighs each loss type's batch mean: n x the scalar, summed like the rest
+                per_example = per_example + self.sft_weight * losses.chosen_nll(chosen, tokens[:n])
             self._record(beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach())
         else:
             per_example = self._kto(model, batch, logps, only_targets)

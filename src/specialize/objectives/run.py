@@ -93,7 +93,7 @@ def finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokenize
     elif main and not cfg.resume:
         reference_path.unlink(missing_ok=True)  # an earlier full run's, which this run does not use
 
-    objective = PreferenceLoss(cfg.objective, cfg.beta, cfg.dpo_loss)
+    objective = PreferenceLoss(cfg.objective, cfg.beta, cfg.dpo_loss, cfg.sft_weight)
 
     def log_rewards(step: int, row: dict) -> dict:
         return objective.row()  # the loop writes it to metrics.jsonl and the trackers
@@ -110,7 +110,7 @@ def finetune_preferences(cfg: FinetuneConfig, run: RunDir, accelerator, tokenize
             "trainable_parameters": trainable, "total_parameters": total, unit: len(items),
             "dropped": dict(report.dropped)}
         if cfg.objective == "dpo":
-            summary["dpo_loss"] = cfg.dpo_loss
+            summary["dpo_loss"], summary["sft_weight"] = cfg.dpo_loss, cfg.sft_weight
         summary[f"{unit}_trained"] = summary.pop("tokens")  # the loop counts weight units: here, examples
         run.finish(model, tokenizer, summary, state_dict=result.full_state_dict)
         console.print(f"done: {result.steps} steps, {result.tokens:,} {unit} in {result.seconds:.1f}s, "
