@@ -3,7 +3,9 @@
     specialize generate --model runs/faq "How do I reset my password?"
 
 The prompt is rendered by the tokenizer's saved chat template with `add_generation_prompt=True`,
-the same call plain transformers or vLLM make, so outputs match outside specialize.
+the same call plain transformers or vLLM make, so outputs match outside specialize. A special
+token's string inside the messages (a tool result holding `<|im_end|>`) is tokenised as text, as
+training tokenises it (`tokenize.encode_rendered`), so data can never forge a turn.
 
 `Generator` is what every later stage uses: `generate` answers conversations (render, tokenise,
 batch by length), `generate_ids` answers one batch of already-tokenised prompts (what the
@@ -24,7 +26,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from specialize.data.templates import Template, ours
-from specialize.data.tokenize import pad_token_id
+from specialize.data.tokenize import encode_rendered, pad_token_id
 from specialize.errors import UserError
 from specialize.model import context_length, load_model, load_tokenizer, pick_dtype, stop_token_ids
 
@@ -133,29 +135,39 @@ class ContextOverflow(ValueError):
         self.index = index  # which of `generate`'s conversations, when it was one of them
 
 
+def _ended(done: list[bool], ended: list[int | None], new_tokens: int, device) -> torch.Tensor:
+    """Record how many new tokens each row had when it first ended (`model.generate` pads a finished row
+    from then on), and return `done` as the (B,) tensor stopping criteria return."""
+    for row, finished in enumerate(done):
+        if finished and ended[row] is None:
+            ended[row] = new_tokens
+    return torch.tensor(done, dtype=torch.bool, device=device)  # (B,)
+
+
 class _Cancelled(StoppingCriteria):
     """Stops each row once its flag is true (its server client went away); the other rows go on."""
 
-    def __init__(self, flags: list[Callable[[], bool]]):
-        self.flags = flags
+    def __init__(self, flags: list[Callable[[], bool]], width: int, ended: list[int | None]):
+        self.flags, self.width, self.ended = flags, width, ended
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.tensor([bool(flag()) for flag in self.flags], dtype=torch.bool, device=input_ids.device)  # (B,)
+        return _ended([bool(flag()) for flag in self.flags], self.ended, input_ids.shape[1] - self.width,
+                      input_ids.device)
 
 
 class _StopStrings(StoppingCriteria):
     """Stops each row once one of `stop` is in its answer (after column `width`). HF's `stop_strings`
     also match one that begins in the prompt ("...file" + " f" for "e f"), cutting answers short."""
 
-    def __init__(self, generator: Generator, width: int, stop: list[str]):
-        self.generator, self.width, self.stop = generator, width, stop
+    def __init__(self, generator: Generator, width: int, stop: list[str], ended: list[int | None]):
+        self.generator, self.width, self.stop, self.ended = generator, width, stop, ended
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         done = []
         for row in input_ids[:, self.width:].tolist():
             text = self.generator.tokenizer.decode(row[: self.generator._first_stop(row)], skip_special_tokens=True)
             done.append(any(s in text for s in self.stop))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
+        return _ended(done, self.ended, input_ids.shape[1] - self.width, input_ids.device)
 
 
 def _safe_end(text: str, stop: list[str]) -> int:
@@ -213,8 +225,9 @@ class Generator:
         return self.text_ids(self.prompt_text(messages))
 
     def text_ids(self, text: str) -> list[int]:
-        """Token ids of an already rendered prompt (the template put in any special tokens)."""
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of an already rendered prompt (the template put in any special tokens). When `text`
+        is `Template.render`'s, special-token strings from the messages are text (`encode_rendered`)."""
+        return encode_rendered(self.tokenizer, text)
 
     def generate(self, conversations: list[list[dict[str, str]]], *, max_new_tokens: int = 128,
                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
@@ -294,13 +307,16 @@ class Generator:
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention[row, width - len(ids):] = 1
         kwargs = self._sampling(max(budgets), temperature, top_p)
-        kwargs["stopping_criteria"] = self._criteria(width, stop, cancelled)
+        ended: list[int | None] = [None] * len(prompts)  # new tokens when a stop string or cancel ended the row
+        kwargs["stopping_criteria"] = self._criteria(width, stop, cancelled, ended)
         output = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
                                      **kwargs)
         new_tokens = output[:, width:].tolist()  # (B, new)
-        return [self._finish(new_tokens[row][:budget], len(ids), budget, stop,
+        # A row that ended early is padded after; the pad id is not told apart from a sampled one (a model
+        # may sample its pad token), so each row is cut where it ended, never at trailing pad ids.
+        return [self._finish(new_tokens[row][:budget if end is None else min(end, budget)], len(ids), budget, stop,
                              cancelled=cancelled is not None and bool(cancelled[row]()))
-                for row, (ids, budget) in enumerate(zip(prompts, budgets))]
+                for row, (ids, budget, end) in enumerate(zip(prompts, budgets, ended))]
 
     @torch.inference_mode()
     def stream_ids(self, prompt_ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -345,7 +361,8 @@ class Generator:
         if seed is not None:
             seed_sampling(seed)
         kwargs = self._sampling(max_new_tokens, temperature, top_p)
-        kwargs["stopping_criteria"] = self._criteria(len(prompt_ids), stop, None if cancelled is None else [cancelled])
+        kwargs["stopping_criteria"] = self._criteria(len(prompt_ids), stop, None if cancelled is None else [cancelled],
+                                                     [None])
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, T)
         self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=_TokenSink(on_tokens),
                             **kwargs)
@@ -355,9 +372,10 @@ class Generator:
             on_text(completion.text[len(shown):])  # whatever was held back at the end
         return completion
 
-    def _criteria(self, width: int, stop: list[str], cancelled: list[Callable[[], bool]] | None) -> StoppingCriteriaList:
-        return StoppingCriteriaList(([_StopStrings(self, width, stop)] if stop else [])
-                                    + ([_Cancelled(cancelled)] if cancelled is not None else []))
+    def _criteria(self, width: int, stop: list[str], cancelled: list[Callable[[], bool]] | None,
+                  ended: list[int | None]) -> StoppingCriteriaList:
+        return StoppingCriteriaList(([_StopStrings(self, width, stop, ended)] if stop else [])
+                                    + ([_Cancelled(cancelled, width, ended)] if cancelled is not None else []))
 
     def _sampling(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
         """`model.generate` arguments: greedy at temperature 0 (or below `GREEDY_BELOW`), else nucleus sampling."""
@@ -371,10 +389,9 @@ class Generator:
 
     def _finish(self, tokens: list[int], prompt_tokens: int, max_new_tokens: int, stop: list[str],
                 cancelled: bool = False) -> Completion:
-        """The answer in `tokens` (new tokens only): cut at the first stop token or string, with why it ended."""
+        """The answer in `tokens` (the new tokens as sampled, no padding after): cut at the first stop token
+        or string, with why it ended."""
         finish = "length"
-        while tokens and tokens[-1] == self.pad_id and self.pad_id not in self.stop_ids:
-            tokens = tokens[:-1]  # finished early in a batch: padded after
         end = self._first_stop(tokens)
         sampled = list(tokens[: end + 1])
         if end < len(tokens):

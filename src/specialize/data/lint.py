@@ -16,7 +16,7 @@ finetune trains on, so lint cannot disagree with training.
 | `too_long`               | error*   | longer than `max_seq_tokens`                                           |
 | `duplicate`              | error*   | the same conversation again, after folding case and whitespace         |
 | `near_duplicate`         | error*   | word 3-shingle Jaccard ≥ threshold with an earlier row                 |
-| `special_tokens_in_data` | warning  | text holding a special token's string (`<|endoftext|>`): a control token |
+| `special_token_text`     | warning  | text holding a special token's string (`<|im_end|>`): trained and read as text |
 | tool codes               | error    | tools, calls and tool results that do not fit together (see `lint_tools`) |
 
 Preference data (prompt/chosen/rejected, OpenAI's, KTO's) is recognised by its fields and checked
@@ -50,22 +50,23 @@ from specialize.data.marking import (
     trained_pieces,
 )
 from specialize.data.similarity import duplicates, matches, normalise
+from specialize.data.special import special_strings, string_fields
 from specialize.data.templates import (
     Template,
     TemplateRaised,
     end_of_turn_tokens,
     resolve_template,
 )
-from specialize.data.tokenize import Encoded, encode_chat, encode_text
+from specialize.data.tokenize import Encoded, encode_chat, encode_rendered, encode_text
 from specialize.defaults import model_context
 from specialize.errors import UserError
 from specialize.model import load_tokenizer
 
 CODES = ("no_trained_tokens", "eos_not_trained", "empty_answer", "template_roundtrip", "template_error",
          *TOOL_CODES, "leakage", "too_long",
-         "duplicate", "near_duplicate", "special_tokens_in_data")
+         "duplicate", "near_duplicate", "special_token_text")
 LINT_ONLY_ERRORS = {"too_long", "duplicate", "near_duplicate"}
-WARNINGS = {"special_tokens_in_data"}
+WARNINGS = {"special_token_text"}
 SHOWN_SOURCES = 3
 BATCH = 512  # conversations per batched tokenizer call
 
@@ -115,13 +116,11 @@ def _ends_with_eos(ids: list[int], tokenizer) -> bool:
     return False
 
 
-def _special_token_pattern(tokenizer) -> re.Pattern | None:
-    if getattr(tokenizer, "split_special_tokens", False):
-        return None  # this tokenizer reads special-token strings in text as plain text
-    strings = set(tokenizer.all_special_tokens)
-    strings |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special}
-    strings = sorted((s for s in strings if s), key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, strings))) if strings else None
+def _special_token_text(example: Example, special: re.Pattern) -> tuple[str, str] | None:
+    """(field, token): the first special token's string in the row's text, messages or tools, or None."""
+    fields = string_fields(example.text, "text") if example.text is not None else \
+        string_fields({"messages": example.messages, "tools": example.tools or []})
+    return next(((where, found.group()) for where, text in fields if (found := special.search(text))), None)
 
 
 @dataclass
@@ -131,7 +130,7 @@ class _Found:
     sources: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     detail: dict[str, str] = field(default_factory=dict)  # code -> what the first row shows
     longest: int = 0  # tokens of the longest too-long example
-    special: set[str] = field(default_factory=set)  # special-token strings seen in user text
+    special: set[str] = field(default_factory=set)  # special-token strings seen in the data
 
     def add(self, code: str, source: str, detail: str | None = None) -> None:
         self.sources[code].append(source)
@@ -187,7 +186,10 @@ def _check_conversations(batch: list[_Conversation], tokenizer, found: _Found) -
     """The checks that tokenise or decode text, a batch at a time: the inference prompts are tokenised
     in one call per batch, which the Rust tokenizer runs in parallel."""
     ok = [c for c in batch if c.item is not None]
-    inference = iter(tokenizer([c.prompt for c in ok], add_special_tokens=False)["input_ids"] if ok else [])
+    plain = [c for c in ok if not hasattr(c.prompt, "plain")]  # data without special-token strings: one batched call
+    batched = iter(tokenizer([c.prompt for c in plain], add_special_tokens=False)["input_ids"] if plain else [])
+    inference = iter([encode_rendered(tokenizer, c.prompt) if hasattr(c.prompt, "plain") else next(batched)
+                      for c in ok])
     spans = [(c, a, b) for c in ok for a, b in c.runs]
     texts = tokenizer.batch_decode([c.item.input_ids[a:b] for c, a, b in spans], skip_special_tokens=True) \
         if spans else []
@@ -253,8 +255,8 @@ def _message(code: str, n: int, found: _Found, max_seq_tokens: int | None, thres
                     "finetune drops them",
         "duplicate": f"{rows} repeating an earlier one (same text after folding case and whitespace)",
         "near_duplicate": f"{rows} nearly repeating an earlier one (word 3-shingle Jaccard ≥ {threshold:g})",
-        "special_tokens_in_data": f"{rows} whose text holds special-token strings "
-                                  f"({', '.join(sorted(found.special))}), which tokenise as control tokens, not text",
+        "special_token_text": f"{rows} holding special-token strings ({', '.join(sorted(found.special))}), "
+                              f"trained and read as plain text, never as control tokens{detail}",
     }[code]
 
 
@@ -270,18 +272,18 @@ def analyse(train: list[Example], eval_examples: list[Example], tokenizer, templ
             finetune would train them; the checks still look at the answers.
     """
     found = _Found()
-    special = _special_token_pattern(tokenizer)
+    _, special = special_strings(tokenizer)
     encoded: list[Encoded] = []
     lengths: list[int] = []
     trained_tokens = 0
     pending: list[_Conversation] = []
     for in_train, examples in ((True, train), (False, eval_examples)):
         for example in examples:
-            texts = [example.text] if example.text is not None else [m["content"] for m in example.messages]
-            hits = {m for text in texts for m in special.findall(text)} if special else set()
-            if hits:
-                found.special |= hits
-                found.add("special_tokens_in_data", example.source)
+            if special is not None and (hit := _special_token_text(example, special)):
+                where, token = hit
+                found.special |= {s for _, text in string_fields((example.text, example.messages, example.tools))
+                                  for s in special.findall(text)}
+                found.add("special_token_text", example.source, f"first at {example.source} {where}: {token}")
             for code, detail in dict(reversed(tool_problems(example))).items():  # one per code: the first
                 found.add(code, example.source, f"first at {example.source} {detail}")
             if example.text is not None:  # raw text: windows, every token trained; nothing else to check

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from jinja2 import TemplateError
 
 from specialize import tools as tool_format
+from specialize.data.special import Rendered, defuse, restore_text
 from specialize.errors import UserError
 
 # A system message, when present, is put first as plain text.
@@ -93,7 +94,16 @@ class Template:
     def render(self, tokenizer, messages: list[dict], add_generation_prompt: bool,
                tools: list[dict] | None = None) -> str:
         """The conversation as text. Messages are OpenAI's (`tools.template_messages` makes them what templates
-        read); `tools` are passed to the template as `apply_chat_template(..., tools=...)` does."""
+        read); `tools` are passed to the template as `apply_chat_template(..., tools=...)` does.
+
+        When the messages or tools hold the string of a special token, the text is a `Rendered`, which
+        knows which of its special-token strings the template wrote (see `defuse`)."""
+        if (defused := defuse(tokenizer, (messages, tools))) is not None:
+            plain = self._render(tokenizer, *defused, add_generation_prompt)
+            return Rendered(restore(tokenizer, plain), plain)
+        return self._render(tokenizer, messages, tools, add_generation_prompt)
+
+    def _render(self, tokenizer, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
         uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
         if uses_tools and not self.renders_tools:
             raise TemplateRaised(f"template {self.label} cannot render tools or tool calls; use --template chatml, "
@@ -106,6 +116,15 @@ class Template:
 class TemplateRaised(UserError):
     """The template itself refused the conversation (`raise_exception` in its Jinja): e.g. Gemma 2 on a
     system message, Mistral on roles that do not alternate."""
+
+
+def restore(tokenizer, plain: str) -> str:
+    """The rendered text of defused data (`special.defuse`), its special-token strings back as text."""
+    text = restore_text(tokenizer, plain)
+    if text is None:
+        raise TemplateRaised("the template cut or rewrote a message's text that holds a special token's string, "
+                             "so that text cannot be told apart from the template's own control tokens")
+    return text
 
 
 END_OF_TURN_KEY = "specialize_end_of_turn"  # tokenizer_config.json key: the model's end-of-turn tokens
@@ -209,7 +228,13 @@ def segments(template: Template, tokenizer, messages: list[dict], tools: list[di
 
     With `tools`, every rendering lists them (the tools block is prompt); an assistant turn's tool
     calls are part of its answer, and `tool` results are prompt, like user turns.
+
+    Data holding special-token strings is split as its defused copy (see `defuse`): the pieces are then
+    `Rendered`, and where a turn ends is found from the template's own end-of-turn tokens only.
     """
+    if (defused := defuse(tokenizer, (messages, tools))) is not None:
+        return [(Rendered(restore(tokenizer, text), text), trained)
+                for text, trained in segments(template, tokenizer, *defused)]
     weights = [message.get("weight", 1) for message in messages]
     messages = [{k: v for k, v in message.items() if k != "weight"} for message in messages]
     pieces: list[tuple[str, bool]] = []

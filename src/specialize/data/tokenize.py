@@ -8,7 +8,9 @@ The rules every fine-tuning bug report is about, pinned by tests:
   still trained when the tokenizer pads with its EOS token;
 - an example longer than `max_seq_tokens` is dropped and counted, never cut;
 - the first token of every example is never a target, packed or not, so a packed row never
-  predicts one example from another.
+  predicts one example from another;
+- text in the data is text: a special token's string inside a message, tool call, tool result or
+  raw text is tokenised as the plain text it is, never as the control token (`encode_rendered`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from itertools import accumulate
 import torch
 
 from specialize.data.formats import Example
+from specialize.data.special import special_strings, text_tokenizer
 from specialize.data.templates import Template, segments
 from specialize.errors import UserError
 
@@ -58,8 +61,26 @@ class EncodeReport:
                 for reason, n in self.dropped.items()]
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def _ids(tokenizer, text: str, as_text: bool = False) -> list[int]:
+    """The ids of `text`; `as_text`: special-token strings in it are read as text."""
+    if as_text:
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_rendered(tokenizer, text: str) -> list[int]:
+    """The ids of a rendered prompt (`Template.render`): the special tokens the template wrote are control
+    tokens; special-token strings that came from the data (a `templates.Rendered`) are text.
+
+    Without such strings this is exactly `tokenizer(text, add_special_tokens=False)`, as plain
+    transformers and vLLM tokenise a rendered prompt.
+    """
+    plain = getattr(text, "plain", None)
+    if plain is None:
+        return _ids(tokenizer, text)
+    if not getattr(tokenizer, "is_fast", False):
+        return _ids_without_offsets(tokenizer, str(text), plain)
+    return _spans(tokenizer, str(text), plain=plain)[0]
 
 
 def encode_chat(example: Example, tokenizer, template: Template, train_on_prompt: bool = False) -> Encoded:
@@ -87,14 +108,18 @@ def encode_chat(example: Example, tokenizer, template: Template, train_on_prompt
     if not getattr(tokenizer, "is_fast", False):
         return _encode_pieces(pieces, tokenizer, train_on_prompt, example.source)
     text = "".join(piece for piece, _ in pieces)
+    # Data holding special-token strings: `plain` shows which special tokens the template wrote (see encode_rendered)
+    plain = "".join(getattr(piece, "plain", piece) for piece, _ in pieces) if any(
+        hasattr(piece, "plain") for piece, _ in pieces) else None
     piece_starts = list(accumulate((len(piece) for piece, _ in pieces[:-1]), initial=0))  # chars
-    input_ids, spans = _spans(tokenizer, text)
+    input_ids, spans = _spans(tokenizer, text, plain=plain)
     cuts = [start for start, (_, trained) in zip(piece_starts, pieces)
             if trained and start > 0 and _crossed(spans, start)]
     if cuts:
         input_ids, spans = [], []
         for lo, hi in zip([0, *cuts], [*cuts, len(text)]):
-            ids, chunk_spans = _spans(tokenizer, text[lo:hi], continuation=lo > 0)
+            ids, chunk_spans = _spans(tokenizer, text[lo:hi], continuation=lo > 0,
+                                      plain=None if plain is None else plain[lo:hi])
             input_ids += ids
             spans += [(begin + lo, end + lo) for begin, end in chunk_spans]
     labels = []
@@ -106,26 +131,70 @@ def encode_chat(example: Example, tokenizer, template: Template, train_on_prompt
     return Encoded(input_ids, labels, example.source)
 
 
-def _spans(tokenizer, text: str, continuation: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+def _spans(tokenizer, text: str, continuation: bool = False,
+           plain: str | None = None) -> tuple[list[int], list[tuple[int, int]]]:
     """The ids of `text` and the [begin, end) characters of each token.
 
     A token begins where the previous one ended, or earlier if its own offsets say so: byte-level
     post-processors trim a leading space off the offsets, and the byte tokens of one character
     share its offsets. `continuation` tokenises the text as it reads after a cut rather than as
     the start of a string (where SentencePiece puts a `▁`): after the EOS token, then dropped.
+    `plain`: `text` with the special-token strings of its data defused (`templates.Rendered.plain`).
     """
-    anchor = tokenizer.eos_token if continuation and tokenizer.eos_token else ""
-    encoding = tokenizer(anchor + text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], [tuple(offset) for offset in encoding["offset_mapping"]]
-    if anchor:
-        if ids[:1] != [tokenizer.eos_token_id] or offsets[0] != (0, len(anchor)):
-            return _spans(tokenizer, text)  # EOS is read as plain text (split_special_tokens): no anchor
-        ids, offsets = ids[1:], [(start - len(anchor), end - len(anchor)) for start, end in offsets[1:]]
+    ids, offsets = _offsets(tokenizer, text, continuation) if plain is None else \
+        _offsets_as_text(tokenizer, text, plain, continuation)
     spans, previous_end = [], 0
     for start, end in offsets:
         spans.append((min(start, previous_end), end))
         previous_end = end
     return ids, spans
+
+
+def _offsets(tokenizer, text: str, continuation: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of `text` and each token's (start, end) characters, as the tokenizer reports them."""
+    anchor = tokenizer.eos_token if continuation and tokenizer.eos_token else ""
+    encoding = tokenizer(anchor + text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], [tuple(offset) for offset in encoding["offset_mapping"]]
+    if anchor:
+        if ids[:1] != [tokenizer.eos_token_id] or offsets[0] != (0, len(anchor)):
+            return _offsets(tokenizer, text)  # EOS is read as plain text (split_special_tokens): no anchor
+        ids, offsets = ids[1:], [(start - len(anchor), end - len(anchor)) for start, end in offsets[1:]]
+    return ids, offsets
+
+
+def _offsets_as_text(tokenizer, text: str, plain: str,
+                     continuation: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """`_offsets` of `text`, where only the special tokens that `plain` still holds (the template's) are
+    control tokens: the text between two of them is tokenised with special-token strings read as text.
+
+    The tokenizer splits a string at its added tokens first and tokenises each piece between them
+    alone, so cutting at the template's special tokens gives the ids the whole string gets wherever no
+    data holds a special-token string. A piece not at the start of the string is tokenised as one
+    (no SentencePiece `▁` in front), as it is inside the whole string.
+    """
+    ids, offsets = _offsets(tokenizer, plain, continuation)  # the template's special tokens, where they are
+    strings = special_strings(tokenizer)[0]
+    special = dict(zip(tokenizer.convert_tokens_to_ids(list(strings)), strings))
+    out_ids: list[int] = []
+    out_offsets: list[tuple[int, int]] = []
+    done = 0
+
+    def between(lo: int, hi: int) -> None:
+        encoding = text_tokenizer(tokenizer, first=lo == 0 and not continuation).encode(
+            text[lo:hi], add_special_tokens=False)
+        out_ids.extend(encoding.ids)
+        out_offsets.extend((start + lo, end + lo) for start, end in encoding.offsets)
+
+    for token, (start, end) in zip(ids, offsets):
+        if token in special and special[token] in plain[start:end]:  # not an unknown-character token, say
+            if start > done:
+                between(done, start)
+            out_ids.append(token)
+            out_offsets.append((start, end))
+            done = max(done, end)
+    if done < len(text):
+        between(done, len(text))
+    return out_ids, out_offsets
 
 
 def _crossed(spans: list[tuple[int, int]], char: int) -> bool:
@@ -139,7 +208,7 @@ def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer, train_on_prompt: b
     input_ids: list[int] = []
     labels: list[int] = []
     for text, trained in pieces:
-        ids = _ids(tokenizer, text)
+        ids = encode_rendered(tokenizer, text)
         input_ids.extend(ids)
         labels.extend(ids if (trained or train_on_prompt) else [IGNORE] * len(ids))
     if labels:
@@ -147,9 +216,23 @@ def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer, train_on_prompt: b
     return Encoded(input_ids, labels, source)
 
 
+def _ids_without_offsets(tokenizer, text: str, plain: str) -> list[int]:
+    """`encode_rendered` for tokenizers without offsets: cut at the special-token strings `plain` still
+    holds (the template's), each piece between them read as text."""
+    _, pattern = special_strings(tokenizer)
+    ids: list[int] = []
+    done = 0
+    for found in pattern.finditer(plain):
+        ids += _ids(tokenizer, text[done:found.start()], as_text=True) if found.start() > done else []
+        ids.append(tokenizer.convert_tokens_to_ids(found.group()))
+        done = found.end()
+    return ids + (_ids(tokenizer, text[done:], as_text=True) if done < len(text) else [])
+
+
 def encode_text(example: Example, tokenizer, max_seq_tokens: int) -> list[Encoded]:
-    """Raw text for language modelling: text + EOS, split into consecutive windows of max_seq_tokens."""
-    ids = _ids(tokenizer, example.text) + [tokenizer.eos_token_id]
+    """Raw text for language modelling: text + EOS, split into consecutive windows of max_seq_tokens.
+    A special token's string in the text is text; the EOS after it is the only control token."""
+    ids = _ids(tokenizer, example.text, as_text=True) + [tokenizer.eos_token_id]
     out = []
     for start in range(0, len(ids), max_seq_tokens):
         window = ids[start: start + max_seq_tokens]
