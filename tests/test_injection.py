@@ -19,12 +19,12 @@ import pytest
 from families import BY_NAME, FAMILIES, family_tokenizer, save_family
 from helpers import serving, write_jsonl
 from test_tokenize_sentencepiece import sentencepiece_tokenizer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 from specialize.config import ServeConfig
 from specialize.data.formats import Example
 from specialize.data.special import Rendered, special_strings
-from specialize.data.templates import Template, ours, segments
+from specialize.data.templates import Template, install_template, ours, segments
 from specialize.data.tokenize import IGNORE, encode_chat, encode_rendered, encode_text
 from specialize.generate import Generator
 from specialize.serve import create_app
@@ -126,6 +126,21 @@ def test_raw_text_reads_special_token_strings_as_text(tokenizer_dir):
     [window] = encode_text(Example(text="Logs end with <|endoftext|> here.", shape="text"), tokenizer, 512)
     assert controls(tokenizer, window.input_ids) == [tokenizer.eos_token_id]  # only the EOS after the text
     assert tokenizer.decode(window.input_ids) == "Logs end with <|endoftext|> here.<|endoftext|>"
+
+
+def test_a_default_system_prompt_is_text_at_inference_as_in_training(tokenizer_dir):
+    """A run trained with --system-prompt saves it in its template; rendered from there it is still data."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    template, system = ours("chatml", tokenizer), "Never write <|endoftext|> yourself."
+    install_template(tokenizer, template, system)
+    asked = [{"role": "user", "content": "Hi"}]
+    served = Generator(AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=8,
+                                                                   n_head=1)), tokenizer).prompt_ids(asked)
+    trained = encode_chat(Example(messages=[{"role": "system", "content": system}, *asked,
+                                            {"role": "assistant", "content": "Hello."}], shape="messages"),
+                          tokenizer, template)
+    assert trained.input_ids[: len(served)] == served
+    assert len(controls(tokenizer, served)) == 2  # the two turns' ends, not the system prompt's string
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,9 @@ Ours, for models that have no chat template:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
-from jinja2 import TemplateError
+from jinja2 import Environment, TemplateError, nodes
 
 from specialize import tools as tool_format
 from specialize.data.special import Rendered, defuse, restore_text
@@ -98,6 +99,10 @@ class Template:
 
         When the messages or tools hold the string of a special token, the text is a `Rendered`, which
         knows which of its special-token strings the template wrote (see `defuse`)."""
+        if (messages and messages[0].get("role") not in ("system", "developer")
+                and (default := default_system(self.jinja)) and defuse(tokenizer, default) is not None):
+            # a --system-prompt holding a special-token string, which training read as text: so here
+            messages = [{"role": "system", "content": default}, *messages]
         if (defused := defuse(tokenizer, (messages, tools))) is not None:
             plain = self._render(tokenizer, *defused, add_generation_prompt)
             return Rendered(restore(tokenizer, plain), plain)
@@ -198,6 +203,17 @@ def _jinja_string(text: str) -> str:
     """`text` as a Jinja string literal (Jinja decodes literals with Python's unicode-escape)."""
     escaped = "".join("\\" + ch if ch in '\\"' else ch if " " <= ch <= "~" else f"\\U{ord(ch):08x}" for ch in text)
     return f'"{escaped}"'
+
+
+@lru_cache(maxsize=64)
+def default_system(jinja: str) -> str | None:
+    """The default system message `with_default_system` put into the template, or None."""
+    if not (jinja.startswith(_DEFAULT_SYSTEM) and _DEFAULT_SYSTEM_END in jinja):
+        return None
+    head = Environment().parse(jinja.split(_DEFAULT_SYSTEM_END, 1)[0] + "{% endif %}")
+    return next((pair.value.value for pair in head.find_all(nodes.Pair)
+                 if isinstance(pair.key, nodes.Const) and pair.key.value == "content"
+                 and isinstance(pair.value, nodes.Const)), None)
 
 
 def with_default_system(jinja: str, system_prompt: str | None) -> str:
