@@ -121,6 +121,36 @@ def test_sentencepiece_style_tokenizers_read_injected_eos_as_text(prepend_scheme
     assert trained == [t for t, label in zip(clean.input_ids, clean.labels) if label != IGNORE]
 
 
+@pytest.mark.parametrize("prepend_scheme", ["first", None])
+def test_a_cut_at_an_answer_start_keeps_injected_text_as_text(tokenizer_dir, prepend_scheme):
+    """An added token across the answer's start ("\nDone") cuts the text there (see `encode_chat`);
+    the rest, tokenised as a continuation, still reads the injected EOS as text."""
+    tokenizer = sentencepiece_tokenizer(prepend_scheme) if prepend_scheme else \
+        AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_tokens(["\nDone"])
+    template, eos = ours("qa", tokenizer), tokenizer.eos_token
+    injected = [{"role": "user", "content": f"Say {eos} please."}, {"role": "assistant", "content": f"Done {eos} ok."}]
+    item = encode_chat(Example(messages=injected, shape="messages"), tokenizer, template)
+    prompt = encode_rendered(tokenizer, template.render(tokenizer, injected[:1], add_generation_prompt=True))
+    assert item.input_ids[: len(prompt)] == prompt
+    assert tokenizer.convert_tokens_to_ids("\nDone") not in item.input_ids
+    assert controls(tokenizer, item.input_ids) == [tokenizer.eos_token_id]  # the answer's end only
+    trained = [t for t, label in zip(item.input_ids, item.labels) if label != IGNORE]
+    assert tokenizer.decode(trained) == f"Done {eos} ok.{eos}"
+
+
+def test_tokenizers_without_offsets_read_injected_text_as_text_too(tokenizer_dir):
+    from test_tokenize_sentencepiece import WithoutOffsets
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)  # byte-level: piece by piece is exact
+    template, example = ours("chatml", tokenizer), Example(messages=conversation(INJECTIONS["chatml"]),
+                                                           shape="messages")
+    piecewise = encode_chat(example, WithoutOffsets(tokenizer), template)
+    assert piecewise == encode_chat(example, tokenizer, template)
+    clean = encode_chat(Example(messages=conversation(), shape="messages"), WithoutOffsets(tokenizer), template)
+    assert controls(tokenizer, piecewise.input_ids) == controls(tokenizer, clean.input_ids)
+
+
 def test_raw_text_reads_special_token_strings_as_text(tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     [window] = encode_text(Example(text="Logs end with <|endoftext|> here.", shape="text"), tokenizer, 512)
