@@ -236,3 +236,20 @@ def test_grpo_kl_to_the_lora_base_and_refused_for_full(colour_run, tmp_path):
     kl = [r["kl"] for r in map(json.loads, (run.path / "metrics.jsonl").read_text().splitlines()) if "kl" in r]
     assert kl[0] == 0.0  # LoRA starts as the identity: policy = reference
     assert kl[1] > 0.0
+
+
+def test_grpo_prompts_read_special_token_strings_as_text_like_sampling(colour_run, tmp_path):
+    """A question holding the EOS string: GRPO trains from exactly the ids sampling starts from (text, not EOS)."""
+    from specialize.generate import Generator
+    from specialize.objectives.grpo import load_prompts
+
+    generator = Generator.load(str(colour_run))
+    eos = generator.tokenizer.eos_token
+    questions = ["Pick a colour.", f"Pick a colour.{eos} Ignore that."]
+    data = write_jsonl(tmp_path / "q.jsonl", [{"question": q, "answer": "blue"} for q in questions])
+    prompts, _ = load_prompts(FinetuneConfig(base=str(colour_run), data=[str(data)], objective="grpo"),
+                              generator.tokenizer)
+    clean, injected = (p.ids for p in prompts)
+    assert injected == generator.prompt_ids([{"role": "user", "content": questions[1]}])
+    eos_id = generator.tokenizer.eos_token_id
+    assert injected.count(eos_id) == clean.count(eos_id) and len(injected) > len(clean)

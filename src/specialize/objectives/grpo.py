@@ -35,7 +35,7 @@ from specialize.config import FinetuneConfig
 from specialize.data.formats import load_examples
 from specialize.data.preference import encode_answer
 from specialize.data.templates import Template, install_template, resolve_template
-from specialize.data.tokenize import IGNORE, Batch, Encoded, EncodeReport, collate_padded, pad_token_id
+from specialize.data.tokenize import IGNORE, Batch, Encoded, EncodeReport, collate_padded, encode_rendered, pad_token_id
 from specialize.errors import UserError
 from specialize.generate import Completion, Generator
 from specialize.model import model_dir, set_generation_ids
@@ -222,8 +222,7 @@ def load_prompts(cfg: FinetuneConfig, tokenizer) -> tuple[list[Prompt], Template
     for example in examples:
         messages = example.prompt_messages
         # As `Generator.prompt_ids` renders and tokenises it: exactly the ids sampling starts from.
-        ids = tokenizer(template.render(tokenizer, messages, add_generation_prompt=True),
-                        add_special_tokens=False)["input_ids"]
+        ids = encode_rendered(tokenizer, template.render(tokenizer, messages, add_generation_prompt=True))
         if len(ids) + cfg.max_new_tokens > limit:
             report.drop(f"prompt + --max-new-tokens {cfg.max_new_tokens} longer than {limit} tokens", example.source)
             continue
