@@ -111,8 +111,8 @@ def test_planted_defects_are_each_named(capsys):
         f"  {DEFECTS}:3 = {DEFECTS}:1\n"
         "error near_duplicate: 1 example nearly repeating an earlier one (word 3-shingle Jaccard ≥ 0.9)\n"
         f"  {DEFECTS}:5 ≈ {DEFECTS}:4 (0.96)\n"
-        "warning special_tokens_in_data: 1 example whose text holds special-token strings (<|endoftext|>), which "
-        "tokenise as control tokens, not text\n"
+        "warning special_token_text: 1 example holding special-token strings (<|endoftext|>), trained and read as "
+        f"plain text, never as control tokens: first at {DEFECTS}:8 messages[0].content: <|endoftext|>\n"
         f"  {DEFECTS}:8\n"
         "FAILED: 4 errors, 1 warning in 11 examples\n"
     )
@@ -125,7 +125,7 @@ def test_too_long_needs_a_tokenizer_and_is_a_warning_for_training(tiny_llama):
     findings = check_examples(train, eval_examples, tokenizer, template, 200)
     assert [(f.severity, f.code, f.count) for f in findings] == [
         ("error", "empty_answer", 1), ("error", "leakage", 2), ("error", "too_long", 1), ("error", "duplicate", 1),
-        ("error", "near_duplicate", 1), ("warning", "special_tokens_in_data", 1)]
+        ("error", "near_duplicate", 1), ("warning", "special_token_text", 1)]
     too_long = findings[2]
     assert too_long.sources == [f"{DEFECTS}:6"]
     assert re.fullmatch(r"1 example longer than --max-seq-tokens 200 \(longest \d+ tokens\); finetune drops them",
@@ -133,7 +133,7 @@ def test_too_long_needs_a_tokenizer_and_is_a_warning_for_training(tiny_llama):
     for_training = check_examples(train, eval_examples, tokenizer, template, 200, for_training=True)
     assert [(f.severity, f.code) for f in for_training] == [
         ("error", "empty_answer"), ("error", "leakage"), ("warning", "too_long"), ("warning", "duplicate"),
-        ("warning", "near_duplicate"), ("warning", "special_tokens_in_data")]
+        ("warning", "near_duplicate"), ("warning", "special_token_text")]
     assert check_examples(train, [], tokenizer, template, None) == [f for f in findings
                                                                     if f.code not in ("too_long", "leakage")]
 
