@@ -31,10 +31,13 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from finetune_135m_vs_trl import LORA, SIZES, build_workspace, timed, trl_inputs  # noqa: E402  same model, tokenizer, timing
+
+from specialize.batches import plan_epoch  # noqa: E402  the order our loop trains the pairs in
 
 SIZES = {**SIZES, "30m": dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=6,
                               num_key_value_heads=2, vocab_size=49152)}
@@ -50,8 +53,13 @@ def write_pairs(ws: dict) -> dict:
              for i, r in enumerate(rows) if r["answer"] != rows[(i + 1) % len(rows)]["answer"]]
     ws["pairs"], ws["trl_pairs"] = ws["data"].with_name("pairs.jsonl"), ws["data"].with_name("trl_pairs.jsonl")
     ws["pairs"].write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    ws["trl_pairs"].write_text("".join(json.dumps(dict(p, prompt=PROMPT.format(p["prompt"]))) + "\n" for p in pairs),
-                               encoding="utf-8")
+    # TRL reads them sequentially in the order our seeded plan trains them (epoch 0), so both sides
+    # see the same pairs in the same optimizer steps and the final losses can be compared.
+    order = [i for step in plan_epoch(len(pairs), 0, SimpleNamespace(seed=SEED, micro_batch_size=MICRO_BATCH,
+                                                                       grad_accum_steps=1), 1)
+             for micro in step for i in micro]
+    ws["trl_pairs"].write_text("".join(json.dumps(dict(pairs[i], prompt=PROMPT.format(pairs[i]["prompt"]))) + "\n"
+                                       for i in order), encoding="utf-8")
     ws["n_pairs"] = len(pairs)
     return ws
 
@@ -90,7 +98,7 @@ def trl_worker(job: dict) -> None:
         output_dir=job["out"], num_train_epochs=1, per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=1, learning_rate=LEARNING_RATE[job["method"]], lr_scheduler_type="cosine",
         warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0, seed=SEED, beta=BETA, loss_type=["sigmoid"],
-        max_length=MAX_SEQ_TOKENS, precompute_ref_log_probs=job["precompute"],
+        max_length=MAX_SEQ_TOKENS, precompute_ref_log_probs=job["precompute"], train_sampling_strategy="sequential",
         bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False, use_cpu=not cuda, logging_steps=1,
         save_strategy="no", report_to="none", dataloader_num_workers=0, disable_tqdm=True)
     trainer = DPOTrainer(model=model, args=args, train_dataset=load_dataset("json", data_files=job["pairs"],
@@ -172,16 +180,16 @@ def main() -> None:
         for name, run in runs.items():
             run["final_loss"] = final_loss(run["model"], ws, device)
             print(f"  {method:4s} {name:22s} {run['process_s']:8.1f} s  peak RSS {run['rss_mib']:8.0f} MiB  "
-                  f"final DPO loss {run['final_loss']:.4f}", flush=True)
+                  f"final DPO loss {run['final_loss']:.5f}", flush=True)
         ours = runs["specialize"]
         trl_name = min((k for k in runs if k != "specialize"), key=lambda k: runs[k]["process_s"])
         trl = runs[trl_name]
         speedup = trl["process_s"] / ours["process_s"]
         print(f"{method}: {speedup:.2f}x faster than {trl_name} (target >= 1.5x); peak RSS "
-              f"{ours['rss_mib'] / trl['rss_mib']:.2f}x TRL's; final DPO loss {ours['final_loss']:.4f} vs "
-              f"{trl['final_loss']:.4f} (log 2 = 0.6931 before training)", flush=True)
+              f"{ours['rss_mib'] / trl['rss_mib']:.2f}x TRL's; final DPO loss {ours['final_loss']:.5f} vs "
+              f"{trl['final_loss']:.5f} (log 2 = 0.6931 before training)", flush=True)
         summary[method] = {"speedup": round(speedup, 3), "trl_config": trl_name,
-                           **{f"{side}_{k}": round(run[k], 4) for side, run in (("ours", ours), ("trl", trl))
+                           **{f"{side}_{k}": round(run[k], 6) for side, run in (("ours", ours), ("trl", trl))
                               for k in ("process_s", "rss_mib", "final_loss")}}
     print(json.dumps(summary), flush=True)
 
