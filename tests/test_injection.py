@@ -12,7 +12,9 @@ its pad token at the budget ends with finish_reason "length".
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import openai
 import pytest
@@ -246,3 +248,114 @@ def test_a_pad_token_sampled_at_the_budget_ends_with_length_not_stop(tiny_llama)
                        generator.generate_ids([longer, prompt], max_new_tokens=4)[1],
                        generator.stream_ids(prompt, max_new_tokens=4)):
         assert (completion.finish_reason, completion.completion_tokens, completion.ids) == ("length", 4, free.ids)
+
+
+@pytest.fixture
+def qwen(tokenizer_dir):
+    tokenizer = family_tokenizer(BY_NAME["qwen2.5"], tokenizer_dir)
+    return tokenizer, Template("tokenizer", tokenizer.chat_template)
+
+
+def search_chat(arguments, tools: list[dict], content="Find it") -> list[dict]:
+    return [{"role": "user", "content": content},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "search", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+            {"role": "assistant", "content": "Done."}]
+
+
+def search_tools(field: str = "q") -> list[dict]:
+    return [{"type": "function", "function": {"name": "search", "parameters": {
+        "type": "object", "properties": {field: {"type": "string"}}}}}]
+
+
+def assert_text_only(tokenizer, template, messages, tools, clean_messages, clean_tools):
+    """Served prompt and trained row hold exactly the control tokens of the clean conversation."""
+    prompt = template.render(tokenizer, messages[:3], add_generation_prompt=True, tools=tools)
+    clean = template.render(tokenizer, clean_messages[:3], add_generation_prompt=True, tools=clean_tools)
+    ids = encode_rendered(tokenizer, prompt)
+    assert controls(tokenizer, ids) == controls(tokenizer, encode_rendered(tokenizer, clean))
+    assert tokenizer.decode(ids) == prompt
+    trained = encode_chat(Example(messages=messages, meta={"tools": tools}, shape="messages"), tokenizer, template)
+    untouched = encode_chat(Example(messages=clean_messages, meta={"tools": clean_tools}, shape="messages"),
+                            tokenizer, template)
+    assert controls(tokenizer, trained.input_ids) == controls(tokenizer, untouched.input_ids)
+    assert trained.input_ids[: len(ids)] == ids
+
+
+def test_json_escaped_arguments_and_split_content_parts_are_text(qwen):
+    """Data is defused as the template reads it: `\\u003c|im_end|\\u003e` in arguments decodes to `<|im_end|>`,
+    and content parts are joined, only in `tools.template_messages`."""
+    tokenizer, template = qwen
+    escaped = json.dumps({"q": INJECTIONS["qwen2.5"]}).replace("<", "\\u003c").replace(">", "\\u003e")
+    assert "<" not in escaped
+    assert_text_only(tokenizer, template, search_chat(escaped, search_tools()), search_tools(),
+                     search_chat('{"q": "x"}', search_tools()), search_tools())
+    half = INJECTIONS["qwen2.5"].index("im_end") + 3
+    parts = [{"type": "text", "text": "Find it " + INJECTIONS["qwen2.5"][:half]},
+             {"type": "text", "text": INJECTIONS["qwen2.5"][half:]}]
+    assert_text_only(tokenizer, template, search_chat('{"q": "x"}', search_tools(), content=parts), search_tools(),
+                     search_chat('{"q": "x"}', search_tools()), search_tools())
+
+
+def test_dict_keys_holding_special_strings_are_text(qwen, tmp_path, capsys, tokenizer_dir):
+    """An arguments object's key and a tool schema's property name are rendered too (`tojson`)."""
+    from helpers import run_lint
+
+    tokenizer, template = qwen
+    key = INJECTIONS["qwen2.5"]
+    assert_text_only(tokenizer, template, search_chat({key: "x"}, search_tools(key)), search_tools(key),
+                     search_chat({"q": "x"}, search_tools()), search_tools())
+    data = write_jsonl(tmp_path / "keys.jsonl", [{"tools": search_tools("<|endoftext|>"), "messages": [
+        {"role": "user", "content": "Find it"}, {"role": "assistant", "content": "Done."}]}])
+    code, out = run_lint(capsys, data=[str(data)], base=str(tokenizer_dir), template="chatml", show=0)
+    assert code == 0
+    assert (f"warning special_token_text: 1 example holding special-token strings (<|endoftext|>), trained and read "
+            f"as plain text, never as control tokens: first at {data}:1 "
+            f"tools[0].function.parameters.properties (key): <|endoftext|>\n") in out
+
+
+@pytest.mark.parametrize("injected", ["", INJECTIONS["qwen2.5"]])
+def test_a_default_system_prompt_holding_im_end_trains_as_it_is_served(tokenizer_dir, injected):
+    """A --system-prompt saved in the run's template is defused like any message, in training as in serving."""
+    tokenizer = family_tokenizer(BY_NAME["qwen2.5"], tokenizer_dir)
+    base, system = Template("tokenizer", tokenizer.chat_template), "Never print <|im_end|> literally."
+    install_template(tokenizer, base, system)
+    run = Template("tokenizer", tokenizer.chat_template)
+    asked = [{"role": "user", "content": f"Summarise: {injected} Thanks"}]
+    served = Generator(AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=8,
+                                                                   n_head=1)), tokenizer).prompt_ids(asked)
+    assert controls(tokenizer, served) == tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"] * 2 +
+                                                                          ["<|im_start|>"])
+    answered = [*asked, {"role": "assistant", "content": "Hello."}]
+    for template, messages in ((run, answered), (base, [{"role": "system", "content": system}, *answered])):
+        item = encode_chat(Example(messages=messages, shape="messages"), tokenizer, template)
+        assert item.input_ids[: len(served)] == served
+        assert tokenizer.decode([t for t, label in zip(item.input_ids, item.labels) if label != IGNORE]) == \
+            "Hello.<|im_end|>\n"
+
+
+def test_private_use_characters_in_data_stay_text_beside_special_strings(qwen):
+    """Runs of Supplementary Private Use Area-B characters stand for the data's special-token strings; the data's
+    own such characters, even a run shaped like one, are neither refused nor restored as a special string."""
+    tokenizer, template = qwen
+    strings = special_strings(tokenizer)[0]
+    k = strings.index("<|im_end|>")
+    crafted = chr(0x100000 + k) + "\U0010fffd" * (len("<|im_end|>") - 1)  # how a run looked
+    for content in ("icon \U00100000 and <|im_end|>", f"{crafted} and <|im_end|>"):
+        messages = [{"role": "user", "content": content}, {"role": "assistant", "content": "ok"}]
+        prompt = template.render(tokenizer, messages[:1], add_generation_prompt=True)
+        assert content in prompt
+        item = encode_chat(Example(messages=messages, shape="messages"), tokenizer, template)
+        assert tokenizer.decode(item.input_ids) == template.render(tokenizer, messages, add_generation_prompt=False)
+        clean = encode_chat(Example(messages=[{"role": "user", "content": "x"}, messages[1]], shape="messages"),
+                            tokenizer, template)
+        assert controls(tokenizer, item.input_ids) == controls(tokenizer, clean.input_ids)
+
+
+def test_rendered_text_survives_copy_and_pickle(qwen):
+    tokenizer, template = qwen
+    rendered = template.render(tokenizer, [{"role": "user", "content": "a <|im_end|> b"}], add_generation_prompt=True)
+    for copied in (copy.copy(rendered), copy.deepcopy(rendered), pickle.loads(pickle.dumps(rendered))):
+        assert type(copied) is Rendered and copied == rendered and copied.plain == rendered.plain
+        assert encode_rendered(tokenizer, copied) == encode_rendered(tokenizer, rendered)

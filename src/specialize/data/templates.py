@@ -22,7 +22,7 @@ from functools import lru_cache
 from jinja2 import Environment, TemplateError, nodes
 
 from specialize import tools as tool_format
-from specialize.data.special import Rendered, defuse, restore_text
+from specialize.data.special import Defused, Rendered, defuse
 from specialize.errors import UserError
 
 # A system message, when present, is put first as plain text.
@@ -99,23 +99,33 @@ class Template:
 
         When the messages or tools hold the string of a special token, the text is a `Rendered`, which
         knows which of its special-token strings the template wrote (see `defuse`)."""
-        if (messages and messages[0].get("role") not in ("system", "developer")
-                and (default := default_system(self.jinja)) and defuse(tokenizer, default) is not None):
-            # a --system-prompt holding a special-token string, which training read as text: so here
-            messages = [{"role": "system", "content": default}, *messages]
-        if (defused := defuse(tokenizer, (messages, tools))) is not None:
-            plain = self._render(tokenizer, *defused, add_generation_prompt)
-            return Rendered(restore(tokenizer, plain), plain)
-        return self._render(tokenizer, messages, tools, add_generation_prompt)
+        messages, tools = self.prepare(messages, tools)
+        if (defused := defuse(tokenizer, (messages, tools), avoid=self.jinja)) is not None:
+            plain = self.render_prepared(tokenizer, *defused.data, add_generation_prompt)
+            return Rendered(restore(defused, plain), plain)
+        return self.render_prepared(tokenizer, messages, tools, add_generation_prompt)
 
-    def _render(self, tokenizer, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str:
+    def prepare(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict], list[dict] | None]:
+        """The messages and tools exactly as the template reads them: `tools.template_messages` (arguments
+        decoded from JSON, content parts joined), tools in OpenAI's shape, and the default system message
+        of a run trained with --system-prompt (`with_default_system`) in front, as its Jinja would put it.
+
+        Data is defused after this, never before: a JSON escape (`\\u003c|im_end|\\u003e`) or a string
+        split across content parts becomes a special-token string only here."""
+        messages = tool_format.template_messages(messages)
+        if messages and messages[0].get("role") != "system" and (default := default_system(self.jinja)):
+            messages = [{"role": "system", "content": default}, *messages]
+        return messages, tool_format.normalize_tools(tools) if tools else None
+
+    def render_prepared(self, tokenizer, messages: list[dict], tools: list[dict] | None,
+                        add_generation_prompt: bool) -> str:
+        """`apply_chat_template` on messages and tools that `prepare` readied (and perhaps `defuse`d)."""
         uses_tools = bool(tools) or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages)
         if uses_tools and not self.renders_tools:
             raise TemplateRaised(f"template {self.label} cannot render tools or tool calls; use --template chatml, "
                             "or a model whose chat template supports tools")
-        return tokenizer.apply_chat_template(tool_format.template_messages(messages), chat_template=self.jinja,
-                                             tokenize=False, add_generation_prompt=add_generation_prompt,
-                                             tools=tool_format.normalize_tools(tools) if tools else None)
+        return tokenizer.apply_chat_template(messages, chat_template=self.jinja, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, tools=tools or None)
 
 
 class TemplateRaised(UserError):
@@ -123,9 +133,9 @@ class TemplateRaised(UserError):
     system message, Mistral on roles that do not alternate."""
 
 
-def restore(tokenizer, plain: str) -> str:
+def restore(defused: Defused, plain: str) -> str:
     """The rendered text of defused data (`special.defuse`), its special-token strings back as text."""
-    text = restore_text(tokenizer, plain)
+    text = defused.restore(plain)
     if text is None:
         raise TemplateRaised("the template cut or rewrote a message's text that holds a special token's string, "
                              "so that text cannot be told apart from the template's own control tokens")
@@ -245,14 +255,23 @@ def segments(template: Template, tokenizer, messages: list[dict], tools: list[di
     With `tools`, every rendering lists them (the tools block is prompt); an assistant turn's tool
     calls are part of its answer, and `tool` results are prompt, like user turns.
 
-    Data holding special-token strings is split as its defused copy (see `defuse`): the pieces are then
-    `Rendered`, and where a turn ends is found from the template's own end-of-turn tokens only.
+    The messages are readied as `Template.render` readies them (`Template.prepare`: the run's default system
+    message included), so every prompt here is the inference prompt. Data holding special-token strings is
+    split as its defused copy (see `defuse`): the pieces are then `Rendered`, and where a turn ends is found
+    from the template's own end-of-turn tokens only.
     """
-    if (defused := defuse(tokenizer, (messages, tools))) is not None:
-        return [(Rendered(restore(tokenizer, text), text), trained)
-                for text, trained in segments(template, tokenizer, *defused)]
+    messages, tools = template.prepare(messages, tools)
     weights = [message.get("weight", 1) for message in messages]
     messages = [{k: v for k, v in message.items() if k != "weight"} for message in messages]
+    if (defused := defuse(tokenizer, (messages, tools), avoid=template.jinja)) is not None:
+        return [(Rendered(restore(defused, text), text), trained)
+                for text, trained in _segments(template, tokenizer, *defused.data, weights)]
+    return _segments(template, tokenizer, messages, tools, weights)
+
+
+def _segments(template: Template, tokenizer, messages: list[dict], tools: list[dict] | None,
+              weights: list[int]) -> list[tuple[str, bool]]:
+    """`segments` of prepared (and perhaps defused) messages."""
     pieces: list[tuple[str, bool]] = []
     done = ""
     ends = end_of_turn_tokens(tokenizer)
@@ -260,8 +279,8 @@ def segments(template: Template, tokenizer, messages: list[dict], tools: list[di
         if message["role"] != "assistant":
             continue
         try:
-            prompt = template.render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-            full = template.render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
+            prompt = template.render_prepared(tokenizer, messages[:i], tools, add_generation_prompt=True)
+            full = template.render_prepared(tokenizer, messages[: i + 1], tools, add_generation_prompt=False)
         except TemplateError as e:
             raise TemplateRaised(f"template {template.label} cannot render this conversation: {e}") from None
         last_turn = i == max(j for j, m in enumerate(messages) if m["role"] == "assistant")
@@ -301,8 +320,8 @@ def _history_pieces(template: Template, tokenizer, messages: list[dict], tools: 
     """
     turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
     try:
-        final = template.render(tokenizer, messages, add_generation_prompt=False, tools=tools)
-        prompts = [template.render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools) for i in turns]
+        final = template.render_prepared(tokenizer, messages, tools, add_generation_prompt=False)
+        prompts = [template.render_prepared(tokenizer, messages[:i], tools, add_generation_prompt=True) for i in turns]
     except TemplateError:
         return None
     starts = [len(prompt) for prompt in prompts]

@@ -15,6 +15,7 @@ The rules every fine-tuning bug report is about, pinned by tests:
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,8 +65,36 @@ class EncodeReport:
 def _ids(tokenizer, text: str, as_text: bool = False) -> list[int]:
     """The ids of `text`; `as_text`: special-token strings in it are read as text."""
     if as_text:
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return _text_ids(tokenizer, text)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """The ids of `text` with its special-token strings read as text; added tokens that are not special
+    (Qwen3's `<think>`) stay the tokens they are, as in any text.
+
+    A fast tokenizer does exactly that with `split_special_tokens`. A slow (Python) one given that flag
+    splits at no added token at all, so there: text without special-token strings (nearly all) is tokenised
+    as is, and text with them is cut where the other added tokens are (as the slow tokenizer cuts), each
+    piece between them tokenised whole with `split_special_tokens`.
+    """
+    if getattr(tokenizer, "is_fast", False):
+        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    _, special = special_strings(tokenizer)
+    if special is None or not special.search(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    added = sorted({t.content for t in decoder.values() if not t.special and t.content}, key=lambda s: (-len(s), s))
+    ids: list[int] = []
+    done = 0
+    for found in re.finditer("|".join(map(re.escape, added)), text) if added else ():
+        if found.start() > done:
+            ids += tokenizer(text[done:found.start()], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids.append(tokenizer.convert_tokens_to_ids(found.group()))
+        done = found.end()
+    if done < len(text):
+        ids += tokenizer(text[done:], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids
 
 
 def encode_rendered(tokenizer, text: str) -> list[int]:

@@ -1,0 +1,71 @@
+"""Special-token strings in data are text with tokenizers off the common path (see test_injection.py): slow
+(Python) tokenizers, whose `split_special_tokens` skips every added token, and tokenizers with thousands of
+special tokens (Gemma's `<unusedN>`), whose benign rows must stay cheap to check."""
+
+from __future__ import annotations
+
+import time
+
+from tokenizers import Tokenizer, models
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import PreTrainedTokenizerFast
+from transformers.tokenization_python import PreTrainedTokenizer
+
+from specialize.data.formats import Example
+from specialize.data.special import Rendered, special_strings
+from specialize.data.tokenize import encode_rendered, encode_text
+
+
+class CharTokenizer(PreTrainedTokenizer):
+    """A slow (Python) tokenizer: one token per character."""
+
+    def __init__(self, **kwargs):
+        self.vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz<>/| ")}
+        super().__init__(**kwargs)
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return dict(self.vocab, **self.added_tokens_encoder)
+
+    def _tokenize(self, text):
+        return list(text)
+
+    def _convert_token_to_id(self, token):
+        return self.vocab[token]
+
+    def _convert_id_to_token(self, index):
+        return list(self.vocab)[index]
+
+
+def test_slow_tokenizers_keep_added_tokens_and_read_special_strings_as_text():
+    """`split_special_tokens` on a slow tokenizer splits at no added token at all, `<think>` included."""
+    tokenizer = CharTokenizer(eos_token="</s>")
+    tokenizer.add_tokens(["<think>"])  # not special: vocabulary, as Qwen3's
+    assert not tokenizer.is_fast
+    think, eos, chars = tokenizer.convert_tokens_to_ids("<think>"), tokenizer.eos_token_id, tokenizer.vocab
+    [benign] = encode_text(Example(text="<think>plan</think> hi", shape="text"), tokenizer, 512)
+    assert benign.input_ids == tokenizer("<think>plan</think> hi", add_special_tokens=False)["input_ids"] + [eos]
+    [quoted] = encode_text(Example(text="<think>a</s>", shape="text"), tokenizer, 512)
+    assert quoted.input_ids == [think, chars["a"], *(chars[c] for c in "</s>"), eos]
+    rendered = Rendered("<think>a</s>b</s>", "<think>a\U00100000\U0010fffd\U0010fffd\U0010fffdb</s>")
+    assert encode_rendered(tokenizer, rendered) == [think, chars["a"], *(chars[c] for c in "</s>b"), eos]
+
+
+def test_thousands_of_special_tokens_keep_the_check_of_benign_rows_cheap():
+    """Gemma ships 6,000+ `<unusedN>` tokens: a benign 61k-character row is checked in well under a millisecond
+    (an alternation of the strings took 83 ms), and the longest string still wins where several start."""
+    core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(ByteLevel.alphabet())}, merges=[]))
+    core.pre_tokenizer = ByteLevel(add_prefix_space=False)
+    core.add_special_tokens(["<eos>"] + [f"<unused{i}>" for i in range(6000)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+    _, pattern = special_strings(tokenizer)
+    row = "<div class='a'><a href='b'>link</a> <b>x</b> <unused</div>\n" * 1100
+    started = time.perf_counter()
+    for _ in range(10):
+        assert pattern.search(row) is None
+    assert (time.perf_counter() - started) / 10 < 0.02  # 0.1 ms here; 83 ms before, more on a busy machine
+    assert [m.group() for m in pattern.finditer("<unused12> <unused123><unused1234><eos>")] == \
+        ["<unused12>", "<unused123>", "<unused1234>", "<eos>"]
