@@ -283,9 +283,11 @@ def assert_text_only(tokenizer, template, messages, tools, clean_messages, clean
     assert trained.input_ids[: len(ids)] == ids
 
 
-def test_json_escaped_arguments_and_split_content_parts_are_text(qwen):
+def test_json_escaped_arguments_and_split_content_parts_are_text(qwen, tmp_path, capsys, tokenizer_dir):
     """Data is defused as the template reads it: `\\u003c|im_end|\\u003e` in arguments decodes to `<|im_end|>`,
-    and content parts are joined, only in `tools.template_messages`."""
+    and content parts are joined, only in `tools.template_messages`. Lint reads the arguments so too."""
+    from helpers import run_lint
+
     tokenizer, template = qwen
     escaped = json.dumps({"q": INJECTIONS["qwen2.5"]}).replace("<", "\\u003c").replace(">", "\\u003e")
     assert "<" not in escaped
@@ -296,6 +298,14 @@ def test_json_escaped_arguments_and_split_content_parts_are_text(qwen):
              {"type": "text", "text": INJECTIONS["qwen2.5"][half:]}]
     assert_text_only(tokenizer, template, search_chat('{"q": "x"}', search_tools(), content=parts), search_tools(),
                      search_chat('{"q": "x"}', search_tools()), search_tools())
+    hidden = json.dumps({"q": "<|endoftext|>"}).replace("<", "\\u003c").replace(">", "\\u003e")
+    data = write_jsonl(tmp_path / "escaped.jsonl", [{"tools": search_tools(), "messages": search_chat(hidden, [])}])
+    code, out = run_lint(capsys, data=[str(data)], base=str(tokenizer_dir), template="chatml", show=0,
+                         max_seq_tokens=2048)
+    assert code == 0
+    assert (f"warning special_token_text: 1 example holding special-token strings (<|endoftext|>), trained and read "
+            f"as plain text, never as control tokens: first at {data}:1 "
+            f"messages[1].tool_calls[0].function.arguments.q: <|endoftext|>\n") in out
 
 
 def test_dict_keys_holding_special_strings_are_text(qwen, tmp_path, capsys, tokenizer_dir):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
@@ -61,6 +62,7 @@ from specialize.data.tokenize import Encoded, encode_chat, encode_rendered, enco
 from specialize.defaults import model_context
 from specialize.errors import UserError
 from specialize.model import load_tokenizer
+from specialize.tools import template_messages
 
 CODES = ("no_trained_tokens", "eos_not_trained", "empty_answer", "template_roundtrip", "template_error",
          *TOOL_CODES, "leakage", "too_long",
@@ -116,11 +118,25 @@ def _ends_with_eos(ids: list[int], tokenizer) -> bool:
     return False
 
 
+def _text_fields(example: Example) -> Iterator[tuple[str, str]]:
+    """(where, text) for every string of the row a template renders, dict keys included; then the messages as
+    the template reads them (`tools.template_messages`: arguments decoded from JSON, so `\\u003c|im_end|\\u003e`
+    is `<|im_end|>`; content parts joined), unless a call is too malformed to read (tool_problems reports it)."""
+    if example.text is not None:
+        yield from string_fields(example.text, "text")
+        return
+    yield from string_fields({"messages": example.messages, "tools": example.tools or []})
+    try:
+        ready = template_messages(example.messages)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return
+    yield from string_fields({"messages": ready})
+
+
 def _special_token_text(example: Example, special: re.Pattern) -> tuple[str, str] | None:
     """(field, token): the first special token's string in the row's text, messages or tools, or None."""
-    fields = string_fields(example.text, "text") if example.text is not None else \
-        string_fields({"messages": example.messages, "tools": example.tools or []})
-    return next(((where, found.group()) for where, text in fields if (found := special.search(text))), None)
+    return next(((where, found.group()) for where, text in _text_fields(example)
+                 if (found := special.search(text))), None)
 
 
 @dataclass
@@ -281,8 +297,7 @@ def analyse(train: list[Example], eval_examples: list[Example], tokenizer, templ
         for example in examples:
             if special is not None and (hit := _special_token_text(example, special)):
                 where, token = hit
-                found.special |= {s for _, text in string_fields((example.text, example.messages, example.tools))
-                                  for s in special.findall(text)}
+                found.special |= {s for _, text in _text_fields(example) for s in special.findall(text)}
                 found.add("special_token_text", example.source, f"first at {example.source} {where}: {token}")
             for code, detail in dict(reversed(tool_problems(example))).items():  # one per code: the first
                 found.add(code, example.source, f"first at {example.source} {detail}")
