@@ -4,7 +4,6 @@ special tokens (Gemma's `<unusedN>`), whose benign rows must stay cheap to check
 
 from __future__ import annotations
 
-import time
 
 from tokenizers import Tokenizer, models
 from tokenizers.pre_tokenizers import ByteLevel
@@ -55,17 +54,17 @@ def test_slow_tokenizers_keep_added_tokens_and_read_special_strings_as_text():
 
 
 def test_thousands_of_special_tokens_keep_the_check_of_benign_rows_cheap():
-    """Gemma ships 6,000+ `<unusedN>` tokens: a benign 61k-character row is checked in well under a millisecond
-    (an alternation of the strings took 83 ms), and the longest string still wins where several start."""
+    """Gemma ships 6,000+ `<unusedN>` tokens: the check of a benign row is one trie-shaped regex (an
+    alternation of the strings took 83 ms on a 61k-character row), and the longest string still wins."""
     core = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(ByteLevel.alphabet())}, merges=[]))
     core.pre_tokenizer = ByteLevel(add_prefix_space=False)
     core.add_special_tokens(["<eos>"] + [f"<unused{i}>" for i in range(6000)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
     _, pattern = special_strings(tokenizer)
     row = "<div class='a'><a href='b'>link</a> <b>x</b> <unused</div>\n" * 1100
-    started = time.perf_counter()
-    for _ in range(10):
-        assert pattern.search(row) is None
-    assert (time.perf_counter() - started) / 10 < 0.02  # 0.1 ms here; 83 ms before, more on a busy machine
+    assert pattern.search(row) is None
+    # A trie, not an alternation of 6,001 strings: each shared prefix is written (and tried) once. What
+    # that buys in time (0.07 ms vs 83 ms for this row) is measured, not asserted: timings are noisy here.
+    assert pattern.pattern.count("unused") == 1 and pattern.pattern.startswith("<(?:")
     assert [m.group() for m in pattern.finditer("<unused12> <unused123><unused1234><eos>")] == \
         ["<unused12>", "<unused123>", "<unused1234>", "<eos>"]
