@@ -104,9 +104,9 @@ def render(generator, messages: list[dict], tools: list[dict] | None) -> str:
     other than what the client sent, so that is a 400 instead.
     """
     check_order(messages)
-    ready = template_messages(messages)
-    text = _render(generator, ready, tools)
-    if tools and text == _render(generator, ready, None):
+    ready = template_messages(messages)  # as the template reads them (`Template.render` prepares its own copy)
+    text = _render(generator, messages, tools)
+    if tools and text == _render(generator, messages, None):
         raise APIError(400, "the run's chat template does not render tools (it ignores them); serve a model whose "
                             "template supports tools, e.g. one fine-tuned on tool-calling chats", param="tools")
     for i, message in enumerate(ready):
