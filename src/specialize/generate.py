@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from specialize.data.templates import Template, ours
 from specialize.data.tokenize import encode_rendered, pad_token_id
 from specialize.errors import UserError
 from specialize.model import context_length, load_model, load_tokenizer, pick_dtype, stop_token_ids
+from specialize.stopping import Cancelled, StopStrings, safe_end
 
 
 @dataclass
@@ -133,57 +134,6 @@ class ContextOverflow(ValueError):
                          f"the model's context of {context} tokens")
         self.prompt_tokens, self.max_new_tokens, self.context = prompt_tokens, max_new_tokens, context
         self.index = index  # which of `generate`'s conversations, when it was one of them
-
-
-def _ended(done: list[bool], ended: list[int | None], new_tokens: int, device) -> torch.Tensor:
-    """Record how many new tokens each row had when it first ended (`model.generate` pads a finished row
-    from then on), and return `done` as the (B,) tensor stopping criteria return."""
-    for row, finished in enumerate(done):
-        if finished and ended[row] is None:
-            ended[row] = new_tokens
-    return torch.tensor(done, dtype=torch.bool, device=device)  # (B,)
-
-
-class _Cancelled(StoppingCriteria):
-    """Stops each row once its flag is true (its server client went away); the other rows go on."""
-
-    def __init__(self, flags: list[Callable[[], bool]], width: int, ended: list[int | None]):
-        self.flags, self.width, self.ended = flags, width, ended
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return _ended([bool(flag()) for flag in self.flags], self.ended, input_ids.shape[1] - self.width,
-                      input_ids.device)
-
-
-class _StopStrings(StoppingCriteria):
-    """Stops each row once one of `stop` is in its answer (after column `width`). HF's `stop_strings`
-    also match one that begins in the prompt ("...file" + " f" for "e f"), cutting answers short."""
-
-    def __init__(self, generator: Generator, width: int, stop: list[str], ended: list[int | None]):
-        self.generator, self.width, self.stop, self.ended = generator, width, stop, ended
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        done = []
-        for row in input_ids[:, self.width:].tolist():
-            text = self.generator.tokenizer.decode(row[: self.generator._first_stop(row)], skip_special_tokens=True)
-            done.append(any(s in text for s in self.stop))
-        return _ended(done, self.ended, input_ids.shape[1] - self.width, input_ids.device)
-
-
-def _safe_end(text: str, stop: list[str]) -> int:
-    """How much of `text` can be shown now: never a stop string, nor a piece that may become one."""
-    end = len(text)
-    for s in stop:
-        if s in text:
-            end = min(end, text.index(s))
-        else:  # the text may end with the start of a stop string that the next token completes
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    end = min(end, len(text) - k)
-                    break
-    while end > 0 and text[end - 1] == "\ufffd":  # half of a multi-byte character: wait for the rest
-        end -= 1
-    return end
 
 
 class Generator:
@@ -353,7 +303,7 @@ class Generator:
             # Decoding the whole answer each step (not token by token) keeps multi-token characters
             # and tokenizers that merge spaces right; answers are short, so the cost is small.
             text = self.tokenizer.decode(visible, skip_special_tokens=True)
-            end = _safe_end(text, stop)
+            end = safe_end(text, stop)
             if end > len(shown) and text.startswith(shown):
                 on_text(text[len(shown):end])
                 shown = text[:end]
@@ -374,8 +324,11 @@ class Generator:
 
     def _criteria(self, width: int, stop: list[str], cancelled: list[Callable[[], bool]] | None,
                   ended: list[int | None]) -> StoppingCriteriaList:
-        return StoppingCriteriaList(([_StopStrings(self, width, stop, ended)] if stop else [])
-                                    + ([_Cancelled(cancelled, width, ended)] if cancelled is not None else []))
+        def visible(row: list[int]) -> str:  # the answer's text so far, up to its first stop token
+            return self.tokenizer.decode(row[: self._first_stop(row)], skip_special_tokens=True)
+
+        return StoppingCriteriaList(([StopStrings(visible, width, stop, ended)] if stop else [])
+                                    + ([Cancelled(cancelled, width, ended)] if cancelled is not None else []))
 
     def _sampling(self, max_new_tokens: int, temperature: float, top_p: float) -> dict:
         """`model.generate` arguments: greedy at temperature 0 (or below `GREEDY_BELOW`), else nucleus sampling."""

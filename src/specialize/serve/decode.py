@@ -24,14 +24,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache, LogitsProcessorList
 from transformers.cache_utils import DynamicLayer
 
-from specialize.generate import (
-    SEED_SPACE,
-    Completion,
-    Generator,
-    _safe_end,
-    _stops,
-    is_greedy,
-)
+from specialize.generate import SEED_SPACE, Completion, Generator, _stops, is_greedy
+from specialize.stopping import safe_end
 from specialize.tools import TOOL_CALL_CLOSE, first_call_end
 
 
@@ -219,7 +213,7 @@ class RunningBatch:
             text = g.tokenizer.decode(visible, skip_special_tokens=True) \
                 if stop or end_after or row.job.on_text else ""
             if row.job.on_text is not None:
-                end = _safe_end(text, stop)
+                end = safe_end(text, stop)
                 if end > len(row.shown) and text.startswith(row.shown):
                     _emit(row, text[len(row.shown):end], len(visible))
                     row.shown = text[:end]
