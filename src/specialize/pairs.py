@@ -47,8 +47,9 @@ def pick_pair(grades: list[float], completions: list[Completion], min_margin: fl
               chosen: int | None = None) -> tuple[int, int] | None:
     """(chosen, rejected) indices of one question's answers, or None when no pair is far enough apart.
 
-    Chosen: the given index, else the best grade, preferring an answer that ended by itself; rejected: the worst grade,
-    preferring one cut at the token budget; the first in sampling order after that. Answers with the
+    Chosen: the given index, else the best grade, preferring an answer that ended by itself; rejected:
+    the worst grade among the others, preferring one cut at the token budget; the first in sampling
+    order after that. Answers with the
     same text are never paired, and the margin must be above 0 even with --min-margin 0. Empty
     answers are left out: preference data with an empty side is refused by `check_preferences`
     (for written data it is a mistake), so such a pair could not be trained without --allow-data-errors.

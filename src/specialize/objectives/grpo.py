@@ -35,7 +35,8 @@ from specialize.config import FinetuneConfig
 from specialize.data.formats import load_examples
 from specialize.data.preference import encode_answer
 from specialize.data.templates import Template, install_template, resolve_template
-from specialize.data.tokenize import IGNORE, Batch, Encoded, EncodeReport, collate_padded, encode_rendered, pad_token_id
+from specialize.data.tokenize import (IGNORE, Batch, Encoded, EncodeReport, collate_padded, encode_rendered,
+                                      pad_token_id)
 from specialize.errors import UserError
 from specialize.generate import Completion, Generator
 from specialize.model import model_dir, set_generation_ids
