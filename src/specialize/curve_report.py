@@ -9,7 +9,7 @@ doubling gained more than the seeds disagree at the largest size), and what the 
 likely buy (the last doubling's gain again: an extrapolation, so a guess that is only as good as the
 curve is straight on the log axis).
 
-The page is self-contained like compare's report (`evaluate.report`: its CSS, colours, ticks and
+The page is self-contained like compare's report (`evaluate.charts`: its CSS, colours, ticks and
 scatter plot): quality against examples on a log axis with the spread over seeds (the band from the
 worst to the best seed), retention against quality, and the points with their commands.
 """
@@ -21,7 +21,7 @@ from html import escape
 from pathlib import Path
 from statistics import mean
 
-from specialize.evaluate.report import COLORS, CSS, _cell, _plot, _table, _ticks, svg_axes
+from specialize.evaluate.charts import COLORS, CSS, chart, html_cell, html_table, nice_ticks, svg_axes
 from specialize.files import write_atomic
 
 METRIC = "f1"
@@ -137,7 +137,7 @@ def log_plot(series: dict[str, list[tuple[int, float, float, float]]], y_label: 
     out = [f'<svg width="{width}" height="{height}" role="img" class="curve">',
            *svg_axes((width, height, left, right, top, bottom),
                      [(sx(n), f"{n:,}") for n in sorted({p[0] for p in pts})],
-                     [(sy(t), f"{t:g}") for t in _ticks(y_lo, y_hi)], "training examples (log scale)", y_label)]
+                     [(sy(t), f"{t:g}") for t in nice_ticks(y_lo, y_hi)], "training examples (log scale)", y_label)]
     for i, (name, values) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         band = [(sx(n), sy(hi)) for n, _, _, hi in values] + [(sx(n), sy(lo)) for n, _, lo, _ in reversed(values)]
@@ -188,12 +188,12 @@ def write_curve_report(curve: dict, path: str | Path, others: dict[str, dict] | 
         scores = p.get("scores", {})
         retention = "; ".join(f"{name} {kind} {value:.3g}" for name, row in (p.get("retention") or {}).items()
                               for kind, value in row.items() if kind != "change")
-        rows.append([_cell(p["name"]), _cell(p["examples"]), _cell(p["seed"])]
-                    + [_cell(scores.get(s, {}).get("f1")) for s in curve["splits"]]
-                    + [_cell(scores.get(s, {}).get("exact_match")) for s in curve["splits"]]
-                    + [_cell(retention or None), _cell(p.get("seconds")),
+        rows.append([html_cell(p["name"]), html_cell(p["examples"]), html_cell(p["seed"])]
+                    + [html_cell(scores.get(s, {}).get("f1")) for s in curve["splits"]]
+                    + [html_cell(scores.get(s, {}).get("exact_match")) for s in curve["splits"]]
+                    + [html_cell(retention or None), html_cell(p.get("seconds")),
                        f'<td class="text">{escape(" ".join(p.get("command", [])))}</td>'])
-    body.append(_table(header, rows))
+    body.append(html_table(header, rows))
     html = ("<!doctype html><html><head><meta charset='utf-8'><title>specialize curve</title>"
             f"<style>{CSS}</style></head><body>" + "\n".join(body) + "</body></html>")
     write_atomic(Path(path), html)
@@ -219,7 +219,7 @@ def _retention_section(curves: dict[str, dict], splits: list[str]) -> list[str]:
         if base_point:  # last, so each curve keeps the colour it has in the plots above
             series["base"] = base_point
         out.append(f"<h2>Retention ({escape(name)}) against quality</h2>")
-        out.append(_plot(series, f"{splits[0]} F1", kind, lines=False))
+        out.append(chart(series, f"{splits[0]} F1", kind, lines=False))
         out.append(f"<p>Each point is one run; lower {kind} is better" if kind == "perplexity" else
                    f"<p>Each point is one run; higher {kind} is better")
         out[-1] += " (the base is at F1 0). Up and to the right: it learned the task and forgot more.</p>" \
@@ -242,7 +242,7 @@ def _variants_table(curves: dict[str, dict], splits: list[str]) -> list[str]:
         for p in largest:
             for name, row in (p.get("retention") or {}).items():
                 retention.setdefault(name, []).append(row["change"])
-        rows.append([_cell(label), _cell(most)] + [_cell(mean(p["scores"][s]["f1"] for p in largest)) for s in splits]
-                    + [_cell("; ".join(f"{n} {mean(v):+.3g}" for n, v in retention.items()) or None)])
+        rows.append([html_cell(label), html_cell(most)] + [html_cell(mean(p["scores"][s]["f1"] for p in largest)) for s in splits]
+                    + [html_cell("; ".join(f"{n} {mean(v):+.3g}" for n, v in retention.items()) or None)])
     return ["<h2>Full vs LoRA vs replay (the largest size, mean over seeds)</h2>",
-            _table(["curve", "examples"] + [f"{s} F1" for s in splits] + ["retention change"], rows)]
+            html_table(["curve", "examples"] + [f"{s} F1" for s in splits] + ["retention change"], rows)]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from specialize.evaluate.charts import COLORS, CSS, chart, html_cell, html_table
 from specialize.evaluate.error_analysis import CATEGORIES
 from specialize.evaluate.scorecard import Scorecard, SystemScore, common_splits, main_metric
 from specialize.files import write_atomic
@@ -27,7 +28,6 @@ from specialize.files import write_atomic
 # Columns of the terminal table, after the main metric.
 TABLE_METRICS = ("exact_match", "f1", "field_f1", "accuracy", "macro_f1", "rouge_l", "judge_score",
                  "hallucination_rate", "stop_rate")
-COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#edc948", "#9c755f")
 # table column order; other numeric metrics follow alphabetically
 METRIC_ORDER = ("exact_match", "f1", "field_f1", "rouge_l", "accuracy", "macro_f1", "json_valid",
                 "stop_rate", "repetition_rate", "hallucination_rate", "mean_length",
@@ -39,91 +39,6 @@ NOT_RATES = {"mean_length", "length_ratio", "prompt_tokens_per_example", "tool_c
 TERMINAL_SKIPS = {"repetition_rate", "mean_length", "n", "prompt_tokens_per_example", "length_ratio",
                   "off_label_rate", "json_valid"}
 MAX_EXAMPLE_CHARS = 600
-
-CSS = """body{font-family:sans-serif;margin:2em;color:#222;max-width:1200px}
-table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;
-text-align:right;vertical-align:top}th{background:#f3f3f3}td.text{text-align:left;
-white-space:pre-wrap;max-width:28em;font-family:monospace;font-size:90%}
-.rec{background:#eef6ee;border:1px solid #9c9;padding:.5em 1em}.tag{background:#eee;
-border-radius:3px;padding:0 4px;margin-right:3px;font-size:80%}svg{margin:0 1em 1em 0}
-svg text{font-size:11px;font-family:sans-serif}"""
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool) or isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return f"{value:.3f}" if math.isfinite(value) else str(value)
-    return escape(str(value))
-
-
-def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values spanning [lo, hi] (steps of 1, 2 or 5 times a power of ten)."""
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / count
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 5, 10) if step * m >= raw)
-    first = math.ceil(lo / step) * step
-    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-def svg_axes(box: tuple[int, ...], x_ticks: list[tuple[float, str]], y_ticks: list[tuple[float, str]],
-             x_label: str, y_label: str) -> list[str]:
-    """A chart's axes, tick labels, grid lines and axis titles; ticks are (pixel position, label)."""
-    width, height, left, right, top, bottom = box
-    out = [f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="#888"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="#888"/>']
-    out += [f'<text x="{x:.1f}" y="{height - bottom + 14}" text-anchor="middle">{escape(label)}</text>'
-            for x, label in x_ticks]
-    out += [f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">{escape(label)}</text>'
-            f'<line x1="{left}" y1="{y:.1f}" x2="{width - right}" y2="{y:.1f}" stroke="#eee"/>' for y, label in y_ticks]
-    middle = (top + height - bottom) / 2
-    return out + [f'<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle">'
-                  f'{escape(x_label)}</text>',
-                  f'<text x="12" y="{middle}" text-anchor="middle" transform="rotate(-90 12 {middle})">'
-                  f'{escape(y_label)}</text>']
-
-
-def _plot(series: dict[str, list[tuple[float, float]]], x_label: str, y_label: str,
-          lines: bool, labels: bool = False, y_range: tuple[float, float] | None = None) -> str:
-    """An SVG line chart (lines=True) or scatter plot of named point series."""
-    width, height, left, right, top, bottom = 560, 300, 60, 150, 15, 45
-    points = [p for pts in series.values() for p in pts]
-    if not points:
-        return ""
-    x_lo, x_hi = min(0.0, min(x for x, _ in points)), max(x for x, _ in points) or 1.0
-    y_lo, y_hi = y_range or (min(y for _, y in points), max(y for _, y in points))
-    if y_hi <= y_lo:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-    x_hi += (x_hi - x_lo) * (0.0 if lines else 0.1)
-
-    def sx(x):
-        return left + (x - x_lo) / (x_hi - x_lo or 1) * (width - left - right)
-
-    def sy(y):
-        return height - bottom - (y - y_lo) / (y_hi - y_lo) * (height - top - bottom)
-
-    out = [f'<svg width="{width}" height="{height}" role="img">',
-           *svg_axes((width, height, left, right, top, bottom), [(sx(t), f"{t:g}") for t in _ticks(x_lo, x_hi)],
-                     [(sy(t), f"{t:g}") for t in _ticks(y_lo, y_hi)], x_label, y_label)]
-    for i, (name, pts) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        if lines and len(pts) > 1:
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        else:
-            for x, y in pts:
-                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="{color}"/>')
-                if labels:
-                    out.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}">{escape(name)}</text>')
-        out.append(f'<rect x="{width - right + 10}" y="{top + 16 * i}" width="10" height="10" '
-                   f'fill="{color}"/><text x="{width - right + 24}" y="{top + 9 + 16 * i}">'
-                   f'{escape(name)}</text>')
-    return "\n".join(out) + "</svg>"
-
 
 def retention_changes(retention: Mapping | None) -> list[tuple[str, float | None, float | None]]:
     """(label, before, after) for every score in a run's retention record.
@@ -195,17 +110,6 @@ def _bars(metrics: list[str], systems: list[SystemScore], split: str) -> str:
     return "\n".join(out) + "</svg>"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    """An HTML table; header cells are escaped here, row cells must already be HTML."""
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(cells) + "</tr>" for cells in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _cell(value) -> str:
-    return f"<td>{_fmt(value)}</td>"
-
-
 def _text_cell(text: str, tags: list[str] = (), score: float | None = None) -> str:
     if len(text) > MAX_EXAMPLE_CHARS:  # cut before escaping, so no entity is cut in half
         text = text[:MAX_EXAMPLE_CHARS] + " …"
@@ -221,24 +125,24 @@ def _split_section(split: str, systems: list[SystemScore]) -> list[str]:
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     keys = [k for k in METRIC_ORDER if k in numeric] + sorted(numeric - set(METRIC_ORDER))
     html = [f"<h2>Split: {escape(split)}</h2>",
-            _table(["system", *keys], [[f"<th>{escape(s.name)}</th>", *(_cell(m.get(k)) for k in keys)]
+            html_table(["system", *keys], [[f"<th>{escape(s.name)}</th>", *(html_cell(m.get(k)) for k in keys)]
                                        for s, m in zip(systems, metrics)])]
     rates = [k for k in keys if k not in NOT_RATES]
     if rates:
         html.append(_bars(rates, systems, split))
     if any("error_counts" in m for m in metrics):
         html.append("<h3>Error categories (examples)</h3>")
-        html.append(_table(["system", *CATEGORIES],
+        html.append(html_table(["system", *CATEGORIES],
                            [[f"<th>{escape(s.name)}</th>",
-                             *(_cell(m.get("error_counts", {}).get(c)) for c in CATEGORIES)]
+                             *(html_cell(m.get("error_counts", {}).get(c)) for c in CATEGORIES)]
                             for s, m in zip(systems, metrics)]))
     for s, m in zip(systems, metrics):
         matrix = m.get("confusion_matrix")
         if matrix:
             labels = list(matrix)
             html.append(f"<h3>Confusion matrix: {escape(s.name)} (rows gold, columns predicted)</h3>")
-            html.append(_table(["gold \\ predicted", *labels],
-                               [[f"<th>{escape(g)}</th>", *(_cell(matrix[g].get(p, 0)) for p in labels)]
+            html.append(html_table(["gold \\ predicted", *labels],
+                               [[f"<th>{escape(g)}</th>", *(html_cell(matrix[g].get(p, 0)) for p in labels)]
                                 for g in labels]))
     return html
 
@@ -257,7 +161,7 @@ def _cost_scatter(systems: list[SystemScore]) -> list[str]:
                        ("latency_s_per_example", "latency per example (s)")):
         series = {s.name: [(float(getattr(s, key)), sum(s.splits[p][metric] for p in splits) / len(splits))]
                   for s in systems if isinstance(getattr(s, key), (int, float))}
-        html.append(_plot(series, label, metric, lines=False, labels=True, y_range=(0.0, 1.0)))
+        html.append(chart(series, label, metric, lines=False, labels=True, y_range=(0.0, 1.0)))
     return html
 
 
@@ -270,7 +174,7 @@ def _loss_section(loss_curve: list[dict]) -> list[str]:
                 series.setdefault(key, []).append((float(x), float(value)))
     if not series:
         return []
-    return ["<h2>Loss curve</h2>", _plot(series, "optimizer step", "loss", lines=True)]
+    return ["<h2>Loss curve</h2>", chart(series, "optimizer step", "loss", lines=True)]
 
 
 # Preference and reward objectives' rows of metrics.jsonl (TRL's names), one chart per scale.
@@ -292,7 +196,7 @@ def _training_section(loss_curve: list[dict]) -> list[str]:
                 if "step" in row and wanted(key) and isinstance(value, (int, float)) and math.isfinite(value):
                     series.setdefault(key, []).append((float(row["step"]), float(value)))
         if series:
-            html += [f"<h3>{escape(title)}</h3>", _plot(series, "optimizer step", y_label, lines=True)]
+            html += [f"<h3>{escape(title)}</h3>", chart(series, "optimizer step", y_label, lines=True)]
     return (["<h2>Training signals</h2>"] + html) if html else []
 
 
@@ -321,10 +225,10 @@ def _examples_section(examples: dict, per_category: int) -> list[str]:
                 first = next(ex for ex in exs if ex)
                 refs = first["reference"]
                 ref = " | ".join(refs) if isinstance(refs, list) else str(refs)
-                rows.append([_cell(i), _text_cell(first.get("question", "")), _text_cell(ref),
+                rows.append([html_cell(i), _text_cell(first.get("question", "")), _text_cell(ref),
                              *(_text_cell(ex["prediction"], ex["categories"], ex.get("score"))
                                if ex else "<td>–</td>" for ex in exs)])
-            html.append(_table(["#", "question", "reference", *names], rows))
+            html.append(html_table(["#", "question", "reference", *names], rows))
     return html if len(html) > 1 else []
 
 
@@ -353,12 +257,12 @@ def write_report(scorecard: Scorecard | Mapping, out_path: str | Path, loss_curv
     html.append("<h2>Cost</h2>")
     agents = any(s.tool_calls_per_example is not None for s in systems)
     retained = any(s.retention for s in systems)
-    html.append(_table(
+    html.append(html_table(
         ["system", "prompt tokens / example", *(["tool calls / example"] if agents else []), "latency s / example",
          "training s", "training tokens", *(["retention (before -> after)"] if retained else [])],
-        [[f"<th>{escape(s.name)}</th>", _cell(s.prompt_tokens_per_example),
-          *([_cell(s.tool_calls_per_example)] if agents else []), _cell(s.latency_s_per_example),
-          _cell(s.training.seconds if s.training else None), _cell(s.training.tokens if s.training else None),
+        [[f"<th>{escape(s.name)}</th>", html_cell(s.prompt_tokens_per_example),
+          *([html_cell(s.tool_calls_per_example)] if agents else []), html_cell(s.latency_s_per_example),
+          html_cell(s.training.seconds if s.training else None), html_cell(s.training.tokens if s.training else None),
           *([_text_cell(retention_text(s.retention))] if retained else [])]
          for s in systems]))
     if retained:
