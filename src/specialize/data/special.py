@@ -21,7 +21,6 @@ import json
 import re
 import weakref
 from collections.abc import Iterator
-from typing import Self
 
 from tokenizers import Tokenizer
 
@@ -46,7 +45,7 @@ class Rendered(str):
 
     plain: str
 
-    def __new__(cls, text: str, plain: str) -> Self:
+    def __new__(cls, text: str, plain: str) -> Rendered:  # noqa: PYI034 (typing.Self: Python 3.11+)
         rendered = super().__new__(cls, text)
         rendered.plain = plain
         return rendered

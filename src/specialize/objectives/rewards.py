@@ -30,7 +30,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 from specialize.errors import UserError
 from specialize.evaluate import metrics
@@ -115,7 +115,7 @@ class Rewards:
             else:
                 raise UserError(f"{flag} {name!r}: expected one of {', '.join(BUILTIN)} or module:function")
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Rewards:  # noqa: PYI034 (typing.Self is Python 3.11+; we support 3.10)
         return self
 
     def __exit__(self, *exc) -> None:
