@@ -114,11 +114,19 @@ def test_chosen_nll_is_the_mean_token_nll_of_the_chosen_answers():
     assert float(losses.chosen_nll(PC, NC)) == pytest.approx((12.0 + 30.5) / (4 + 10), abs=1e-12)
 
 
+@pytest.mark.parametrize("dpo_loss", ["sigmoid", "ipo"])
 @pytest.mark.parametrize("weight", [0.5, 1.0])
-def test_dpo_with_the_sft_term_equals_trl(weight):
-    """RPO: TRL's loss_type=["sigmoid", "sft"] with loss_weights [1, w] on one micro-batch."""
-    ours = losses.dpo_sigmoid(PC, PR, RC, RR, 0.1).mean() + weight * losses.chosen_nll(PC, NC)
-    trl = trl_dpo_loss(["sigmoid", "sft"], 0.1, PC, PR, RC, RR, NC, NR, weights=[1.0, weight])
+def test_dpo_with_the_sft_term_equals_trl(weight, dpo_loss, monkeypatch):
+    """RPO: TRL's loss_type=[dpo_loss, "sft"] with loss_weights [1, w] on one micro-batch, through the
+    loop's own `PreferenceLoss` (its sum over pairs, divided by the pairs as the loop divides a step)."""
+    from specialize.objectives import preference
+
+    # The model's summed answer log-probs and answer lengths, as `sequence_logps` returns them: PC, PR.
+    monkeypatch.setattr(preference, "sequence_logps", lambda model, rows, only_targets: (torch.cat([PC, PR]),
+                                                                                          torch.cat([NC, NR])))
+    batch = preference.PreferenceBatch(sequences=None, n=2, reference=torch.stack([RC, RR], dim=1))
+    ours = preference.PreferenceLoss("dpo", 0.1, dpo_loss, weight)(object(), batch) / batch.weight
+    trl = trl_dpo_loss([dpo_loss, "sft"], 0.1, PC, PR, RC, RR, NC, NR, weights=[1.0, weight])
     assert float(ours) == pytest.approx(trl, abs=1e-5)
 
 

@@ -156,7 +156,17 @@ def test_the_sft_term_keeps_dpo_from_lowering_the_preferred_answers(sft_run, tmp
     first = {name: [r for r in run.read_metrics() if "loss" in r][0]["loss"] for name, run in
              (("plain", plain), ("rpo", rpo))}
     assert first["plain"] == pytest.approx(math.log(2), abs=1e-5)
-    assert first["rpo"] > math.log(2) + 0.1  # the SFT model gives the answers it is asked to prefer low probability
+    # Step 1 trains all 8 pairs, the policy is still the reference: log 2 + the chosen answers' mean token NLL,
+    # from the reference log-probs the run saved and the chosen answers' trained tokens.
+    from safetensors.torch import load_file
+
+    from specialize.generate import template_of
+
+    tokenizer = AutoTokenizer.from_pretrained(rpo / "model")
+    items, _ = encode_preferences(load_preferences([str(data)]), tokenizer, template_of(tokenizer), 10_000)
+    reference = load_file(str(rpo / "reference_logps.safetensors"))["reference"]  # (pairs, 2): chosen, rejected
+    nll = -float(reference[:, 0].sum()) / sum(item.chosen.target_tokens for item in items)
+    assert first["rpo"] == pytest.approx(math.log(2) + nll, rel=1e-4) and nll > 0.1
     chosen = {name: [r["rewards/chosen"] for r in run.read_metrics() if "rewards/chosen" in r][-1]
               for name, run in (("plain", plain), ("rpo", rpo))}
     assert chosen["rpo"] > chosen["plain"] and chosen["rpo"] > 0

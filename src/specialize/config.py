@@ -125,7 +125,7 @@ class FinetuneConfig(TrainConfig):
                                                 "(Azar et al. 2023, on per-token mean log-ratios as TRL)")
     sft_weight: float = Field(0.0, ge=0, description="dpo: add the chosen answers' SFT loss (mean token NLL) "
                               "times this weight, so DPO does not lower the preferred answers too (RPO, Pang et "
-                              "al. 2024; TRL's loss_type [sigmoid, sft]); 0: plain DPO")
+                              "al. 2024; TRL's loss_type [sigmoid or ipo, sft]); 0: plain DPO")
 
 
 class PretrainConfig(TrainConfig):
