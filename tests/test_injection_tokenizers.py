@@ -68,3 +68,20 @@ def test_thousands_of_special_tokens_keep_the_check_of_benign_rows_cheap():
     assert pattern.pattern.count("unused") == 1 and pattern.pattern.startswith("<(?:")
     assert [m.group() for m in pattern.finditer("<unused12> <unused123><unused1234><eos>")] == \
         ["<unused12>", "<unused123>", "<unused1234>", "<eos>"]
+
+
+def test_raw_text_never_flips_the_shared_tokenizer_to_text_mode(tokenizer_dir):
+    """Reading a raw text row's special strings as text must not set the shared Rust tokenizer's flag:
+    a serving thread tokenising a prompt at that moment would read its template's control tokens as text."""
+    from transformers import AutoTokenizer
+
+    from specialize.data.tokenize import _text_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token
+    ids = _text_ids(tokenizer, f"a{eos}b")
+    assert ids == tokenizer(f"a{eos}b", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    tokenizer("reset", add_special_tokens=False)  # as any plain call leaves it
+    _text_ids(tokenizer, f"a{eos}b")
+    assert tokenizer.backend_tokenizer.encode_special_tokens is False
+    assert tokenizer.eos_token_id not in ids

@@ -73,13 +73,16 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     """The ids of `text` with its special-token strings read as text; added tokens that are not special
     (Qwen3's `<think>`) stay the tokens they are, as in any text.
 
-    A fast tokenizer does exactly that with `split_special_tokens`. A slow (Python) one given that flag
+    A fast tokenizer does exactly that with `split_special_tokens` (here: `special.text_tokenizer`). A slow (Python) one given that flag
     splits at no added token at all, so there: text without special-token strings (nearly all) is tokenised
     as is, and text with them is cut where the other added tokens are (as the slow tokenizer cuts), each
     piece between them tokenised whole with `split_special_tokens`.
     """
     if getattr(tokenizer, "is_fast", False):
-        return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # The text-reading copy, not `tokenizer(..., split_special_tokens=True)`: transformers sets that flag
+        # on the shared Rust tokenizer, where a serving thread tokenising a prompt at the same moment
+        # would read its template's control tokens as text.
+        return text_tokenizer(tokenizer, first=True).encode(text, add_special_tokens=False).ids
     _, special = special_strings(tokenizer)
     if special is None or not special.search(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
